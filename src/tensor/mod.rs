@@ -1,0 +1,5 @@
+//! The numeric engine: GEMM, 3x3 convolution, and the other layers.
+
+pub mod conv;
+pub mod gemm;
+pub mod ops;
