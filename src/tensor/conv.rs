@@ -216,9 +216,32 @@ pub struct ConvGrads {
 /// W[2-ky, 2-kx, ci, co], shape (3, 3, Cout, Cin).
 pub fn flip_kernel(w: ArrayView4<f32>) -> Array4<f32> {
     let (_, _, cin, cout) = w.dim();
-    Array4::from_shape_fn((3, 3, cout, cin), |(ky, kx, co, ci)| {
-        w[[2 - ky, 2 - kx, ci, co]]
-    })
+    let w = w.as_standard_layout();
+    let ws = w.as_slice().expect("standard layout");
+    let mut out = Array4::<f32>::zeros((3, 3, cout, cin));
+    if out.is_empty() {
+        return out;
+    }
+    // One tap per job; within it a (Cin, Cout) -> (Cout, Cin) transpose in
+    // 32x32 blocks so reads and writes both stay in cache lines.
+    const B: usize = 32;
+    out.as_slice_mut()
+        .expect("fresh")
+        .par_chunks_mut(cout * cin)
+        .enumerate()
+        .for_each(|(tap, dst)| {
+            let src = &ws[(8 - tap) * cin * cout..(9 - tap) * cin * cout];
+            for c0 in (0..cin).step_by(B) {
+                for o0 in (0..cout).step_by(B) {
+                    for ci in c0..(c0 + B).min(cin) {
+                        for co in o0..(o0 + B).min(cout) {
+                            dst[co * cin + ci] = src[ci * cout + co];
+                        }
+                    }
+                }
+            }
+        });
+    out
 }
 
 /// Backward of [`conv3x3_forward`] given `dz` (N, H, W, Cout), the gradient

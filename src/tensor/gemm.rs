@@ -59,13 +59,15 @@ impl Default for Backend {
 /// Below this many multiply-adds a product runs as one tile on the calling
 /// thread: splitting costs more than it saves.
 const SERIAL_MACS: usize = 1 << 18;
-/// Tiles we aim for, so two to eight threads stay busy (a property of the
+/// Tiles we aim for, so two to four threads stay busy (a property of the
 /// shape, not of the pool).
-const TARGET_TILES: usize = 8;
+const TARGET_TILES: usize = 4;
 /// Smallest tile height (rows of C) worth a call of its own.
-const MIN_TILE_M: usize = 64;
+const MIN_TILE_M: usize = 128;
 /// Widest tile (columns of C): wider B panels stop fitting in L2.
-const MAX_TILE_N: usize = 256;
+const MAX_TILE_N: usize = 512;
+/// Narrowest tile worth a call of its own.
+const MIN_TILE_N: usize = 64;
 /// Tallest tile: keeps the packed A panel reusable across the tile's width.
 const MAX_TILE_M: usize = 1024;
 
@@ -75,14 +77,33 @@ pub fn tile_shape(m: usize, k: usize, n: usize) -> (usize, usize) {
     if m == 0 || n == 0 || m.saturating_mul(k).saturating_mul(n) <= SERIAL_MACS {
         return (m.max(1), n.max(1));
     }
-    let n_tiles = n.div_ceil(MAX_TILE_N);
-    let tn = n.div_ceil(n_tiles);
-    let want_m_tiles = TARGET_TILES.div_ceil(n_tiles);
-    let mut m_tiles = m.div_ceil(MAX_TILE_M).max(want_m_tiles);
-    // Do not make tiles shorter than MIN_TILE_M just to reach the target.
-    m_tiles = m_tiles.min(m.div_ceil(MIN_TILE_M)).max(1);
-    let tm = m.div_ceil(m_tiles);
-    (tm, tn)
+    // Among the splits with enough tiles, take the one whose tiles repack the
+    // least: a (tm, tn) tile packs tm*k of A and k*tn of B for tm*tn*k MACs,
+    // so the cost per MAC is 1/tn + 1/tm. Ties go to fewer column splits.
+    let max_m_tiles = m.div_ceil(MIN_TILE_M).max(1);
+    let max_n_tiles = n.div_ceil(MIN_TILE_N).max(1);
+    let mut best: Option<(f64, usize, usize)> = None;
+    for n_tiles in 1..=max_n_tiles.min(TARGET_TILES) {
+        let tn = n.div_ceil(n_tiles);
+        if tn > MAX_TILE_N {
+            continue;
+        }
+        let m_tiles = m
+            .div_ceil(MAX_TILE_M)
+            .max(TARGET_TILES.div_ceil(n_tiles))
+            .min(max_m_tiles)
+            .max(1);
+        let tm = m.div_ceil(m_tiles);
+        let enough = m.div_ceil(tm) * n.div_ceil(tn) >= TARGET_TILES;
+        let cost = 1.0 / tn as f64 + 1.0 / tm as f64 + if enough { 0.0 } else { 1.0 };
+        if best.is_none_or(|(c, _, _)| cost < c) {
+            best = Some((cost, tm, tn));
+        }
+    }
+    match best {
+        Some((_, tm, tn)) => (tm, tn),
+        None => (m.div_ceil(m.div_ceil(MAX_TILE_M)), MAX_TILE_N.min(n)),
+    }
 }
 
 /// `C = A x B` (or `C += A x B` when `accumulate`) with the default backend.

@@ -1,0 +1,204 @@
+//! `vgg16 extract`: VGG-16 activations of a range of records, streamed in
+//! batches into one `.npz` (a float32 NHWC array per requested layer, plus
+//! `label` as uint8). Memory stays bounded by the batch: each array streams
+//! into its own temporary `.npy`, and the members are copied into the
+//! `.npz` (stored, ZIP64) at the end, which is then renamed into place.
+
+use crate::data::cifar::Dataset;
+use crate::data::image::preprocess_batch;
+use crate::progress::Progress;
+use crate::tensor::ops::gap_forward;
+use crate::vgg::{layer_index, Kind, Vgg16, LAYERS};
+use anyhow::{bail, Context, Result};
+use npyz::WriterBuilder;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+/// The name `extract` accepts besides the layer names: GAP of block5_pool.
+pub const GAP: &str = "gap";
+
+/// Output shape (H, W, C) of a layer (or "gap": (C)) at input size `size`.
+pub fn layer_shape(name: &str, size: usize) -> Option<Vec<usize>> {
+    if name == GAP {
+        return Some(vec![512]);
+    }
+    let idx = layer_index(name)?;
+    let (mut s, mut c) = (size, 3);
+    for l in &LAYERS[..=idx] {
+        match l.kind {
+            Kind::Conv { cout, .. } => c = cout,
+            Kind::Pool => s /= 2,
+        }
+    }
+    Some(vec![s, s, c])
+}
+
+/// Checks the requested layer names; returns them in order without repeats.
+pub fn parse_layers(list: &str) -> Result<Vec<String>> {
+    let mut out: Vec<String> = Vec::new();
+    for name in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        if name != GAP && layer_index(name).is_none() {
+            let known: Vec<&str> = LAYERS.iter().map(|l| l.name).collect();
+            bail!(
+                "unknown layer '{name}' in --layers (known: {}, {GAP})",
+                known.join(", ")
+            );
+        }
+        if !out.iter().any(|n| n == name) {
+            out.push(name.to_string());
+        }
+    }
+    if out.is_empty() {
+        bail!("--layers names no layer");
+    }
+    Ok(out)
+}
+
+struct Member {
+    name: String,
+    path: PathBuf,
+    writer: npyz::NpyWriter<f32, BufWriter<File>>,
+}
+
+/// Runs records `offset .. offset+count` of `data` through the base and
+/// writes the requested layers to `out`.
+/// Which records, at what size, in what batches.
+#[derive(Clone, Copy, Debug)]
+pub struct Range {
+    pub offset: usize,
+    pub count: usize,
+    pub size: usize,
+    pub batch: usize,
+}
+
+pub fn extract(
+    model: &Vgg16,
+    data: &Dataset,
+    range: Range,
+    layers: &[String],
+    out: &Path,
+) -> Result<f64> {
+    let Range {
+        offset,
+        count,
+        size,
+        batch,
+    } = range;
+    if offset + count > data.len() {
+        bail!(
+            "records {offset}..{} requested, but the {} split has {}",
+            offset + count,
+            data.split.name(),
+            data.len()
+        );
+    }
+    let dir = match out.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let tmp = tempfile::Builder::new()
+        .prefix(".extract-")
+        .tempdir_in(&dir)
+        .context("cannot create a temporary directory")?;
+    let mut members = Vec::new();
+    for name in layers {
+        let shape = layer_shape(name, size).expect("validated");
+        let mut full = vec![count as u64];
+        full.extend(shape.iter().map(|&d| d as u64));
+        let path = tmp.path().join(format!("{name}.npy"));
+        let f = File::create(&path).with_context(|| format!("cannot create {}", path.display()))?;
+        let writer = npyz::WriteOptions::<f32>::new()
+            .default_dtype()
+            .shape(&full)
+            .writer(BufWriter::with_capacity(1 << 20, f))
+            .begin_nd()?;
+        members.push(Member {
+            name: name.clone(),
+            path,
+            writer,
+        });
+    }
+    // Run only as deep as the deepest requested layer.
+    let last = layers
+        .iter()
+        .map(|n| {
+            if n == GAP {
+                LAYERS.len() - 1
+            } else {
+                layer_index(n).expect("validated")
+            }
+        })
+        .max()
+        .expect("non-empty");
+    let mut progress = Progress::new("extract", count as u64, "img");
+    let mut labels = Vec::with_capacity(count);
+    for start in (offset..offset + count).step_by(batch.max(1)) {
+        let end = (start + batch).min(offset + count);
+        let recs: Vec<&[u8]> = (start..end).map(|i| data.image(i)).collect();
+        labels.extend_from_slice(&data.labels[start..end]);
+        let x = preprocess_batch(&recs, size);
+        let mut err: Option<std::io::Error> = None;
+        let mut tap = |i: usize, y: &ndarray::Array4<f32>| {
+            for m in members.iter_mut() {
+                let hit = if m.name == GAP {
+                    i == LAYERS.len() - 1
+                } else {
+                    LAYERS[i].name == m.name
+                };
+                if !hit || err.is_some() {
+                    continue;
+                }
+                let r = if m.name == GAP {
+                    m.writer.extend(gap_forward(y.view()).iter().copied())
+                } else {
+                    m.writer.extend(y.iter().copied())
+                };
+                if let Err(e) = r {
+                    err = Some(e);
+                }
+            }
+        };
+        model.forward_range(x, 0..last + 1, &mut tap);
+        if let Some(e) = err {
+            return Err(e).context("writing activations");
+        }
+        progress.inc((end - start) as u64, "");
+    }
+    let secs = progress.finish();
+    // Assemble the .npz: every array, then `label`.
+    let label_path = tmp.path().join("label.npy");
+    {
+        let f = File::create(&label_path)?;
+        let mut w = npyz::WriteOptions::<u8>::new()
+            .default_dtype()
+            .shape(&[count as u64])
+            .writer(BufWriter::new(f))
+            .begin_nd()?;
+        w.extend(labels.iter().copied())?;
+        w.finish()?;
+    }
+    let mut parts: Vec<(String, PathBuf)> = Vec::new();
+    for m in members {
+        m.writer.finish()?;
+        parts.push((m.name, m.path));
+    }
+    parts.push(("label".to_string(), label_path));
+    crate::atomic_write(out, |f| {
+        let mut zip = zip::ZipWriter::new(BufWriter::new(f));
+        let opts = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Stored)
+            .large_file(true);
+        for (name, path) in &parts {
+            zip.start_file(format!("{name}.npy"), opts)
+                .map_err(std::io::Error::other)?;
+            let mut src = File::open(path)?;
+            std::io::copy(&mut src, &mut zip)?;
+        }
+        let mut inner = zip.finish().map_err(std::io::Error::other)?;
+        inner.flush()
+    })
+    .with_context(|| format!("cannot write {}", out.display()))?;
+    Ok(secs)
+}

@@ -1,0 +1,271 @@
+//! VGG-16's convolutional base: the layer table (Keras names), the
+//! parameters, weights I/O (`.npz`, Keras layout), digest and probes, and the
+//! forward pass over any range of layers.
+
+use crate::tensor::conv::conv3x3_forward;
+use crate::tensor::ops::{gap_forward, maxpool2x2_forward};
+use ndarray::{Array1, Array2, Array4, ArrayD, Ix1, Ix4};
+use ndarray_npy::{NpzReader, NpzWriter};
+use sha2::{Digest, Sha256};
+use std::fs::File;
+use std::io::BufWriter;
+use std::path::{Path, PathBuf};
+use thiserror::Error;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Conv { cin: usize, cout: usize },
+    Pool,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Layer {
+    pub name: &'static str,
+    pub kind: Kind,
+}
+
+const fn conv(name: &'static str, cin: usize, cout: usize) -> Layer {
+    Layer {
+        name,
+        kind: Kind::Conv { cin, cout },
+    }
+}
+const fn pool(name: &'static str) -> Layer {
+    Layer {
+        name,
+        kind: Kind::Pool,
+    }
+}
+
+/// The 18 layers of the base, in order.
+pub const LAYERS: [Layer; 18] = [
+    conv("block1_conv1", 3, 64),
+    conv("block1_conv2", 64, 64),
+    pool("block1_pool"),
+    conv("block2_conv1", 64, 128),
+    conv("block2_conv2", 128, 128),
+    pool("block2_pool"),
+    conv("block3_conv1", 128, 256),
+    conv("block3_conv2", 256, 256),
+    conv("block3_conv3", 256, 256),
+    pool("block3_pool"),
+    conv("block4_conv1", 256, 512),
+    conv("block4_conv2", 512, 512),
+    conv("block4_conv3", 512, 512),
+    pool("block4_pool"),
+    conv("block5_conv1", 512, 512),
+    conv("block5_conv2", 512, 512),
+    conv("block5_conv3", 512, 512),
+    pool("block5_pool"),
+];
+
+/// Index in [`LAYERS`] of the first block5 layer (what stage 2 trains).
+pub const BLOCK5_START: usize = 14;
+/// Parameters of the base: 14,714,688.
+pub const BASE_PARAMS: usize = 14_714_688;
+/// The content digest of the Keras ImageNet weights (see [`Vgg16::digest`]).
+pub const IMAGENET_DIGEST: &str =
+    "d9a27cc1fc7f975ef8cff49180e794ccd7c4bc868ebb49740803b3bbaa8dbefd";
+/// Probe values of the ImageNet weights: (key, index in Keras layout, value).
+pub const IMAGENET_PROBES: &[(&str, &[usize], f32)] = &[
+    ("block1_conv1/kernel", &[0, 0, 0, 0], 0.429_470_57),
+    ("block1_conv1/bias", &[25], 0.744_650_2),
+    ("block1_conv2/kernel", &[2, 2, 63, 63], 0.016_082_443),
+    ("block2_conv1/bias", &[1], 0.064_407_81),
+    ("block5_conv1/kernel", &[1, 0, 63, 269], -0.011_236_359),
+    ("block5_conv2/bias", &[510], 0.235_172_26),
+    ("block5_conv3/kernel", &[0, 2, 0, 400], -0.008_714_244),
+];
+
+pub fn layer_index(name: &str) -> Option<usize> {
+    LAYERS.iter().position(|l| l.name == name)
+}
+
+/// The conv layers only, in order: (index in LAYERS, name, cin, cout).
+pub fn convs() -> impl Iterator<Item = (usize, &'static str, usize, usize)> {
+    LAYERS.iter().enumerate().filter_map(|(i, l)| match l.kind {
+        Kind::Conv { cin, cout } => Some((i, l.name, cin, cout)),
+        Kind::Pool => None,
+    })
+}
+
+#[derive(Debug, Error)]
+pub enum WeightsError {
+    #[error("{path}: cannot read weights: {msg}")]
+    Read { path: PathBuf, msg: String },
+    #[error("{path}: missing array '{key}'")]
+    Missing { path: PathBuf, key: String },
+    #[error("{path}: array '{key}' has shape {got:?}, expected {expected:?}")]
+    Shape {
+        path: PathBuf,
+        key: String,
+        got: Vec<usize>,
+        expected: Vec<usize>,
+    },
+    #[error("{path}: array '{key}' holds {bad} NaN or infinite values")]
+    NotFinite {
+        path: PathBuf,
+        key: String,
+        bad: usize,
+    },
+    #[error("{path}: cannot write weights: {msg}")]
+    Write { path: PathBuf, msg: String },
+}
+
+/// One conv layer's parameters: kernel (3, 3, Cin, Cout), bias (Cout).
+#[derive(Clone, Debug)]
+pub struct ConvParams {
+    pub w: Array4<f32>,
+    pub b: Array1<f32>,
+}
+
+/// The 13 conv layers' parameters, in [`LAYERS`] order.
+#[derive(Clone, Debug)]
+pub struct Vgg16 {
+    pub convs: Vec<ConvParams>,
+}
+
+impl Vgg16 {
+    /// Reads `blockB_convC/kernel` and `/bias` for all 13 layers, checking
+    /// every key, shape and value.
+    pub fn load_npz(path: &Path) -> Result<Vgg16, WeightsError> {
+        let read = |msg: String| WeightsError::Read {
+            path: path.to_path_buf(),
+            msg,
+        };
+        let f = File::open(path).map_err(|e| read(e.to_string()))?;
+        let mut npz = NpzReader::new(f).map_err(|e| read(format!("not a valid .npz ({e})")))?;
+        let names = npz.names().map_err(|e| read(e.to_string()))?;
+        let mut out = Vec::new();
+        for (_, name, cin, cout) in convs() {
+            let wk = format!("{name}/kernel");
+            let bk = format!("{name}/bias");
+            let w = read_array(&mut npz, &names, path, &wk, &[3, 3, cin, cout])?;
+            let b = read_array(&mut npz, &names, path, &bk, &[cout])?;
+            out.push(ConvParams {
+                w: w.into_dimensionality::<Ix4>().expect("shape checked"),
+                b: b.into_dimensionality::<Ix1>().expect("shape checked"),
+            });
+        }
+        Ok(Vgg16 { convs: out })
+    }
+
+    /// Writes the weights as `.npz` (uncompressed), via a temporary file
+    /// renamed into place when complete.
+    pub fn save_npz(&self, path: &Path) -> Result<(), WeightsError> {
+        let write = |msg: String| WeightsError::Write {
+            path: path.to_path_buf(),
+            msg,
+        };
+        crate::atomic_write(path, |f| {
+            let mut npz = NpzWriter::new(BufWriter::new(f));
+            for ((_, name, _, _), p) in convs().zip(&self.convs) {
+                npz.add_array(format!("{name}/kernel"), &p.w)
+                    .map_err(std::io::Error::other)?;
+                npz.add_array(format!("{name}/bias"), &p.b)
+                    .map_err(std::io::Error::other)?;
+            }
+            let mut inner = npz.finish().map_err(std::io::Error::other)?;
+            std::io::Write::flush(&mut inner)?;
+            Ok(())
+        })
+        .map_err(|e| write(e.to_string()))
+    }
+
+    /// SHA-256 over the raw little-endian f32 bytes (C order, Keras layout)
+    /// of the 26 arrays: kernel then bias, block1_conv1 .. block5_conv3.
+    /// Independent of the container (an npz rewritten elsewhere matches).
+    pub fn digest(&self) -> String {
+        let mut h = Sha256::new();
+        for p in &self.convs {
+            for v in p.w.iter().chain(p.b.iter()) {
+                h.update(v.to_le_bytes());
+            }
+        }
+        crate::data::fetch::hex(&h.finalize())
+    }
+
+    /// Value at `key` ("blockB_convC/kernel" or ".../bias") and index.
+    pub fn probe(&self, key: &str, idx: &[usize]) -> Option<f32> {
+        let (name, what) = key.split_once('/')?;
+        let ci = convs().position(|(_, n, _, _)| n == name)?;
+        let p = &self.convs[ci];
+        match (what, idx) {
+            ("kernel", [a, b, c, d]) => p.w.get([*a, *b, *c, *d]).copied(),
+            ("bias", [i]) => p.b.get(*i).copied(),
+            _ => None,
+        }
+    }
+
+    /// Parameters of the conv layer at `layer` (an index into [`LAYERS`]).
+    pub fn conv_at(&self, layer: usize) -> &ConvParams {
+        let ci = LAYERS[..layer]
+            .iter()
+            .filter(|l| matches!(l.kind, Kind::Conv { .. }))
+            .count();
+        &self.convs[ci]
+    }
+
+    /// Runs LAYERS[range] on `x` (N, H, W, C), calling `tap(index, output)`
+    /// after each layer. Returns the last output.
+    pub fn forward_range(
+        &self,
+        mut x: Array4<f32>,
+        range: std::ops::Range<usize>,
+        tap: &mut dyn FnMut(usize, &Array4<f32>),
+    ) -> Array4<f32> {
+        for i in range {
+            x = match LAYERS[i].kind {
+                Kind::Conv { .. } => {
+                    let p = self.conv_at(i);
+                    conv3x3_forward(x.view(), p.w.view(), Some(p.b.view()), true)
+                }
+                Kind::Pool => maxpool2x2_forward(x.view()).0,
+            };
+            tap(i, &x);
+        }
+        x
+    }
+
+    /// The whole base plus global average pooling: (N, S, S, 3) -> (N, 512).
+    pub fn features(&self, x: Array4<f32>) -> Array2<f32> {
+        let y = self.forward_range(x, 0..LAYERS.len(), &mut |_, _| {});
+        gap_forward(y.view())
+    }
+}
+
+fn read_array(
+    npz: &mut NpzReader<File>,
+    names: &[String],
+    path: &Path,
+    key: &str,
+    shape: &[usize],
+) -> Result<ArrayD<f32>, WeightsError> {
+    if !names.iter().any(|n| n == key) {
+        return Err(WeightsError::Missing {
+            path: path.to_path_buf(),
+            key: key.to_string(),
+        });
+    }
+    let a: ArrayD<f32> = npz.by_name(key).map_err(|e| WeightsError::Read {
+        path: path.to_path_buf(),
+        msg: format!("array '{key}': {e}"),
+    })?;
+    if a.shape() != shape {
+        return Err(WeightsError::Shape {
+            path: path.to_path_buf(),
+            key: key.to_string(),
+            got: a.shape().to_vec(),
+            expected: shape.to_vec(),
+        });
+    }
+    let bad = a.iter().filter(|v| !v.is_finite()).count();
+    if bad > 0 {
+        return Err(WeightsError::NotFinite {
+            path: path.to_path_buf(),
+            key: key.to_string(),
+            bad,
+        });
+    }
+    Ok(a)
+}
