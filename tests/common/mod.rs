@@ -177,3 +177,18 @@ pub fn view1(a: &Array1<f32>) -> ArrayView1<'_, f32> {
 pub fn grad_err(analytic: f64, numeric: f64) -> f64 {
     (analytic - numeric).abs() / analytic.abs().max(numeric.abs()).max(tol::GRAD_FLOOR)
 }
+
+/// `../shared` beside the project (development data, weights, fixtures).
+/// When it is absent: under CI (CI=true, where it always exists) the test
+/// fails; elsewhere it reports itself SKIPPED on stderr and returns None.
+pub fn shared_or_skip(test: &str) -> Option<std::path::PathBuf> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("shared");
+    if dir.join("weights").is_dir() && dir.join("data").is_dir() {
+        return Some(dir);
+    }
+    if std::env::var("CI").map(|v| v == "true").unwrap_or(false) {
+        panic!("{test}: {} is missing, and CI=true promises it", dir.display());
+    }
+    eprintln!("SKIPPED {test}: {} not found (development data, weights and fixtures)", dir.display());
+    None
+}
