@@ -182,13 +182,21 @@ pub fn grad_err(analytic: f64, numeric: f64) -> f64 {
 /// When it is absent: under CI (CI=true, where it always exists) the test
 /// fails; elsewhere it reports itself SKIPPED on stderr and returns None.
 pub fn shared_or_skip(test: &str) -> Option<std::path::PathBuf> {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("shared");
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("shared");
     if dir.join("weights").is_dir() && dir.join("data").is_dir() {
         return Some(dir);
     }
     if std::env::var("CI").map(|v| v == "true").unwrap_or(false) {
-        panic!("{test}: {} is missing, and CI=true promises it", dir.display());
+        panic!(
+            "{test}: {} is missing, and CI=true promises it",
+            dir.display()
+        );
     }
-    eprintln!("SKIPPED {test}: {} not found (development data, weights and fixtures)", dir.display());
+    eprintln!(
+        "SKIPPED {test}: {} not found (development data, weights and fixtures)",
+        dir.display()
+    );
     None
 }

@@ -1,0 +1,159 @@
+//! The `vgg16` binary end to end on the committed sample: summary, extract,
+//! and its errors.
+
+use ndarray::{Array1, Array2, Array4, ArrayD};
+use ndarray_npy::NpzReader;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use vgg16_cpu::data::cifar::{self, Split};
+use vgg16_cpu::data::image::preprocess_batch;
+use vgg16_cpu::vgg::{convs, ConvParams, Vgg16};
+
+fn vgg16(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_vgg16"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap()
+}
+
+fn sample() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("data/sample")
+}
+
+/// Deterministic stand-in weights (the real ones are not needed to test
+/// the plumbing; parity.rs tests the real ones).
+fn weights(dir: &Path) -> PathBuf {
+    let m = Vgg16 {
+        convs: convs()
+            .map(|(_, _, cin, cout)| ConvParams {
+                w: Array4::from_shape_fn((3, 3, cin, cout), |(a, b, c, d)| {
+                    (((a + 2 * b + 3 * c + 5 * d) % 13) as f32 - 6.0) * 0.01
+                }),
+                b: Array1::from_elem(cout, 0.01),
+            })
+            .collect(),
+    };
+    let p = dir.join("w.npz");
+    m.save_npz(&p).unwrap();
+    p
+}
+
+#[test]
+fn summary_prints_keras_totals() {
+    let out = vgg16(&["summary", "--image-size", "32", "--stage", "2"]);
+    assert!(out.status.success());
+    let s = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        s.lines().any(|l| l.starts_with("Total params: 14,719,818")),
+        "{s}"
+    );
+    assert!(
+        s.lines()
+            .any(|l| l.starts_with("Trainable params: 7,084,554")),
+        "{s}"
+    );
+    assert!(
+        s.lines()
+            .any(|l| l.starts_with("Non-trainable params: 7,635,264")),
+        "{s}"
+    );
+    let bad = vgg16(&["summary", "--image-size", "100"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("multiple of 32"));
+}
+
+#[test]
+fn extract_writes_requested_layers_and_labels() {
+    let tmp = tempfile::tempdir().unwrap();
+    let w = weights(tmp.path());
+    let out = tmp.path().join("feat.npz");
+    let data = sample();
+    let r = vgg16(&[
+        "extract",
+        "--data",
+        data.to_str().unwrap(),
+        "--weights",
+        w.to_str().unwrap(),
+        "--image-size",
+        "32",
+        "--split",
+        "train",
+        "--offset",
+        "95",
+        "--limit",
+        "10",
+        "--layers",
+        "block1_pool,block5_conv3,gap",
+        "--batch-size",
+        "4",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let mut npz = NpzReader::new(std::fs::File::open(&out).unwrap()).unwrap();
+    let mut names = npz.names().unwrap();
+    names.sort();
+    assert_eq!(names, vec!["block1_pool", "block5_conv3", "gap", "label"]);
+    let pool: ArrayD<f32> = npz.by_name("block1_pool").unwrap();
+    assert_eq!(pool.shape(), &[10, 16, 16, 64]);
+    let c53: ArrayD<f32> = npz.by_name("block5_conv3").unwrap();
+    assert_eq!(c53.shape(), &[10, 2, 2, 512]);
+    let gap: Array2<f32> = npz.by_name("gap").unwrap();
+    let label: Array1<u8> = npz.by_name("label").unwrap();
+    // Records 95..105 of train cross from data_batch_1 into data_batch_2.
+    let ds = cifar::load_split(&cifar::locate(&data).unwrap(), Split::Train).unwrap();
+    assert_eq!(label.to_vec(), ds.labels[95..105].to_vec());
+    let model = Vgg16::load_npz(&w).unwrap();
+    let recs: Vec<&[u8]> = (95..105).map(|i| ds.image(i)).collect();
+    let want = model.features(preprocess_batch(&recs, 32));
+    // Batches of 4 against one batch of 10: GEMM blocking follows the batch
+    // shape, so rounding may differ in the last bits, nothing more.
+    let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let diff = gap
+        .iter()
+        .zip(want.iter())
+        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(
+        scale > 0.0 && diff <= 1e-4 * scale,
+        "features differ: {diff} of {scale}"
+    );
+}
+
+#[test]
+fn extract_errors_are_clear() {
+    let tmp = tempfile::tempdir().unwrap();
+    let w = weights(tmp.path());
+    let data = sample();
+    let run = |extra: &[&str]| {
+        let mut a: Vec<&str> = vec!["extract", "--image-size", "32"];
+        if !extra.contains(&"--data") {
+            a.extend(["--data", data.to_str().unwrap()]);
+        }
+        if !extra.contains(&"--weights") {
+            a.extend(["--weights", w.to_str().unwrap()]);
+        }
+        a.extend_from_slice(extra);
+        let o = vgg16(&a);
+        assert!(!o.status.success(), "expected failure for {extra:?}");
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    let out = tmp.path().join("x.npz");
+    let out = out.to_str().unwrap();
+    assert!(
+        run(&["--layers", "block9_conv1", "--out", out]).contains("unknown layer 'block9_conv1'")
+    );
+    assert!(run(&["--split", "val", "--out", out]).contains("expected train or test"));
+    assert!(run(&["--offset", "5000", "--out", out]).contains("past the end"));
+    let e = run(&["--weights", "/nonexistent/w.npz", "--out", out]);
+    assert!(
+        e.contains("/nonexistent/w.npz") && e.contains("vgg16 weights fetch"),
+        "{e}"
+    );
+    let e = run(&["--data", "/nonexistent/data", "--out", out]);
+    assert!(
+        e.contains("/nonexistent/data") && e.contains("vgg16 data fetch"),
+        "{e}"
+    );
+    assert!(!Path::new(out).exists(), "no output on failure");
+}
