@@ -6,11 +6,11 @@
 
 use crate::data::cifar::Dataset;
 use crate::data::image::preprocess_batch;
+use crate::npy::NpyStream;
 use crate::progress::Progress;
 use crate::tensor::ops::gap_forward;
 use crate::vgg::{layer_index, Kind, Vgg16, LAYERS};
 use anyhow::{bail, Context, Result};
-use npyz::WriterBuilder;
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -58,7 +58,7 @@ pub fn parse_layers(list: &str) -> Result<Vec<String>> {
 struct Member {
     name: String,
     path: PathBuf,
-    writer: npyz::NpyWriter<f32, BufWriter<File>>,
+    writer: NpyStream<f32, BufWriter<File>>,
 }
 
 /// Runs records `offset .. offset+count` of `data` through the base and
@@ -105,15 +105,11 @@ pub fn extract(
     let mut members = Vec::new();
     for name in layers {
         let shape = layer_shape(name, size).expect("validated");
-        let mut full = vec![count as u64];
-        full.extend(shape.iter().map(|&d| d as u64));
+        let mut full = vec![count];
+        full.extend(shape);
         let path = tmp.path().join(format!("{name}.npy"));
         let f = File::create(&path).with_context(|| format!("cannot create {}", path.display()))?;
-        let writer = npyz::WriteOptions::<f32>::new()
-            .default_dtype()
-            .shape(&full)
-            .writer(BufWriter::with_capacity(1 << 20, f))
-            .begin_nd()?;
+        let writer = NpyStream::new(BufWriter::with_capacity(1 << 20, f), &full)?;
         members.push(Member {
             name: name.clone(),
             path,
@@ -151,9 +147,11 @@ pub fn extract(
                     continue;
                 }
                 let r = if m.name == GAP {
-                    m.writer.extend(gap_forward(y.view()).iter().copied())
+                    m.writer
+                        .write(gap_forward(y.view()).as_slice().expect("fresh"))
                 } else {
-                    m.writer.extend(y.iter().copied())
+                    m.writer
+                        .write(y.as_slice().expect("layer outputs are contiguous"))
                 };
                 if let Err(e) = r {
                     err = Some(e);
@@ -171,12 +169,8 @@ pub fn extract(
     let label_path = tmp.path().join("label.npy");
     {
         let f = File::create(&label_path)?;
-        let mut w = npyz::WriteOptions::<u8>::new()
-            .default_dtype()
-            .shape(&[count as u64])
-            .writer(BufWriter::new(f))
-            .begin_nd()?;
-        w.extend(labels.iter().copied())?;
+        let mut w = NpyStream::<u8, _>::new(BufWriter::new(f), &[count])?;
+        w.write(&labels)?;
         w.finish()?;
     }
     let mut parts: Vec<(String, PathBuf)> = Vec::new();

@@ -7,6 +7,7 @@
 pub mod bench;
 pub mod data;
 pub mod extract;
+pub mod npy;
 pub mod onnx_import;
 pub mod optim;
 pub mod progress;

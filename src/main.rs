@@ -161,7 +161,22 @@ struct BenchArgs {
     min_time: f64,
 }
 
+/// Keeps freed large buffers in the process instead of returning them to
+/// the kernel: every layer allocates activations of tens of MB, and with
+/// glibc's defaults each one is a fresh mmap whose page faults (and kernel
+/// page zeroing) cost as much as the layer's own work on small kernels.
+fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets allocator parameters; called before any
+    // other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+    }
+}
+
 fn main() {
+    tune_allocator();
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
         eprintln!("error: {e:#}");

@@ -29,13 +29,16 @@ use ndarray::{s, Array1, Array2, Array4, ArrayView1, ArrayView2, ArrayView4, Arr
 use rayon::prelude::*;
 
 /// Upper bound on one im2col tile (bytes). Each thread holds at most one.
-pub const COL_TILE_BYTES: usize = 16 << 20;
+pub const COL_TILE_BYTES: usize = 2 << 20;
 /// Smallest pixel tile worth its own GEMM call (the packed kernel is reused
 /// over a tile's rows, so short tiles pay the packing again and again).
-const MIN_TILE_PIXELS: usize = 128;
+const MIN_TILE_PIXELS: usize = 256;
+/// Largest pixel tile: very tall, thin GEMMs (the RGB input layer) run
+/// better cut into pieces.
+const MAX_TILE_PIXELS: usize = 2048;
 /// Jobs a layer is cut into at least, when its shape allows (a property of
 /// the shape, never of the thread pool).
-const TARGET_JOBS: usize = 8;
+const TARGET_JOBS: usize = 4;
 /// Narrowest output-channel slice a job may take when pixels run short.
 const MIN_TILE_COUT: usize = 64;
 
@@ -50,7 +53,7 @@ pub struct ConvPlan {
 impl ConvPlan {
     pub fn new(m: usize, cin: usize, cout: usize) -> ConvPlan {
         let row_bytes = 9 * cin.max(1) * std::mem::size_of::<f32>();
-        let max_rows = (COL_TILE_BYTES / row_bytes).max(1);
+        let max_rows = (COL_TILE_BYTES / row_bytes).clamp(MIN_TILE_PIXELS, MAX_TILE_PIXELS);
         let mut tiles = m.div_ceil(max_rows).max(1);
         // More, smaller pixel tiles to keep the target job count, but not
         // below MIN_TILE_PIXELS rows.
@@ -107,7 +110,16 @@ pub fn im2col(x: &[f32], h: usize, w: usize, cin: usize, p0: usize, rows: usize,
                     dst.fill(0.0);
                 } else {
                     let src = base + (iy as usize * w + ix as usize) * cin;
-                    dst.copy_from_slice(&x[src..src + cin]);
+                    let src = &x[src..src + cin];
+                    if cin < 16 {
+                        // A few channels (the RGB input): a plain loop beats
+                        // a memcpy call per tap.
+                        for (d, &v) in dst.iter_mut().zip(src) {
+                            *d = v;
+                        }
+                    } else {
+                        dst.copy_from_slice(src);
+                    }
                 }
             }
         }
@@ -189,16 +201,27 @@ pub fn conv3x3_forward_into(
                 tile.view_mut(),
                 false,
             );
-            let b = bias.as_ref().map(|b| b.slice(s![c0..c0 + cols]));
-            for mut row in tile.rows_mut() {
-                if let Some(b) = &b {
-                    row += b;
-                }
-                if relu {
-                    row.mapv_inplace(|v| v.max(0.0));
-                }
-            }
+            let b = bias
+                .as_ref()
+                .map(|b| &b.as_slice().expect("owned")[c0..c0 + cols]);
+            bias_relu(tile, b, relu);
         });
+}
+
+/// Adds `bias` to every row of `tile` and applies ReLU, in one pass.
+fn bias_relu(mut tile: ArrayViewMut2<f32>, bias: Option<&[f32]>, relu: bool) {
+    for mut row in tile.rows_mut() {
+        let row = row.as_slice_mut().expect("tile rows are contiguous");
+        match (bias, relu) {
+            (Some(b), true) => row
+                .iter_mut()
+                .zip(b)
+                .for_each(|(v, &bb)| *v = (*v + bb).max(0.0)),
+            (Some(b), false) => row.iter_mut().zip(b).for_each(|(v, &bb)| *v += bb),
+            (None, true) => row.iter_mut().for_each(|v| *v = v.max(0.0)),
+            (None, false) => {}
+        }
+    }
 }
 
 /// Gradients of one conv layer.

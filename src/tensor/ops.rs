@@ -39,26 +39,30 @@ pub fn maxpool2x2_forward(x: ArrayView4<f32>) -> (Array4<f32>, Array4<u8>) {
     }
     let ys = y.as_slice_mut().expect("fresh");
     let args = arg.as_slice_mut().expect("fresh");
-    // One output row (n, oy) per job.
+    // One output row (n, oy) per job; per output pixel, the four input
+    // pixels' channel runs are compared lane by lane.
     ys.par_chunks_mut(wo * c)
         .zip(args.par_chunks_mut(wo * c))
         .enumerate()
         .for_each(|(row, (yr, ar))| {
             let (img, oy) = (row / ho, row % ho);
+            let at = |dy: usize, ox: usize, dx: usize| {
+                let o = ((img * h + 2 * oy + dy) * w + 2 * ox + dx) * c;
+                &xs[o..o + c]
+            };
             for ox in 0..wo {
-                for ch in 0..c {
-                    let at = |dy: usize, dx: usize| {
-                        xs[((img * h + 2 * oy + dy) * w + 2 * ox + dx) * c + ch]
-                    };
-                    let cand = [at(0, 0), at(0, 1), at(1, 0), at(1, 1)];
-                    let mut best = 0u8;
-                    for (i, &v) in cand.iter().enumerate().skip(1) {
-                        if v > cand[best as usize] {
-                            best = i as u8;
+                let cand = [at(0, ox, 0), at(0, ox, 1), at(1, ox, 0), at(1, ox, 1)];
+                let yo = &mut yr[ox * c..(ox + 1) * c];
+                let ao = &mut ar[ox * c..(ox + 1) * c];
+                yo.copy_from_slice(cand[0]);
+                ao.fill(0);
+                for (k, cv) in cand.iter().enumerate().skip(1) {
+                    for ((y, a), &v) in yo.iter_mut().zip(ao.iter_mut()).zip(cv.iter()) {
+                        if v > *y {
+                            *y = v;
+                            *a = k as u8;
                         }
                     }
-                    yr[ox * c + ch] = cand[best as usize];
-                    ar[ox * c + ch] = best;
                 }
             }
         });
