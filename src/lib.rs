@@ -5,14 +5,17 @@
 //! results do not depend on the thread count.
 
 pub mod bench;
+pub mod cache;
 pub mod data;
 pub mod extract;
+pub mod model;
 pub mod npy;
 pub mod onnx_import;
 pub mod optim;
 pub mod progress;
 pub mod summary;
 pub mod tensor;
+pub mod train;
 pub mod vgg;
 
 use std::path::Path;

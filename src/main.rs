@@ -29,6 +29,7 @@ struct Cli {
 const DEFAULT_DATA: &str = "data";
 const DEFAULT_WEIGHTS: &str = "weights/vgg16_imagenet_notop.npz";
 const SAMPLE_DIR: &str = "data/sample";
+const DEFAULT_CACHE: &str = "data/cache";
 
 #[derive(Subcommand)]
 enum Command {
@@ -53,6 +54,13 @@ enum Command {
     },
     /// VGG-16 activations of CIFAR-10 records into one .npz.
     Extract(ExtractArgs),
+    /// The two-stage transfer-learning recipe (head, then block5 + head).
+    Train(Box<TrainArgs>),
+    /// Activation caches: list or remove them.
+    Cache {
+        #[command(subcommand)]
+        what: CacheWhat,
+    },
     /// Measure the engine on this machine (one JSON object a line).
     Bench {
         #[command(subcommand)]
@@ -130,6 +138,93 @@ struct ExtractArgs {
     threads: Option<usize>,
 }
 
+#[derive(Args, Clone)]
+struct TrainArgs {
+    /// CIFAR-10: the archive, or a directory holding it or cifar-10-batches-bin/.
+    #[arg(long, default_value = DEFAULT_DATA)]
+    data: PathBuf,
+    /// VGG-16 base weights (.npz, Keras layout).
+    #[arg(long, default_value = DEFAULT_WEIGHTS)]
+    weights: PathBuf,
+    /// Input image size: a multiple of 32 (32 = no resize).
+    #[arg(long, default_value_t = 224)]
+    image_size: usize,
+    #[arg(long, default_value_t = 0.01)]
+    stage1_lr: f32,
+    #[arg(long, default_value_t = 32)]
+    stage1_batch_size: usize,
+    #[arg(long, default_value_t = 2)]
+    stage1_epochs: usize,
+    #[arg(long, default_value_t = 1e-4)]
+    stage2_lr: f32,
+    #[arg(long, default_value_t = 0.9)]
+    stage2_momentum: f32,
+    #[arg(long, default_value_t = 64)]
+    stage2_batch_size: usize,
+    #[arg(long, default_value_t = 5)]
+    stage2_epochs: usize,
+    /// Validate on the last fraction F of the training records instead of
+    /// the test split (Keras's validation_split).
+    #[arg(long)]
+    validation_split: Option<f64>,
+    /// Seed of the head's initialisation, the shuffling and dropout.
+    #[arg(long, default_value_t = 1337)]
+    seed: u64,
+    /// Add Dense(N, ReLU) between GAP and the classifier.
+    #[arg(long)]
+    hidden: Option<usize>,
+    /// Dropout rate before the classifier (training only).
+    #[arg(long, default_value_t = 0.0)]
+    dropout: f32,
+    /// Use only the first N training records (file order).
+    #[arg(long)]
+    limit_train: Option<usize>,
+    /// Use only the first N test records (file order).
+    #[arg(long)]
+    limit_test: Option<usize>,
+    /// Worker threads (default: every core).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Where activation caches live.
+    #[arg(long, default_value = DEFAULT_CACHE)]
+    cache_dir: PathBuf,
+    /// Storage type of cached block4 activations: f32 or f16.
+    #[arg(long, default_value = "f32")]
+    cache_dtype: String,
+    /// Recompute blocks 1-4 for every batch, as Keras does (for proofs and
+    /// measurements; much slower).
+    #[arg(long)]
+    no_cache: bool,
+    /// Run directory (default: a new runs/<timestamp>/).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Continue the run in DIR from its last completed epoch.
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    /// Images per batch for the cache pass and evaluation forward passes.
+    #[arg(long, default_value_t = 64)]
+    forward_batch_size: usize,
+}
+
+#[derive(Subcommand)]
+enum CacheWhat {
+    /// List caches: key, size, complete or not.
+    Ls {
+        #[arg(long, default_value = DEFAULT_CACHE)]
+        cache_dir: PathBuf,
+    },
+    /// Remove caches by directory name (or id), or all of them.
+    Rm {
+        #[arg(long, default_value = DEFAULT_CACHE)]
+        cache_dir: PathBuf,
+        /// Remove every cache.
+        #[arg(long)]
+        all: bool,
+        /// Cache directory names or ids (see `vgg16 cache ls`).
+        names: Vec<String>,
+    },
+}
+
 #[derive(Subcommand)]
 enum BenchWhat {
     /// SGEMM GFLOP/s at VGG-16's im2col shapes, every backend.
@@ -204,6 +299,18 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Extract(args) => with_threads(args.threads, || extract(&args)),
+        Command::Train(args) => with_threads(args.threads, || train(&args)),
+        Command::Cache {
+            what: CacheWhat::Ls { cache_dir },
+        } => cache_ls(&cache_dir),
+        Command::Cache {
+            what:
+                CacheWhat::Rm {
+                    cache_dir,
+                    all,
+                    names,
+                },
+        } => cache_rm(&cache_dir, all, &names),
         Command::Bench { what } => match what {
             BenchWhat::Gemm(args) => with_threads(args.threads, || bench_gemm(&args)),
             BenchWhat::Conv {
@@ -406,6 +513,263 @@ fn extract(args: &ExtractArgs) -> Result<()> {
         gflop / secs,
         args.out.display()
     );
+    Ok(())
+}
+
+fn train(args: &TrainArgs) -> Result<()> {
+    use vgg16_cpu::cache::{self, CacheKey, Dtype};
+    use vgg16_cpu::train::{
+        self as tr, Cached, Features, Inputs, Live, StageConfig, State, TrainConfig,
+    };
+    let t_start = std::time::Instant::now();
+    let (out, cfg, mut state_opt) = match &args.resume {
+        Some(dir) => {
+            let (cfg, st) = tr::load_checkpoint(dir)?;
+            eprintln!(
+                "resuming {} at stage {} after epoch {} (its saved configuration is used)",
+                dir.display(),
+                st.stage,
+                st.epochs_done
+            );
+            (dir.clone(), cfg, Some(st))
+        }
+        None => {
+            check_image_size(args.image_size)?;
+            for (name, v) in [
+                ("--stage1-batch-size", args.stage1_batch_size),
+                ("--stage2-batch-size", args.stage2_batch_size),
+            ] {
+                if v == 0 {
+                    bail!("{name} must be at least 1");
+                }
+            }
+            if !(0.0..1.0).contains(&args.dropout) {
+                bail!("--dropout must be in [0, 1)");
+            }
+            let cfg = TrainConfig {
+                image_size: args.image_size,
+                stage1: StageConfig {
+                    lr: args.stage1_lr,
+                    momentum: 0.0,
+                    batch_size: args.stage1_batch_size,
+                    epochs: args.stage1_epochs,
+                },
+                stage2: StageConfig {
+                    lr: args.stage2_lr,
+                    momentum: args.stage2_momentum,
+                    batch_size: args.stage2_batch_size,
+                    epochs: args.stage2_epochs,
+                },
+                hidden: args.hidden,
+                dropout: args.dropout,
+                seed: args.seed,
+                classes: cifar::NUM_CLASSES,
+            };
+            let out = args.out.clone().unwrap_or_else(|| {
+                PathBuf::from("runs").join(chrono::Local::now().format("%Y%m%d-%H%M%S").to_string())
+            });
+            (out, cfg, None)
+        }
+    };
+    std::fs::create_dir_all(&out)
+        .with_context(|| format!("cannot create run directory {}", out.display()))?;
+    let dtype = Dtype::parse(&args.cache_dtype)
+        .with_context(|| format!("--cache-dtype '{}': expected f32 or f16", args.cache_dtype))?;
+    if let Some(f) = args.validation_split {
+        if !(0.0..1.0).contains(&f) {
+            bail!("--validation-split must be in [0, 1)");
+        }
+    }
+    let source = open_data(&args.data)?;
+    let model = load_weights(&args.weights)?;
+    let digest = model.digest();
+    eprintln!("loading CIFAR-10 from {} ...", source.path().display());
+    let train_ds = cifar::load_split(&source, Split::Train)?;
+    let test_ds = cifar::load_split(&source, Split::Test)?;
+    let n_train = args
+        .limit_train
+        .unwrap_or(train_ds.len())
+        .min(train_ds.len());
+    let n_test = args.limit_test.unwrap_or(test_ds.len()).min(test_ds.len());
+    let (train_idx, val_from_train): (Vec<usize>, Vec<usize>) = match args.validation_split {
+        Some(f) => {
+            let n_val = ((n_train as f64) * f).round() as usize;
+            (
+                (0..n_train - n_val).collect(),
+                (n_train - n_val..n_train).collect(),
+            )
+        }
+        None => ((0..n_train).collect(), vec![]),
+    };
+    let test_idx: Vec<usize> = (0..n_test).collect();
+    eprintln!(
+        "training on {} records, validating on {} {} records, testing on {n_test}; {}x{} input; run directory {}",
+        train_idx.len(),
+        if args.validation_split.is_some() { val_from_train.len() } else { n_test },
+        if args.validation_split.is_some() { "held-out training" } else { "test" },
+        cfg.image_size,
+        cfg.image_size,
+        out.display()
+    );
+    let t_cache = std::time::Instant::now();
+    let caches = if args.no_cache {
+        eprintln!("--no-cache: blocks 1-4 run for every batch of every epoch (as Keras does)");
+        None
+    } else {
+        let ktr = CacheKey::new(&digest, cfg.image_size, &train_ds, n_train, dtype);
+        let kte = CacheKey::new(&digest, cfg.image_size, &test_ds, n_test, dtype);
+        let (ctr, _) = cache::open_or_build(
+            &args.cache_dir,
+            &ktr,
+            &model,
+            &train_ds,
+            args.forward_batch_size,
+        )?;
+        let (cte, _) = cache::open_or_build(
+            &args.cache_dir,
+            &kte,
+            &model,
+            &test_ds,
+            args.forward_batch_size,
+        )?;
+        Some((ctr, cte))
+    };
+    let cache_seconds = t_cache.elapsed().as_secs_f64();
+    let live_train = Live {
+        model: &model,
+        data: &train_ds,
+        size: cfg.image_size,
+        records: n_train,
+    };
+    let live_test = Live {
+        model: &model,
+        data: &test_ds,
+        size: cfg.image_size,
+        records: n_test,
+    };
+    let cached = caches.as_ref().map(|(a, b)| (Cached(a), Cached(b)));
+    let (ftrain, ftest): (&dyn Features, &dyn Features) = match &cached {
+        Some((a, b)) => (a, b),
+        None => (&live_train, &live_test),
+    };
+    let inputs = match args.validation_split {
+        Some(_) => Inputs {
+            train: ftrain,
+            train_idx: &train_idx,
+            val: ftrain,
+            val_idx: &val_from_train,
+            test: Some((ftest, &test_idx)),
+        },
+        None => Inputs {
+            train: ftrain,
+            train_idx: &train_idx,
+            val: ftest,
+            val_idx: &test_idx,
+            test: None,
+        },
+    };
+    let mut state = state_opt.take().unwrap_or_else(|| State::new(&model, &cfg));
+    let run_dir = tr::RunDir { dir: &out };
+    let cfg2 = cfg.clone();
+    let out2 = out.clone();
+    let mut on_epoch = |s: &State| -> Result<()> {
+        tr::save_checkpoint(&out2, &cfg2, s)?;
+        run_dir.write_history(&s.history)
+    };
+    tr::run(&cfg, &inputs, &mut state, &mut on_epoch)?;
+    let total_seconds = t_start.elapsed().as_secs_f64();
+    let stage = |n: u8| state.stage_results.iter().find(|r| r.stage == n).cloned();
+    let metrics = json!({
+        "stage1": stage(1),
+        "stage2": stage(2),
+        "cache_seconds": cache_seconds,
+        "total_seconds": total_seconds,
+        "image_size": cfg.image_size,
+        "train_records": train_idx.len(),
+        "test_records": n_test,
+        "cached": !args.no_cache,
+        "config": cfg,
+    });
+    let mp = out.join("metrics.json");
+    vgg16_cpu::atomic_write(&mp, |f| {
+        std::io::Write::write_all(f, serde_json::to_string_pretty(&metrics)?.as_bytes())
+    })
+    .with_context(|| format!("cannot write {}", mp.display()))?;
+    eprintln!("\n| | test accuracy | test loss | epochs | wall time (s) | train img/s |");
+    eprintln!("| --- | --- | --- | --- | --- | --- |");
+    eprintln!("| cache build | | | | {cache_seconds:.1} | |");
+    for r in &state.stage_results {
+        eprintln!(
+            "| stage {} | {:.4} | {:.4} | {} | {:.1} | {:.0} |",
+            r.stage, r.test_accuracy, r.test_loss, r.epochs, r.seconds, r.images_per_second
+        );
+    }
+    eprintln!(
+        "total {total_seconds:.1} s; run directory {}",
+        out.display()
+    );
+    Ok(())
+}
+
+fn cache_ls(dir: &Path) -> Result<()> {
+    let all = vgg16_cpu::cache::list(dir)?;
+    if all.is_empty() {
+        println!("no caches in {}", dir.display());
+    }
+    for (p, meta, bytes) in all {
+        let name = p
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        match meta {
+            Some(m) => println!(
+                "{name}  {}  {}px  {} records  {:?}  {:.2} GB  {}  weights {}  data {}",
+                m.key.split,
+                m.key.image_size,
+                m.key.records,
+                m.key.dtype,
+                bytes as f64 / 1e9,
+                if m.complete {
+                    "complete".to_string()
+                } else {
+                    format!("incomplete ({}/{})", m.done, m.key.records)
+                },
+                &m.key.weights_digest[..12],
+                &m.key.dataset_digest[..12]
+            ),
+            None => println!(
+                "{name}  (no readable meta.json)  {:.2} GB",
+                bytes as f64 / 1e9
+            ),
+        }
+    }
+    Ok(())
+}
+
+fn cache_rm(dir: &Path, all: bool, names: &[String]) -> Result<()> {
+    if !all && names.is_empty() {
+        bail!("name the caches to remove (see `vgg16 cache ls`), or pass --all");
+    }
+    let mut removed = 0;
+    for (p, _, bytes) in vgg16_cpu::cache::list(dir)? {
+        let name = p
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if all
+            || names
+                .iter()
+                .any(|n| name == *n || name.ends_with(&format!("-{n}")))
+        {
+            std::fs::remove_dir_all(&p)
+                .with_context(|| format!("cannot remove {}", p.display()))?;
+            println!("removed {name} ({:.2} GB)", bytes as f64 / 1e9);
+            removed += 1;
+        }
+    }
+    if removed == 0 {
+        bail!("no cache in {} matches {:?}", dir.display(), names);
+    }
     Ok(())
 }
 

@@ -1,0 +1,254 @@
+//! The trainable part of the transfer model, as plain forward / backward
+//! functions: block5 (three convs + max-pool, trained in stage 2) and the
+//! head (GAP -> [Dense(H, ReLU) -> dropout] -> Dense(10)), with softmax
+//! cross-entropy as the loss. Activations that backward needs are returned
+//! by forward in a small struct, llm.c style.
+
+use crate::tensor::conv::{conv3x3_backward, conv3x3_forward, ConvGrads};
+use crate::tensor::ops::*;
+use crate::vgg::ConvParams;
+use ndarray::{Array1, Array2, Array4, ArrayView2, ArrayView4};
+use rand::Rng;
+
+/// Dense(I, O): w (I, O), b (O).
+#[derive(Clone, Debug)]
+pub struct Dense {
+    pub w: Array2<f32>,
+    pub b: Array1<f32>,
+}
+
+impl Dense {
+    /// Keras's default: glorot-uniform weights, zero bias.
+    pub fn glorot(rng: &mut impl Rng, fan_in: usize, fan_out: usize) -> Dense {
+        let limit = (6.0 / (fan_in + fan_out) as f64).sqrt() as f32;
+        Dense {
+            w: Array2::from_shape_fn((fan_in, fan_out), |_| rng.gen_range(-limit..limit)),
+            b: Array1::zeros(fan_out),
+        }
+    }
+
+    pub fn zeros_like(&self) -> Dense {
+        Dense {
+            w: Array2::zeros(self.w.dim()),
+            b: Array1::zeros(self.b.len()),
+        }
+    }
+}
+
+/// GAP features (B, 512) -> logits (B, classes).
+#[derive(Clone, Debug)]
+pub struct Head {
+    pub hidden: Option<Dense>,
+    pub out: Dense,
+    /// Dropout rate before the classifier (training only).
+    pub dropout: f32,
+}
+
+impl Head {
+    pub fn new(rng: &mut impl Rng, hidden: Option<usize>, dropout: f32, classes: usize) -> Head {
+        let h = hidden.map(|n| Dense::glorot(rng, 512, n));
+        let width = hidden.unwrap_or(512);
+        Head {
+            hidden: h,
+            out: Dense::glorot(rng, width, classes),
+            dropout,
+        }
+    }
+
+    pub fn zeros_like(&self) -> Head {
+        Head {
+            hidden: self.hidden.as_ref().map(Dense::zeros_like),
+            out: self.out.zeros_like(),
+            dropout: self.dropout,
+        }
+    }
+
+    /// Every tensor, in a fixed order (optimizer and checkpoints).
+    pub fn tensors_mut(&mut self) -> Vec<&mut [f32]> {
+        let mut v = Vec::new();
+        if let Some(h) = &mut self.hidden {
+            v.push(h.w.as_slice_mut().expect("owned"));
+            v.push(h.b.as_slice_mut().expect("owned"));
+        }
+        v.push(self.out.w.as_slice_mut().expect("owned"));
+        v.push(self.out.b.as_slice_mut().expect("owned"));
+        v
+    }
+
+    pub fn tensors(&self) -> Vec<(&'static str, &[f32], Vec<usize>)> {
+        let mut v = Vec::new();
+        if let Some(h) = &self.hidden {
+            v.push((
+                "dense/kernel",
+                h.w.as_slice().expect("owned"),
+                h.w.shape().to_vec(),
+            ));
+            v.push((
+                "dense/bias",
+                h.b.as_slice().expect("owned"),
+                h.b.shape().to_vec(),
+            ));
+        }
+        v.push((
+            "classification/kernel",
+            self.out.w.as_slice().expect("owned"),
+            self.out.w.shape().to_vec(),
+        ));
+        v.push((
+            "classification/bias",
+            self.out.b.as_slice().expect("owned"),
+            self.out.b.shape().to_vec(),
+        ));
+        v
+    }
+}
+
+/// What [`head_forward`] keeps for backward.
+pub struct HeadActs {
+    g: Array2<f32>,
+    /// Hidden activations after ReLU and dropout, and the dropout scale mask.
+    h: Option<(Array2<f32>, Array2<f32>)>,
+}
+
+/// Logits (B, classes). `rng` enables dropout (training); None = inference.
+pub fn head_forward(
+    head: &Head,
+    g: ArrayView2<f32>,
+    rng: Option<&mut dyn rand::RngCore>,
+) -> (Array2<f32>, HeadActs) {
+    let mut rng = rng;
+    let (x, h) = match &head.hidden {
+        Some(d) => {
+            let mut h = dense_forward(g, d.w.view(), d.b.view());
+            h.mapv_inplace(|v| v.max(0.0));
+            let keep = 1.0 - head.dropout;
+            let mask = match rng.as_mut() {
+                Some(r) if head.dropout > 0.0 => Array2::from_shape_fn(h.dim(), |_| {
+                    if r.gen::<f32>() < keep {
+                        1.0 / keep
+                    } else {
+                        0.0
+                    }
+                }),
+                _ => Array2::from_elem(h.dim(), 1.0),
+            };
+            h *= &mask;
+            (h.clone(), Some((h, mask)))
+        }
+        None => {
+            let mut x = g.to_owned();
+            if let Some(r) = rng.as_mut().filter(|_| head.dropout > 0.0) {
+                let keep = 1.0 - head.dropout;
+                let mask = Array2::from_shape_fn(x.dim(), |_| {
+                    if r.gen::<f32>() < keep {
+                        1.0 / keep
+                    } else {
+                        0.0
+                    }
+                });
+                x *= &mask;
+                let xc = x.clone();
+                let logits = dense_forward(xc.view(), head.out.w.view(), head.out.b.view());
+                return (
+                    logits,
+                    HeadActs {
+                        g: g.to_owned(),
+                        h: Some((xc, mask)),
+                    },
+                );
+            }
+            (x, None)
+        }
+    };
+    let logits = dense_forward(x.view(), head.out.w.view(), head.out.b.view());
+    (logits, HeadActs { g: g.to_owned(), h })
+}
+
+/// Backward through the head: returns (dG (B, 512), head gradients).
+pub fn head_backward(
+    head: &Head,
+    acts: &HeadActs,
+    dlogits: ArrayView2<f32>,
+) -> (Array2<f32>, Head) {
+    let mut grads = head.zeros_like();
+    match (&head.hidden, &acts.h) {
+        (Some(d), Some((h, mask))) => {
+            let (dh, dw, db) = dense_backward(h.view(), head.out.w.view(), dlogits);
+            grads.out = Dense { w: dw, b: db };
+            // Through dropout, then ReLU (h > 0 exactly where the ReLU passed,
+            // unless dropout zeroed it, and then mask is 0 as well).
+            let dpre = dh * mask;
+            let dpre = ndarray::Zip::from(&dpre)
+                .and(h)
+                .map_collect(|&d, &v| if v > 0.0 { d } else { 0.0 });
+            let (dg, dw1, db1) = dense_backward(acts.g.view(), d.w.view(), dpre.view());
+            grads.hidden = Some(Dense { w: dw1, b: db1 });
+            (dg, grads)
+        }
+        (None, Some((x, mask))) => {
+            let (dx, dw, db) = dense_backward(x.view(), head.out.w.view(), dlogits);
+            grads.out = Dense { w: dw, b: db };
+            (dx * mask, grads)
+        }
+        _ => {
+            let (dg, dw, db) = dense_backward(acts.g.view(), head.out.w.view(), dlogits);
+            grads.out = Dense { w: dw, b: db };
+            (dg, grads)
+        }
+    }
+}
+
+/// What [`block5_forward`] keeps for backward.
+pub struct Block5Acts {
+    x4: Array4<f32>,
+    c1: Array4<f32>,
+    c2: Array4<f32>,
+    c3: Array4<f32>,
+    arg: Array4<u8>,
+    pool_hw: (usize, usize),
+}
+
+/// block4_pool (B, s, s, 512) -> GAP of block5_pool (B, 512), keeping what
+/// backward needs.
+pub fn block5_forward(p: &[ConvParams], x4: Array4<f32>) -> (Array2<f32>, Block5Acts) {
+    assert_eq!(p.len(), 3, "block5 has three convs");
+    let c1 = conv3x3_forward(x4.view(), p[0].w.view(), Some(p[0].b.view()), true);
+    let c2 = conv3x3_forward(c1.view(), p[1].w.view(), Some(p[1].b.view()), true);
+    let c3 = conv3x3_forward(c2.view(), p[2].w.view(), Some(p[2].b.view()), true);
+    let (pool, arg) = maxpool2x2_forward(c3.view());
+    let g = gap_forward(pool.view());
+    let pool_hw = (pool.dim().1, pool.dim().2);
+    (
+        g,
+        Block5Acts {
+            x4,
+            c1,
+            c2,
+            c3,
+            arg,
+            pool_hw,
+        },
+    )
+}
+
+/// Inference only: block4_pool -> GAP features.
+pub fn block5_features(p: &[ConvParams], x4: ArrayView4<f32>) -> Array2<f32> {
+    let c1 = conv3x3_forward(x4, p[0].w.view(), Some(p[0].b.view()), true);
+    let c2 = conv3x3_forward(c1.view(), p[1].w.view(), Some(p[1].b.view()), true);
+    let c3 = conv3x3_forward(c2.view(), p[2].w.view(), Some(p[2].b.view()), true);
+    gap_forward(maxpool2x2_forward(c3.view()).0.view())
+}
+
+/// Backward from dG (B, 512) to block5's parameter gradients. conv5_3 and
+/// conv5_2 propagate dX; conv5_1, the lowest trainable layer, does not.
+pub fn block5_backward(p: &[ConvParams], acts: &Block5Acts, dg: ArrayView2<f32>) -> Vec<ConvGrads> {
+    let dpool = gap_backward(dg, acts.pool_hw.0, acts.pool_hw.1);
+    let dc3 = maxpool2x2_backward(dpool.view(), acts.arg.view(), acts.c3.dim());
+    let dz3 = relu_backward(acts.c3.view(), dc3.view());
+    let g3 = conv3x3_backward(acts.c2.view(), p[2].w.view(), dz3.view(), true);
+    let dz2 = relu_backward(acts.c2.view(), g3.dx.as_ref().expect("asked for dx").view());
+    let g2 = conv3x3_backward(acts.c1.view(), p[1].w.view(), dz2.view(), true);
+    let dz1 = relu_backward(acts.c1.view(), g2.dx.as_ref().expect("asked for dx").view());
+    let g1 = conv3x3_backward(acts.x4.view(), p[0].w.view(), dz1.view(), false);
+    vec![g1, g2, g3]
+}
