@@ -774,10 +774,10 @@ fn cache_rm(dir: &Path, all: bool, names: &[String]) -> Result<()> {
 }
 
 /// Runs `f` in a rayon pool of `threads` workers (all cores when None).
-fn with_threads<T: Send>(
-    threads: Option<usize>,
-    f: impl FnOnce() -> Result<T> + Send,
-) -> Result<T> {
+fn with_threads<T>(threads: Option<usize>, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    // The global pool, with the command itself on the main thread: its big
+    // activation buffers then come from the main heap, which tune_allocator
+    // keeps (a worker thread's arena would map and unmap them every time).
     let mut b = rayon::ThreadPoolBuilder::new();
     if let Some(t) = threads {
         if t == 0 {
@@ -785,9 +785,8 @@ fn with_threads<T: Send>(
         }
         b = b.num_threads(t);
     }
-    b.build()
-        .context("cannot start the thread pool")?
-        .install(f)
+    b.build_global().context("cannot start the thread pool")?;
+    f()
 }
 
 fn backends(name: &Option<String>) -> Result<Vec<Backend>> {

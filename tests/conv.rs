@@ -53,6 +53,12 @@ fn forward_matches_direct_convolution_corner_shapes() {
         (2, 32, 1, 3, 64),
         (3, 2, 2, 64, 1),
         (1, 14, 14, 64, 7),
+        // Small images (tap classes): every side up to SMALL_SIDE.
+        (2, 4, 4, 64, 7),
+        (1, 4, 3, 5, 64),
+        (3, 1, 4, 3, 1),
+        (2, 4, 1, 64, 64),
+        (1, 5, 4, 3, 7),
     ]
     .iter()
     .enumerate()

@@ -183,6 +183,11 @@ pub fn conv3x3_forward_into(
         .into_shape_with_order((9 * cin, cout))
         .expect("standard layout");
     let bias = bias.map(|b| b.to_owned());
+    if let Some(classes) = tap_classes(h, wd) {
+        let b = bias.as_ref().map(|b| b.as_slice().expect("owned"));
+        conv_small_into(xs, (n, h, wd, cin), w2, b, relu, &classes, out);
+        return;
+    }
 
     let plan = ConvPlan::new(m, cin, cout);
     let jobs = split_tiles(out, plan.pixels, plan.couts);
@@ -206,6 +211,206 @@ pub fn conv3x3_forward_into(
                 .map(|b| &b.as_slice().expect("owned")[c0..c0 + cols]);
             bias_relu(tile, b, relu);
         });
+}
+
+// ------------------------------------------------------------ small images
+//
+// On a small image most 3x3 taps fall on the zero padding: at 2x2, 20 of an
+// output pixel's 36 taps (55%), at 4x4 30%. im2col would multiply those
+// zeros. Instead, output pixels are grouped into classes by which taps land
+// inside the image (corners, edges, interior); a class's im2col holds only
+// its valid taps, ky-major, so for each valid ky the kx-run of taps is one
+// contiguous column block of the class's col and one contiguous row block of
+// W (9*Cin, Cout). A class's output is the sum over its valid ky of one GEMM.
+
+/// Images with both sides at most this use tap classes.
+pub const SMALL_SIDE: usize = 4;
+
+/// One class of output pixels: rows `ys` x columns `xs`, whose valid taps
+/// are `ky` x `kx`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TapClass {
+    pub ys: Vec<usize>,
+    pub xs: Vec<usize>,
+    pub ky: std::ops::Range<usize>,
+    pub kx: std::ops::Range<usize>,
+}
+
+impl TapClass {
+    fn taps(&self) -> usize {
+        self.ky.len() * self.kx.len()
+    }
+}
+
+/// Positions 0..len grouped by their valid tap range along one axis.
+fn axis_classes(len: usize) -> Vec<(Vec<usize>, std::ops::Range<usize>)> {
+    let mut out: Vec<(Vec<usize>, std::ops::Range<usize>)> = Vec::new();
+    for p in 0..len {
+        // iy = p + k - 1 must lie in 0..len.
+        let r = (1usize.saturating_sub(p))..(len + 1 - p).min(3);
+        match out.iter_mut().find(|(_, rr)| *rr == r) {
+            Some((ps, _)) => ps.push(p),
+            None => out.push((vec![p], r)),
+        }
+    }
+    out
+}
+
+/// The tap classes of an h x w image, or None when it is not small.
+pub fn tap_classes(h: usize, w: usize) -> Option<Vec<TapClass>> {
+    if h > SMALL_SIDE || w > SMALL_SIDE || h == 0 || w == 0 {
+        return None;
+    }
+    let mut out = Vec::new();
+    for (ys, ky) in axis_classes(h) {
+        for (xs, kx) in axis_classes(w) {
+            out.push(TapClass {
+                ys: ys.clone(),
+                xs,
+                ky: ky.clone(),
+                kx,
+            });
+        }
+    }
+    Some(out)
+}
+
+/// Output pixel indices (NHWC order) of a class over a batch of n.
+fn class_pixels(c: &TapClass, n: usize, h: usize, w: usize) -> Vec<usize> {
+    let mut v = Vec::with_capacity(n * c.ys.len() * c.xs.len());
+    for img in 0..n {
+        for &y in &c.ys {
+            for &x in &c.xs {
+                v.push((img * h + y) * w + x);
+            }
+        }
+    }
+    v
+}
+
+/// The class's compact im2col: (pixels, taps*Cin), taps ky-major.
+fn class_col(
+    xs: &[f32],
+    dims: (usize, usize, usize, usize),
+    c: &TapClass,
+    pixels: &[usize],
+) -> Vec<f32> {
+    let (_, h, w, cin) = dims;
+    let k = c.taps() * cin;
+    let mut col = vec![0.0f32; pixels.len() * k];
+    for (row, &g) in col.chunks_exact_mut(k).zip(pixels) {
+        let (img, rem) = (g / (h * w), g % (h * w));
+        let (y, x) = (rem / w, rem % w);
+        let mut o = 0;
+        for ky in c.ky.clone() {
+            // The kx-run of input pixels is contiguous in NHWC.
+            let iy = y + ky - 1;
+            let ix0 = x + c.kx.start - 1;
+            let src = ((img * h + iy) * w + ix0) * cin;
+            let len = c.kx.len() * cin;
+            row[o..o + len].copy_from_slice(&xs[src..src + len]);
+            o += len;
+        }
+    }
+    col
+}
+
+fn conv_small_into(
+    xs: &[f32],
+    dims: (usize, usize, usize, usize),
+    w2: ArrayView2<f32>,
+    bias: Option<&[f32]>,
+    relu: bool,
+    classes: &[TapClass],
+    mut out: ArrayViewMut2<f32>,
+) {
+    let (n, h, w, cin) = dims;
+    let cout = w2.ncols();
+    // Jobs: (class, output-channel slice); enough of them for the pool.
+    let parts = TARGET_JOBS
+        .div_ceil(classes.len())
+        .min(cout.div_ceil(MIN_TILE_COUT))
+        .max(1);
+    let tc = cout.div_ceil(parts);
+    let jobs: Vec<(usize, usize)> = (0..classes.len())
+        .flat_map(|ci| (0..cout).step_by(tc).map(move |c0| (ci, c0)))
+        .collect();
+    let pixels: Vec<Vec<usize>> = classes.iter().map(|c| class_pixels(c, n, h, w)).collect();
+    let results: Vec<Array2<f32>> = jobs
+        .par_iter()
+        .map(|&(ci, c0)| {
+            let c = &classes[ci];
+            let cols = tc.min(cout - c0);
+            let col = class_col(xs, dims, c, &pixels[ci]);
+            let k = c.taps() * cin;
+            let col = ArrayView2::from_shape((pixels[ci].len(), k), &col).expect("sized");
+            let mut res = Array2::<f32>::zeros((pixels[ci].len(), cols));
+            let run = c.kx.len() * cin;
+            for (j, ky) in c.ky.clone().enumerate() {
+                let r0 = (ky * 3 + c.kx.start) * cin;
+                // (P, cols) += (P, |kx|*Cin) x (|kx|*Cin, cols)
+                sgemm_serial(
+                    Backend::DEFAULT,
+                    col.slice(s![.., j * run..(j + 1) * run]),
+                    w2.slice(s![r0..r0 + run, c0..c0 + cols]),
+                    res.view_mut(),
+                    j > 0,
+                );
+            }
+            res
+        })
+        .collect();
+    for (&(ci, c0), res) in jobs.iter().zip(&results) {
+        let cols = res.ncols();
+        for (r, &g) in pixels[ci].iter().enumerate() {
+            out.slice_mut(s![g, c0..c0 + cols]).assign(&res.row(r));
+        }
+    }
+    for mut row in out.rows_mut() {
+        let row = row.as_slice_mut().expect("contiguous rows");
+        match (bias, relu) {
+            (Some(b), true) => row
+                .iter_mut()
+                .zip(b)
+                .for_each(|(v, &bb)| *v = (*v + bb).max(0.0)),
+            (Some(b), false) => row.iter_mut().zip(b).for_each(|(v, &bb)| *v += bb),
+            (None, true) => row.iter_mut().for_each(|v| *v = v.max(0.0)),
+            (None, false) => {}
+        }
+    }
+}
+
+/// dW (9*Cin, Cout) for a small image, class by class: each valid-tap row
+/// block of dW gets col_class[:, block]^T x dZ_class.
+fn dw_small(
+    xs: &[f32],
+    dims: (usize, usize, usize, usize),
+    dz2: ArrayView2<f32>,
+    classes: &[TapClass],
+    dw2: &mut Array2<f32>,
+) {
+    let (n, h, w, cin) = dims;
+    let cout = dz2.ncols();
+    for c in classes {
+        let pixels = class_pixels(c, n, h, w);
+        let col = class_col(xs, dims, c, &pixels);
+        let col = ArrayView2::from_shape((pixels.len(), c.taps() * cin), &col).expect("sized");
+        let mut dzc = Array2::<f32>::zeros((pixels.len(), cout));
+        for (r, &g) in pixels.iter().enumerate() {
+            dzc.row_mut(r).assign(&dz2.row(g));
+        }
+        let run = c.kx.len() * cin;
+        for (j, ky) in c.ky.clone().enumerate() {
+            let r0 = (ky * 3 + c.kx.start) * cin;
+            // (|kx|*Cin, Cout) += (|kx|*Cin, P) x (P, Cout)
+            sgemm(
+                col.slice(s![.., j * run..(j + 1) * run]).t(),
+                dzc.view(),
+                dw2.slice_mut(s![r0..r0 + run, ..]),
+                true,
+            );
+        }
+    }
 }
 
 /// Adds `bias` to every row of `tile` and applies ReLU, in one pass.
@@ -295,7 +500,10 @@ pub fn conv3x3_backward(
 
     // dW (9*Cin, Cout) = sum over pixel chunks of col^T (9*Cin, Pc) x dZ (Pc, Cout).
     let mut dw2 = Array2::<f32>::zeros((k, cout));
-    if m > 0 && k > 0 {
+    let small = tap_classes(h, wd);
+    if let (Some(classes), true) = (&small, m > 0 && k > 0) {
+        dw_small(xs, (n, h, wd, cin), dz2, classes, &mut dw2);
+    } else if m > 0 && k > 0 {
         let chunk_rows = (COL_TILE_BYTES / (k * std::mem::size_of::<f32>()))
             .max(1)
             .min(m);

@@ -200,3 +200,26 @@ pub fn shared_or_skip(test: &str) -> Option<std::path::PathBuf> {
     );
     None
 }
+
+/// Deterministic He-uniform stand-in for the VGG-16 weights (activations stay
+/// of order one to a hundred, like the real ones), for tests that exercise
+/// plumbing rather than ImageNet features.
+pub fn fake_vgg(seed: u64) -> vgg16_cpu::vgg::Vgg16 {
+    let mut r = rng(seed);
+    vgg16_cpu::vgg::Vgg16 {
+        convs: vgg16_cpu::vgg::convs()
+            .map(|(_, _, cin, cout)| {
+                let limit = (6.0 / (9 * cin) as f32).sqrt();
+                vgg16_cpu::vgg::ConvParams {
+                    w: rand4(&mut r, (3, 3, cin, cout), -limit, limit),
+                    b: rand1(&mut r, cout, -0.01, 0.05),
+                }
+            })
+            .collect(),
+    }
+}
+
+/// The committed sample (500 train / 100 test records).
+pub fn sample_dir() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/sample")
+}

@@ -1,0 +1,422 @@
+//! Training: the whole stage-2 gradient by finite differences, the cached
+//! path against recomputing blocks 1-4 (`--no-cache`), resume equality, and
+//! a small real run that learns.
+
+mod common;
+use common::*;
+use ndarray::{Array1, Array2, Array4};
+use rand::Rng;
+use vgg16_cpu::cache::{self, CacheKey, Dtype};
+use vgg16_cpu::data::cifar::{self, Split};
+use vgg16_cpu::model::*;
+use vgg16_cpu::tensor::ops::softmax_cross_entropy;
+use vgg16_cpu::train::{
+    self as tr, Cached, Features, Inputs, Live, StageConfig, State, TrainConfig,
+};
+use vgg16_cpu::vgg::ConvParams;
+
+// ------------------------------------------------------------ gradient
+
+struct Tiny {
+    x4: Array4<f32>,
+    convs: Vec<ConvParams>,
+    head: Head,
+    labels: Vec<u8>,
+}
+
+fn tiny(seed: u64, hidden: bool) -> Tiny {
+    let c = 6;
+    let mut r = rng(seed);
+    let x4 = rand4(&mut r, (3, 4, 4, c), -1.0, 1.0);
+    let convs = (0..3)
+        .map(|_| ConvParams {
+            w: rand4(&mut r, (3, 3, c, c), -0.4, 0.4),
+            b: rand1(&mut r, c, 0.0, 0.3),
+        })
+        .collect();
+    let dense = |r: &mut rand_chacha::ChaCha8Rng, i: usize, o: usize| Dense {
+        w: rand2(r, (i, o), -0.8, 0.8),
+        b: rand1(r, o, -0.2, 0.2),
+    };
+    let head = if hidden {
+        Head {
+            hidden: Some(dense(&mut r, c, 5)),
+            out: dense(&mut r, 5, 4),
+            dropout: 0.0,
+        }
+    } else {
+        Head {
+            hidden: None,
+            out: dense(&mut r, c, 4),
+            dropout: 0.0,
+        }
+    };
+    let labels = (0..3).map(|_| r.gen_range(0..4)).collect();
+    Tiny {
+        x4,
+        convs,
+        head,
+        labels,
+    }
+}
+
+/// The same network in f64 from the nested-loop references.
+fn ref_loss(
+    t: &Tiny,
+    convs: &[(Array4<f64>, Array1<f64>)],
+    head: &[(Array2<f64>, Array1<f64>)],
+) -> f64 {
+    let mut x = to64_4(t.x4.view());
+    for (w, b) in convs {
+        x = ref_conv(&x, w, Some(b), true);
+    }
+    let mut g = ref_gap(&ref_maxpool(&x));
+    for (i, (w, b)) in head.iter().enumerate() {
+        g = ref_dense(&g, w, b);
+        if i + 1 < head.len() {
+            g.mapv_inplace(|v| v.max(0.0));
+        }
+    }
+    ref_softmax_ce(&g, &t.labels)
+}
+
+/// Smallest |pre-activation| anywhere in the f64 network: perturbations of
+/// FD_EPS must not cross a ReLU kink.
+fn min_preact(t: &Tiny) -> f64 {
+    let mut x = to64_4(t.x4.view());
+    let mut m = f64::INFINITY;
+    for p in &t.convs {
+        let z = ref_conv(
+            &x,
+            &to64_4(p.w.view()),
+            Some(&p.b.mapv(|v| v as f64)),
+            false,
+        );
+        m = m.min(z.iter().fold(f64::INFINITY, |a, v| a.min(v.abs())));
+        x = z.mapv(|v| v.max(0.0));
+    }
+    m
+}
+
+#[test]
+fn stage2_gradient_matches_finite_differences() {
+    for hidden in [false, true] {
+        // Draw until no pre-activation sits within 1e-3 of a ReLU kink.
+        let t = (0..200u64)
+            .map(|s| tiny(1000 + s, hidden))
+            .find(|t| min_preact(t) > 1e-3)
+            .expect("a kink-free draw");
+        let (g, acts) = block5_forward(&t.convs, t.x4.clone());
+        let (logits, hacts) = head_forward(&t.head, g.view(), None);
+        let (_, dlogits) = softmax_cross_entropy(logits.view(), &t.labels);
+        let (dg, hg) = head_backward(&t.head, &hacts, dlogits.view());
+        let cg = block5_backward(&t.convs, &acts, dg.view());
+
+        let convs64: Vec<_> = t
+            .convs
+            .iter()
+            .map(|p| (to64_4(p.w.view()), p.b.mapv(|v| v as f64)))
+            .collect();
+        let mut dense: Vec<&Dense> = t.head.hidden.iter().collect();
+        dense.push(&t.head.out);
+        let head64: Vec<_> = dense
+            .iter()
+            .map(|d| (d.w.mapv(|v| v as f64), d.b.mapv(|v| v as f64)))
+            .collect();
+        let mut r = rng(7);
+        let eps = tol::FD_EPS;
+        for (l, grads) in cg.iter().enumerate() {
+            for _ in 0..12 {
+                let i = (
+                    r.gen_range(0..3),
+                    r.gen_range(0..3),
+                    r.gen_range(0..6),
+                    r.gen_range(0..6),
+                );
+                let f = |d: f64| {
+                    let mut c = convs64.clone();
+                    c[l].0[i] += d;
+                    ref_loss(&t, &c, &head64)
+                };
+                let num = (f(eps) - f(-eps)) / (2.0 * eps);
+                let e = grad_err(grads.dw[i] as f64, num);
+                assert!(
+                    e <= tol::GRAD_REL,
+                    "hidden={hidden} conv5_{} dW{i:?}: {} vs {num} ({e})",
+                    l + 1,
+                    grads.dw[i]
+                );
+                let j = r.gen_range(0..6);
+                let f = |d: f64| {
+                    let mut c = convs64.clone();
+                    c[l].1[j] += d;
+                    ref_loss(&t, &c, &head64)
+                };
+                let num = (f(eps) - f(-eps)) / (2.0 * eps);
+                assert!(
+                    grad_err(grads.db[j] as f64, num) <= tol::GRAD_REL,
+                    "conv5_{} db[{j}]: {} vs {num}",
+                    l + 1,
+                    grads.db[j]
+                );
+            }
+        }
+        let mut hgrads: Vec<&Dense> = hg.hidden.iter().collect();
+        hgrads.push(&hg.out);
+        for (l, d) in hgrads.iter().enumerate() {
+            for i in ndarray::indices(d.w.dim()) {
+                let f = |e: f64| {
+                    let mut h = head64.clone();
+                    h[l].0[i] += e;
+                    ref_loss(&t, &convs64, &h)
+                };
+                let num = (f(eps) - f(-eps)) / (2.0 * eps);
+                assert!(
+                    grad_err(d.w[i] as f64, num) <= tol::GRAD_REL,
+                    "dense {l} dW{i:?}: {} vs {num}",
+                    d.w[i]
+                );
+            }
+        }
+    }
+}
+
+// ------------------------------------------------------------ cached vs live, resume
+
+fn config(seed: u64) -> TrainConfig {
+    TrainConfig {
+        image_size: 32,
+        stage1: StageConfig {
+            lr: 0.001,
+            momentum: 0.0,
+            batch_size: 16,
+            epochs: 1,
+        },
+        stage2: StageConfig {
+            lr: 1e-4,
+            momentum: 0.9,
+            batch_size: 16,
+            epochs: 2,
+        },
+        hidden: None,
+        dropout: 0.0,
+        seed,
+        classes: 10,
+    }
+}
+
+fn rel(a: f64, b: f64) -> f64 {
+    (a - b).abs() / a.abs().max(b.abs()).max(1e-12)
+}
+
+#[test]
+fn cached_and_live_paths_give_the_same_numbers() {
+    let model = fake_vgg(3);
+    let src = cifar::locate(&sample_dir()).unwrap();
+    let train = cifar::load_split(&src, Split::Train).unwrap();
+    let test = cifar::load_split(&src, Split::Test).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let (n_train, n_test) = (48, 20);
+    let kt = CacheKey::new(&model.digest(), 32, &train, n_train, Dtype::F32);
+    let ke = CacheKey::new(&model.digest(), 32, &test, n_test, Dtype::F32);
+    let (ct, _) = cache::open_or_build(tmp.path(), &kt, &model, &train, 7).unwrap();
+    let (ce, _) = cache::open_or_build(tmp.path(), &ke, &model, &test, 7).unwrap();
+    let (cached_tr, cached_te) = (Cached(&ct), Cached(&ce));
+    let live_tr = Live {
+        model: &model,
+        data: &train,
+        size: 32,
+        records: n_train,
+    };
+    let live_te = Live {
+        model: &model,
+        data: &test,
+        size: 32,
+        records: n_test,
+    };
+
+    // Features: the same records in another batch make-up.
+    let idx = [5usize, 40, 3, 17, 0];
+    let (a, b) = (cached_tr.block4(&idx), live_tr.block4(&idx));
+    let e = rel_err(a.iter(), b.mapv(|v| v as f64).iter());
+    assert!(e <= 1e-5, "block4 cached vs live: {e}");
+    let (a, b) = (cached_tr.gap(&idx), live_tr.gap(&idx));
+    let e = rel_err(a.iter(), b.mapv(|v| v as f64).iter());
+    assert!(e <= 1e-5, "gap cached vs live: {e}");
+
+    // Training: losses of every epoch agree.
+    let cfg = config(11);
+    let tidx: Vec<usize> = (0..n_train).collect();
+    let eidx: Vec<usize> = (0..n_test).collect();
+    let run = |ftr: &dyn Features, fte: &dyn Features| {
+        let mut s = State::new(&model, &cfg);
+        let inputs = Inputs {
+            train: ftr,
+            train_idx: &tidx,
+            val: fte,
+            val_idx: &eidx,
+            test: None,
+        };
+        tr::run(&cfg, &inputs, &mut s, &mut |_| Ok(())).unwrap();
+        s
+    };
+    let sc = run(&cached_tr, &cached_te);
+    let sl = run(&live_tr, &live_te);
+    assert_eq!(sc.history.len(), 3);
+    for (a, b) in sc.history.iter().zip(&sl.history) {
+        for (x, y, what) in [
+            (a.train_loss, b.train_loss, "train_loss"),
+            (a.val_loss, b.val_loss, "val_loss"),
+        ] {
+            assert!(
+                x.is_finite() && rel(x, y) <= 1e-5,
+                "stage {} epoch {} {what}: cached {x} vs live {y}",
+                a.stage,
+                a.epoch
+            );
+        }
+    }
+    // The cache must actually have changed something: stage 2 moved block5.
+    assert_ne!(sc.block5[2].w, model.convs[12].w);
+}
+
+#[test]
+fn resumed_run_ends_with_the_same_numbers() {
+    let model = fake_vgg(4);
+    let src = cifar::locate(&sample_dir()).unwrap();
+    let train = cifar::load_split(&src, Split::Train).unwrap();
+    let test = cifar::load_split(&src, Split::Test).unwrap();
+    let live_tr = Live {
+        model: &model,
+        data: &train,
+        size: 32,
+        records: 40,
+    };
+    let live_te = Live {
+        model: &model,
+        data: &test,
+        size: 32,
+        records: 10,
+    };
+    let mut cfg = config(5);
+    cfg.hidden = Some(16);
+    cfg.dropout = 0.25;
+    let tidx: Vec<usize> = (0..40).collect();
+    let eidx: Vec<usize> = (0..10).collect();
+    let inputs = Inputs {
+        train: &live_tr,
+        train_idx: &tidx,
+        val: &live_te,
+        val_idx: &eidx,
+        test: None,
+    };
+
+    let mut whole = State::new(&model, &cfg);
+    tr::run(&cfg, &inputs, &mut whole, &mut |_| Ok(())).unwrap();
+
+    // Interrupted after stage 2's first epoch (checkpoint 4: s1e1, s1 end,
+    // s2e1), then resumed from the files.
+    let dir = tempfile::tempdir().unwrap();
+    let mut first = State::new(&model, &cfg);
+    let mut calls = 0;
+    let r = tr::run(&cfg, &inputs, &mut first, &mut |s| {
+        tr::save_checkpoint(dir.path(), &cfg, s)?;
+        calls += 1;
+        if calls == 3 {
+            anyhow::bail!("simulated interruption");
+        }
+        Ok(())
+    });
+    assert!(r.is_err());
+    let (cfg2, mut resumed) = tr::load_checkpoint(dir.path()).unwrap();
+    assert_eq!(cfg2, cfg);
+    assert_eq!((resumed.stage, resumed.epochs_done), (2, 1));
+    tr::run(&cfg2, &inputs, &mut resumed, &mut |_| Ok(())).unwrap();
+
+    let strip = |s: &State| {
+        s.history
+            .iter()
+            .map(|r| {
+                (
+                    r.stage,
+                    r.epoch,
+                    r.train_loss,
+                    r.train_accuracy,
+                    r.val_loss,
+                    r.val_accuracy,
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(strip(&whole), strip(&resumed));
+    for (a, b) in whole.block5.iter().zip(&resumed.block5) {
+        assert_eq!(a.w, b.w);
+        assert_eq!(a.b, b.b);
+    }
+    assert_eq!(whole.head.out.w, resumed.head.out.w);
+}
+
+/// A small real run: the sample (500 training images) at 32 px with the
+/// ImageNet weights learns well above chance (10%).
+#[test]
+fn small_real_run_learns() {
+    let Some(shared) = shared_or_skip("small_real_run_learns") else {
+        return;
+    };
+    let model =
+        vgg16_cpu::vgg::Vgg16::load_npz(&shared.join("weights/vgg16_imagenet_notop.npz")).unwrap();
+    let src = cifar::locate(&sample_dir()).unwrap();
+    let train = cifar::load_split(&src, Split::Train).unwrap();
+    let test = cifar::load_split(&src, Split::Test).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let kt = CacheKey::new(&model.digest(), 32, &train, 500, Dtype::F16);
+    let ke = CacheKey::new(&model.digest(), 32, &test, 100, Dtype::F16);
+    let (ct, _) = cache::open_or_build(tmp.path(), &kt, &model, &train, 64).unwrap();
+    let (ce, _) = cache::open_or_build(tmp.path(), &ke, &model, &test, 64).unwrap();
+    let mut cfg = config(1);
+    cfg.stage1 = StageConfig {
+        lr: 0.01,
+        momentum: 0.0,
+        batch_size: 32,
+        epochs: 2,
+    };
+    cfg.stage2 = StageConfig {
+        lr: 1e-4,
+        momentum: 0.9,
+        batch_size: 64,
+        epochs: 3,
+    };
+    let tidx: Vec<usize> = (0..500).collect();
+    let eidx: Vec<usize> = (0..100).collect();
+    let inputs = Inputs {
+        train: &Cached(&ct),
+        train_idx: &tidx,
+        val: &Cached(&ce),
+        val_idx: &eidx,
+        test: None,
+    };
+    let mut s = State::new(&model, &cfg);
+    tr::run(&cfg, &inputs, &mut s, &mut |_| Ok(())).unwrap();
+    let s1 = &s.stage_results[0];
+    let s2 = &s.stage_results[1];
+    eprintln!(
+        "sample run: stage 1 test acc {:.3}, stage 2 test acc {:.3}",
+        s1.test_accuracy, s2.test_accuracy
+    );
+    assert!(
+        s1.test_accuracy >= 0.2,
+        "stage 1 test accuracy {} is not clearly above chance",
+        s1.test_accuracy
+    );
+    assert!(
+        s2.test_accuracy >= 0.2,
+        "stage 2 test accuracy {} is not clearly above chance",
+        s2.test_accuracy
+    );
+    let last = s.history.last().unwrap();
+    assert!(
+        last.train_accuracy > 0.5,
+        "stage 2 does not fit the training set: {}",
+        last.train_accuracy
+    );
+}
