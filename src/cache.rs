@@ -28,6 +28,7 @@ use crate::vgg::{layer_index, Vgg16, LAYERS};
 use anyhow::{bail, Context, Result};
 use half::f16;
 use ndarray::{Array2, Array4};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::fs::{File, OpenOptions};
@@ -532,23 +533,26 @@ impl Cache {
         let mut out = Array4::<f32>::zeros((idx.len(), side, side, 512));
         let dst = out.as_slice_mut().expect("fresh");
         let eb = self.meta.key.dtype.bytes();
-        for (j, &i) in idx.iter().enumerate() {
-            let src = &self.block4
-                [self.block4_offset + i * per * eb..self.block4_offset + (i + 1) * per * eb];
-            let d = &mut dst[j * per..(j + 1) * per];
-            match self.meta.key.dtype {
-                Dtype::F32 => {
-                    for (o, b) in d.iter_mut().zip(src.chunks_exact(4)) {
-                        *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        let dtype = self.meta.key.dtype;
+        let map = &self.block4[..];
+        let off = self.block4_offset;
+        dst.par_chunks_mut(per)
+            .zip(idx.par_iter())
+            .for_each(|(d, &i)| {
+                let src = &map[off + i * per * eb..off + (i + 1) * per * eb];
+                match dtype {
+                    Dtype::F32 => {
+                        for (o, b) in d.iter_mut().zip(src.chunks_exact(4)) {
+                            *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                        }
+                    }
+                    Dtype::F16 => {
+                        for (o, b) in d.iter_mut().zip(src.chunks_exact(2)) {
+                            *o = f16::from_le_bytes([b[0], b[1]]).to_f32();
+                        }
                     }
                 }
-                Dtype::F16 => {
-                    for (o, b) in d.iter_mut().zip(src.chunks_exact(2)) {
-                        *o = f16::from_le_bytes([b[0], b[1]]).to_f32();
-                    }
-                }
-            }
-        }
+            });
         out
     }
 

@@ -8,11 +8,14 @@ pub mod bench;
 pub mod cache;
 pub mod data;
 pub mod extract;
+pub mod metrics;
 pub mod model;
 pub mod npy;
 pub mod onnx_import;
 pub mod optim;
 pub mod progress;
+pub mod report;
+pub mod saved;
 pub mod summary;
 pub mod tensor;
 pub mod train;
@@ -34,6 +37,9 @@ pub fn atomic_write(
     std::fs::create_dir_all(dir)?;
     let mut tmp = tempfile::Builder::new().prefix(".tmp-").tempfile_in(dir)?;
     write(tmp.as_file_mut())?;
+    // Temporary files are created 0600; the result is an ordinary file.
+    tmp.as_file()
+        .set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
     tmp.as_file().sync_all()?;
     tmp.persist(path).map_err(|e| e.error)?;
     Ok(())

@@ -56,6 +56,10 @@ enum Command {
     Extract(ExtractArgs),
     /// The two-stage transfer-learning recipe (head, then block5 + head).
     Train(Box<TrainArgs>),
+    /// Accuracy, loss, per-class report and confusion matrix of a saved model.
+    Evaluate(EvaluateArgs),
+    /// Classify image files (PNG, JPEG, BMP) with a saved model.
+    Predict(PredictArgs),
     /// Activation caches: list or remove them.
     Cache {
         #[command(subcommand)]
@@ -206,6 +210,59 @@ struct TrainArgs {
     forward_batch_size: usize,
 }
 
+#[derive(Args)]
+struct EvaluateArgs {
+    /// A model.npz, or a run directory (meaning its model.npz).
+    #[arg(long)]
+    model: PathBuf,
+    /// CIFAR-10: the archive, or a directory holding it or cifar-10-batches-bin/.
+    #[arg(long, default_value = DEFAULT_DATA)]
+    data: PathBuf,
+    /// train or test.
+    #[arg(long, default_value = "test")]
+    split: String,
+    /// Evaluate the first N records of the split.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Print one JSON object instead of the text report.
+    #[arg(long)]
+    json: bool,
+    /// Write confusion_matrix.png into DIR.
+    #[arg(long)]
+    plots: Option<PathBuf>,
+    /// Where to look for a matching activation cache.
+    #[arg(long, default_value = DEFAULT_CACHE)]
+    cache_dir: PathBuf,
+    /// Images per forward batch.
+    #[arg(long, default_value_t = 64)]
+    batch_size: usize,
+    /// Worker threads (default: every core).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+#[derive(Args)]
+struct PredictArgs {
+    /// A model.npz, or a run directory (meaning its model.npz).
+    #[arg(long)]
+    model: PathBuf,
+    /// Image files.
+    #[arg(required = true)]
+    images: Vec<PathBuf>,
+    /// How many classes to show per image.
+    #[arg(long, default_value_t = 3)]
+    top_k: usize,
+    /// One JSON object per image, one a line.
+    #[arg(long)]
+    json: bool,
+    /// Images per forward batch.
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    /// Worker threads (default: every core).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
 #[derive(Subcommand)]
 enum CacheWhat {
     /// List caches: key, size, complete or not.
@@ -300,6 +357,8 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Extract(args) => with_threads(args.threads, || extract(&args)),
         Command::Train(args) => with_threads(args.threads, || train(&args)),
+        Command::Evaluate(args) => with_threads(args.threads, || evaluate(&args)),
+        Command::Predict(args) => with_threads(args.threads, || predict(&args)),
         Command::Cache {
             what: CacheWhat::Ls { cache_dir },
         } => cache_ls(&cache_dir),
@@ -672,9 +731,41 @@ fn train(args: &TrainArgs) -> Result<()> {
     let run_dir = tr::RunDir { dir: &out };
     let cfg2 = cfg.clone();
     let out2 = out.clone();
+    let class_names = train_ds.class_names.clone();
+    let model_meta = |s: &State, stage: u8| vgg16_cpu::saved::ModelMeta {
+        format: vgg16_cpu::saved::FORMAT.into(),
+        format_version: vgg16_cpu::saved::FORMAT_VERSION,
+        stage,
+        image_size: cfg.image_size,
+        preprocessing: vgg16_cpu::data::image::PREPROCESSING.into(),
+        class_names: class_names.clone(),
+        base_weights_digest: digest.clone(),
+        hidden: cfg.hidden,
+        history: s.history.clone(),
+        config: Some(cfg.clone()),
+    };
     let mut on_epoch = |s: &State| -> Result<()> {
         tr::save_checkpoint(&out2, &cfg2, s)?;
-        run_dir.write_history(&s.history)
+        run_dir.write_history(&s.history)?;
+        // A stage just ended: save its model.
+        if let Some(r) = s.stage_results.last() {
+            let file = if r.stage == 1 {
+                "model_stage1.npz"
+            } else {
+                "model.npz"
+            };
+            let p = out2.join(file);
+            if !p.exists() || r.stage == 2 {
+                let m = vgg16_cpu::saved::SavedModel::new(
+                    &model,
+                    &s.block5,
+                    &s.head,
+                    model_meta(s, r.stage),
+                );
+                m.save(&p)?;
+            }
+        }
+        Ok(())
     };
     tr::run(&cfg, &inputs, &mut state, &mut on_epoch)?;
     let total_seconds = t_start.elapsed().as_secs_f64();
@@ -690,25 +781,206 @@ fn train(args: &TrainArgs) -> Result<()> {
         "cached": !args.no_cache,
         "config": cfg,
     });
-    let mp = out.join("metrics.json");
-    vgg16_cpu::atomic_write(&mp, |f| {
-        std::io::Write::write_all(f, serde_json::to_string_pretty(&metrics)?.as_bytes())
-    })
-    .with_context(|| format!("cannot write {}", mp.display()))?;
-    eprintln!("\n| | test accuracy | test loss | epochs | wall time (s) | train img/s |");
-    eprintln!("| --- | --- | --- | --- | --- | --- |");
-    eprintln!("| cache build | | | | {cache_seconds:.1} | |");
-    for r in &state.stage_results {
-        eprintln!(
-            "| stage {} | {:.4} | {:.4} | {} | {:.1} | {:.0} |",
-            r.stage, r.test_accuracy, r.test_loss, r.epochs, r.seconds, r.images_per_second
+    write_text(
+        &out.join("metrics.json"),
+        &serde_json::to_string_pretty(&metrics)?,
+    )?;
+    // The recipe's last steps: curves, confusion matrix, stage comparison.
+    vgg16_cpu::report::plot_history(&state.history, &out.join("history.png"))?;
+    if let Some((st, logits)) = state.test_logits.last() {
+        let y = &test_ds.labels[..n_test];
+        let rep = vgg16_cpu::metrics::report(logits, y, &test_ds.class_names);
+        write_text(&out.join("test_report.txt"), &rep.text())?;
+        write_text(
+            &out.join("test_report.json"),
+            &serde_json::to_string_pretty(&rep)?,
+        )?;
+        let title = format!(
+            "confusion matrix: stage {st}, {n_test} test images, accuracy {:.2}%",
+            100.0 * rep.accuracy
         );
+        vgg16_cpu::report::plot_confusion(
+            &rep.confusion_matrix,
+            &test_ds.class_names,
+            &title,
+            &out.join("confusion_matrix.png"),
+        )?;
+        eprintln!("\n{}", rep.text());
     }
+    let (md, js) = vgg16_cpu::report::comparison(
+        cache_seconds,
+        !args.no_cache,
+        &state.stage_results,
+        total_seconds,
+    );
+    write_text(&out.join("comparison.md"), &md)?;
+    write_text(
+        &out.join("comparison.json"),
+        &serde_json::to_string_pretty(&js)?,
+    )?;
+    eprintln!("{md}");
     eprintln!(
-        "total {total_seconds:.1} s; run directory {}",
+        "run directory {}: model.npz, model_stage1.npz, history.csv, history.png, confusion_matrix.png, metrics.json, comparison.md",
         out.display()
     );
     Ok(())
+}
+
+fn evaluate(args: &EvaluateArgs) -> Result<()> {
+    use vgg16_cpu::cache::{self, CacheKey, Dtype};
+    use vgg16_cpu::model::{block5_features, head_forward};
+    let t0 = std::time::Instant::now();
+    let model = vgg16_cpu::saved::SavedModel::load(&args.model)?;
+    let split = Split::parse(&args.split)
+        .with_context(|| format!("--split '{}': expected train or test", args.split))?;
+    if args.batch_size == 0 {
+        bail!("--batch-size must be at least 1");
+    }
+    let source = open_data(&args.data)?;
+    let data = cifar::load_split(&source, split)?;
+    let n = args.limit.unwrap_or(data.len()).min(data.len());
+    let size = model.meta.image_size;
+    let idx: Vec<usize> = (0..n).collect();
+    // A cache of blocks 1-4 made from the same base weights, size and data
+    // serves; then only block5 and the head run.
+    let found = [Dtype::F32, Dtype::F16].into_iter().find_map(|dt| {
+        let key = CacheKey::new(&model.meta.base_weights_digest, size, &data, n, dt);
+        let dir = cache::find(&args.cache_dir, &key)?;
+        cache::open(&dir, &data).ok().flatten()
+    });
+    let mut logits = Array2::<f32>::zeros((n, model.meta.class_names.len()));
+    let how = if let Some(c) = &found {
+        for (bi, chunk) in idx.chunks(args.batch_size).enumerate() {
+            let g = block5_features(model.block5(), c.block4(chunk).view());
+            let (l, _) = head_forward(&model.head, g.view(), None);
+            logits
+                .slice_mut(ndarray::s![
+                    bi * args.batch_size..bi * args.batch_size + chunk.len(),
+                    ..
+                ])
+                .assign(&l);
+        }
+        format!("cache hit ({}): block5 and head only", c.dir.display())
+    } else {
+        let mut progress = vgg16_cpu::progress::Progress::new("evaluate", n as u64, "img");
+        for (bi, chunk) in idx.chunks(args.batch_size).enumerate() {
+            let recs: Vec<&[u8]> = chunk.iter().map(|&i| data.image(i)).collect();
+            let x = vgg16_cpu::data::image::preprocess_batch(&recs, size);
+            let x4 = model
+                .base
+                .forward_range(x, 0..vgg16_cpu::vgg::BLOCK5_START, &mut |_, _| {});
+            let g = block5_features(model.block5(), x4.view());
+            let (l, _) = head_forward(&model.head, g.view(), None);
+            logits
+                .slice_mut(ndarray::s![
+                    bi * args.batch_size..bi * args.batch_size + chunk.len(),
+                    ..
+                ])
+                .assign(&l);
+            progress.inc(chunk.len() as u64, "");
+        }
+        progress.finish();
+        "no matching cache: full network".to_string()
+    };
+    let secs = t0.elapsed().as_secs_f64();
+    let rep = vgg16_cpu::metrics::report(&logits, &data.labels[..n], &model.meta.class_names);
+    if let Some(dir) = &args.plots {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let title = format!(
+            "confusion matrix: {} images of {}, accuracy {:.2}%",
+            n,
+            split.name(),
+            100.0 * rep.accuracy
+        );
+        vgg16_cpu::report::plot_confusion(
+            &rep.confusion_matrix,
+            &model.meta.class_names,
+            &title,
+            &dir.join("confusion_matrix.png"),
+        )?;
+    }
+    if args.json {
+        let mut v = serde_json::to_value(&rep)?;
+        v["split"] = json!(split.name());
+        v["model"] = json!(vgg16_cpu::saved::resolve(&args.model));
+        v["seconds"] = json!(secs);
+        v["images_per_second"] = json!(n as f64 / secs);
+        println!("{v}");
+    } else {
+        println!(
+            "{} on {} {} records ({how}; {:.1} s, {:.0} img/s)\n",
+            vgg16_cpu::saved::resolve(&args.model).display(),
+            n,
+            split.name(),
+            secs,
+            n as f64 / secs
+        );
+        print!("{}", rep.text());
+    }
+    eprintln!(
+        "evaluate: {n} images in {secs:.1} s ({:.0} img/s), {how}",
+        n as f64 / secs
+    );
+    Ok(())
+}
+
+fn predict(args: &PredictArgs) -> Result<()> {
+    use vgg16_cpu::model::{block5_features, head_forward};
+    let model = vgg16_cpu::saved::SavedModel::load(&args.model)?;
+    let size = model.meta.image_size;
+    let names = &model.meta.class_names;
+    let k = args.top_k.clamp(1, names.len());
+    let mut failed = 0;
+    let mut ok: Vec<(PathBuf, Vec<u8>)> = Vec::new();
+    for p in &args.images {
+        match vgg16_cpu::data::image::load_as_cifar(p) {
+            Ok(rec) => ok.push((p.clone(), rec)),
+            Err(e) => {
+                failed += 1;
+                eprintln!("error: {e:#}");
+            }
+        }
+    }
+    for batch in ok.chunks(args.batch_size.max(1)) {
+        let recs: Vec<&[u8]> = batch.iter().map(|(_, r)| r.as_slice()).collect();
+        let x = vgg16_cpu::data::image::preprocess_batch(&recs, size);
+        let x4 = model
+            .base
+            .forward_range(x, 0..vgg16_cpu::vgg::BLOCK5_START, &mut |_, _| {});
+        let g = block5_features(model.block5(), x4.view());
+        let (logits, _) = head_forward(&model.head, g.view(), None);
+        let probs = vgg16_cpu::tensor::ops::softmax(logits.view());
+        for ((path, _), p) in batch.iter().zip(probs.rows()) {
+            let mut order: Vec<usize> = (0..names.len()).collect();
+            order.sort_by(|&a, &b| p[b].total_cmp(&p[a]));
+            let top: Vec<(String, f32)> = order[..k]
+                .iter()
+                .map(|&c| (names[c].clone(), p[c]))
+                .collect();
+            if args.json {
+                let t: Vec<_> = top
+                    .iter()
+                    .map(|(n, q)| json!({"class": n, "probability": q}))
+                    .collect();
+                println!("{}", json!({"file": path, "top": t}));
+            } else {
+                let t: Vec<String> = top
+                    .iter()
+                    .map(|(n, q)| format!("{n} {:.1}%", 100.0 * q))
+                    .collect();
+                println!("{}: {}", path.display(), t.join(", "));
+            }
+        }
+    }
+    if failed > 0 {
+        bail!("{failed} of {} images could not be read", args.images.len());
+    }
+    Ok(())
+}
+
+fn write_text(path: &Path, text: &str) -> Result<()> {
+    vgg16_cpu::atomic_write(path, |f| std::io::Write::write_all(f, text.as_bytes()))
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 fn cache_ls(dir: &Path) -> Result<()> {

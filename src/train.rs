@@ -129,6 +129,11 @@ pub struct State {
     pub history: Vec<EpochRecord>,
     /// Test metrics at the end of each finished stage.
     pub stage_results: Vec<StageResult>,
+    /// Test logits at the end of each stage finished in this process (for
+    /// the confusion matrix; not checkpointed).
+    pub test_logits: Vec<(u8, Array2<f32>)>,
+    /// Logits of the latest validation pass (not checkpointed).
+    pub last_val_logits: Option<Array2<f32>>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -165,6 +170,8 @@ impl State {
             epochs_done: 0,
             history: vec![],
             stage_results: vec![],
+            test_logits: vec![],
+            last_val_logits: None,
         }
     }
 }
@@ -215,7 +222,15 @@ pub fn evaluate_stage2(
     (l, a, logits_all)
 }
 
-fn loss_acc(logits: &Array2<f32>, labels: &[u8], idx: &[usize]) -> (f64, f64) {
+fn evaluate(state: &State, stage: u8, f: &dyn Features, idx: &[usize]) -> (f64, f64, Array2<f32>) {
+    if stage == 1 {
+        evaluate_stage1(&state.head, f, idx, 256)
+    } else {
+        evaluate_stage2(&state.block5, &state.head, f, idx, 64)
+    }
+}
+
+pub fn loss_acc(logits: &Array2<f32>, labels: &[u8], idx: &[usize]) -> (f64, f64) {
     let y: Vec<u8> = idx.iter().map(|&i| labels[i]).collect();
     let losses = cross_entropy_per_sample(logits.view(), &y);
     let correct = logits
@@ -308,7 +323,6 @@ pub fn run(
             state.v_block5 = zeros_like_convs(&state.block5);
             state.v_head = state.head.zeros_like();
         }
-        let stage_start = Instant::now();
         let mut stage_images = 0usize;
         let mut stage_train_secs = 0.0;
         while state.epochs_done < sc.epochs {
@@ -318,12 +332,9 @@ pub fn run(
             let train_secs = t0.elapsed().as_secs_f64();
             let (vl, va) = if inputs.val_idx.is_empty() {
                 (f64::NAN, f64::NAN)
-            } else if stage == 1 {
-                let (l, a, _) = evaluate_stage1(&state.head, inputs.val, inputs.val_idx, 256);
-                (l, a)
             } else {
-                let (l, a, _) =
-                    evaluate_stage2(&state.block5, &state.head, inputs.val, inputs.val_idx, 64);
+                let (l, a, logits) = evaluate(state, stage, inputs.val, inputs.val_idx);
+                state.last_val_logits = Some(logits);
                 (l, a)
             };
             let secs = t0.elapsed().as_secs_f64();
@@ -348,29 +359,24 @@ pub fn run(
             on_epoch(state)?;
         }
         if state.stage_results.iter().all(|r| r.stage != stage) {
-            let (tl, ta) = match inputs.test {
-                Some((f, idx)) if stage == 1 => {
-                    let (l, a, _) = evaluate_stage1(&state.head, f, idx, 256);
-                    (l, a)
-                }
-                Some((f, idx)) => {
-                    let (l, a, _) = evaluate_stage2(&state.block5, &state.head, f, idx, 64);
-                    (l, a)
-                }
-                None => state
-                    .history
-                    .iter()
-                    .rev()
-                    .find(|r| r.stage == stage)
-                    .map_or((f64::NAN, f64::NAN), |r| (r.val_loss, r.val_accuracy)),
+            // The validation set is the test split unless `test` is given;
+            // then its last pass already holds the test metrics.
+            let (f, idx) = inputs.test.unwrap_or((inputs.val, inputs.val_idx));
+            let reuse = inputs.test.is_none() && state.last_val_logits.is_some();
+            let (tl, ta, logits) = if reuse {
+                let logits = state.last_val_logits.take().expect("checked");
+                let (l, a) = loss_acc(&logits, f.labels(), idx);
+                (l, a, logits)
+            } else {
+                evaluate(state, stage, f, idx)
             };
+            state.test_logits.push((stage, logits));
             let secs: f64 = state
                 .history
                 .iter()
                 .filter(|r| r.stage == stage)
                 .map(|r| r.seconds)
                 .sum();
-            let _ = stage_start;
             state.stage_results.push(StageResult {
                 stage,
                 test_loss: tl,
@@ -629,6 +635,8 @@ pub fn load_checkpoint(dir: &Path) -> Result<(TrainConfig, State)> {
         epochs_done: meta.epochs_done,
         history: meta.history,
         stage_results: meta.stage_results,
+        test_logits: vec![],
+        last_val_logits: None,
     };
     Ok((cfg, state))
 }

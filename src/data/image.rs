@@ -101,3 +101,28 @@ pub fn preprocess_batch(records: &[&[u8]], size: usize) -> Array4<f32> {
         });
     out
 }
+
+/// Reads any PNG, JPEG or BMP and makes it a CIFAR-like record: RGB,
+/// resized to 32x32 (image's triangle filter, which averages when
+/// shrinking), as 3,072 planar bytes. The model then resizes 32 -> S like
+/// its training images, so photos go through the same pipeline as CIFAR.
+pub fn load_as_cifar(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
+    use anyhow::Context;
+    let img = image::ImageReader::open(path)
+        .with_context(|| format!("{}: cannot open", path.display()))?
+        .with_guessed_format()
+        .with_context(|| format!("{}: cannot read", path.display()))?
+        .decode()
+        .with_context(|| format!("{}: not a readable PNG, JPEG or BMP image", path.display()))?
+        .to_rgb8();
+    let side = crate::data::cifar::SIDE as u32;
+    let small = image::imageops::resize(&img, side, side, image::imageops::FilterType::Triangle);
+    let plane = (side * side) as usize;
+    let mut out = vec![0u8; 3 * plane];
+    for (i, px) in small.pixels().enumerate() {
+        out[i] = px[0];
+        out[plane + i] = px[1];
+        out[2 * plane + i] = px[2];
+    }
+    Ok(out)
+}

@@ -185,7 +185,15 @@ pub fn conv3x3_forward_into(
     let bias = bias.map(|b| b.to_owned());
     if let Some(classes) = tap_classes(h, wd) {
         let b = bias.as_ref().map(|b| b.as_slice().expect("owned"));
-        conv_small_into(xs, (n, h, wd, cin), w2, b, relu, &classes, out);
+        conv_small_into(
+            xs,
+            (n, h, wd, cin),
+            Kernel::Forward(w2),
+            b,
+            relu,
+            &classes,
+            out,
+        );
         return;
     }
 
@@ -315,17 +323,37 @@ fn class_col(
     col
 }
 
+/// The kernel a small-image conv multiplies by.
+#[derive(Clone, Copy)]
+enum Kernel<'a> {
+    /// The layer's own (9*Cin, Cout).
+    Forward(ArrayView2<'a, f32>),
+    /// The transposed convolution of a layer with this (9*Cout', Cin')
+    /// kernel (for dX): tap (ky, kx) uses W[2-ky, 2-kx]^T, read through a
+    /// transposed view, so no flipped copy of the kernel is ever made.
+    Transposed(ArrayView2<'a, f32>),
+}
+
+impl Kernel<'_> {
+    fn cout(&self) -> usize {
+        match self {
+            Kernel::Forward(w2) => w2.ncols(),
+            Kernel::Transposed(w2) => w2.nrows() / 9,
+        }
+    }
+}
+
 fn conv_small_into(
     xs: &[f32],
     dims: (usize, usize, usize, usize),
-    w2: ArrayView2<f32>,
+    kernel: Kernel,
     bias: Option<&[f32]>,
     relu: bool,
     classes: &[TapClass],
     mut out: ArrayViewMut2<f32>,
 ) {
     let (n, h, w, cin) = dims;
-    let cout = w2.ncols();
+    let cout = kernel.cout();
     // Jobs: (class, output-channel slice); enough of them for the pool.
     let parts = TARGET_JOBS
         .div_ceil(classes.len())
@@ -346,16 +374,40 @@ fn conv_small_into(
             let col = ArrayView2::from_shape((pixels[ci].len(), k), &col).expect("sized");
             let mut res = Array2::<f32>::zeros((pixels[ci].len(), cols));
             let run = c.kx.len() * cin;
-            for (j, ky) in c.ky.clone().enumerate() {
-                let r0 = (ky * 3 + c.kx.start) * cin;
-                // (P, cols) += (P, |kx|*Cin) x (|kx|*Cin, cols)
-                sgemm_serial(
-                    Backend::DEFAULT,
-                    col.slice(s![.., j * run..(j + 1) * run]),
-                    w2.slice(s![r0..r0 + run, c0..c0 + cols]),
-                    res.view_mut(),
-                    j > 0,
-                );
+            match kernel {
+                Kernel::Forward(w2) => {
+                    for (j, ky) in c.ky.clone().enumerate() {
+                        let r0 = (ky * 3 + c.kx.start) * cin;
+                        // (P, cols) += (P, |kx|*Cin) x (|kx|*Cin, cols)
+                        sgemm_serial(
+                            Backend::DEFAULT,
+                            col.slice(s![.., j * run..(j + 1) * run]),
+                            w2.slice(s![r0..r0 + run, c0..c0 + cols]),
+                            res.view_mut(),
+                            j > 0,
+                        );
+                    }
+                }
+                Kernel::Transposed(w2) => {
+                    let mut first = true;
+                    for (j, ky) in c.ky.clone().enumerate() {
+                        for (t, kx) in c.kx.clone().enumerate() {
+                            // Tap (ky, kx) of the flipped kernel is the
+                            // layer's tap (2-ky, 2-kx), transposed:
+                            // (P, cols) += (P, Cin) x (Cin, cols).
+                            let r0 = ((2 - ky) * 3 + (2 - kx)) * cout;
+                            let a0 = j * run + t * cin;
+                            sgemm_serial(
+                                Backend::DEFAULT,
+                                col.slice(s![.., a0..a0 + cin]),
+                                w2.slice(s![r0 + c0..r0 + c0 + cols, ..]).t(),
+                                res.view_mut(),
+                                !first,
+                            );
+                            first = false;
+                        }
+                    }
+                }
             }
             res
         })
@@ -531,9 +583,35 @@ pub fn conv3x3_backward(
         .expect("contiguous");
 
     let db = column_sums(dz2);
-    let dx = need_dx.then(|| {
-        let wt = flip_kernel(w);
-        conv3x3_forward(dz_std.view(), wt.view(), None, false)
+    let dx = need_dx.then(|| match &small {
+        // Small images: the transposed conv reads W through transposed views.
+        Some(classes) => {
+            let w = w.as_standard_layout();
+            let w2 = w
+                .view()
+                .into_shape_with_order((k, cout))
+                .expect("standard layout");
+            let mut dx = Array4::<f32>::zeros((n, h, wd, cin));
+            let out = dx
+                .view_mut()
+                .into_shape_with_order((m, cin))
+                .expect("fresh array is contiguous");
+            let dzs = dz_std.as_slice().expect("standard layout");
+            conv_small_into(
+                dzs,
+                (n, h, wd, cout),
+                Kernel::Transposed(w2),
+                None,
+                false,
+                classes,
+                out,
+            );
+            dx
+        }
+        None => {
+            let wt = flip_kernel(w);
+            conv3x3_forward(dz_std.view(), wt.view(), None, false)
+        }
     });
     ConvGrads { dw, db, dx }
 }
