@@ -62,9 +62,11 @@ impl Progress {
         } else {
             self.done as f64 / self.total as f64
         };
-        if frac - self.last_frac >= 0.1
-            || self.last_log.elapsed() >= Duration::from_secs(10)
-            || self.done == self.total
+        // Short jobs log nothing but their end (callers print a summary);
+        // long ones every 25% and at least every 10 s.
+        let long = self.start.elapsed() >= Duration::from_secs(2);
+        if self.last_log.elapsed() >= Duration::from_secs(10)
+            || (long && (frac - self.last_frac >= 0.25 || self.done == self.total))
         {
             self.last_frac = frac;
             self.last_log = Instant::now();
