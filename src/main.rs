@@ -154,15 +154,15 @@ struct TrainArgs {
     #[arg(long, default_value_t = 224)]
     image_size: usize,
     #[arg(long, default_value_t = 0.01)]
-    stage1_lr: f32,
+    stage1_lr: f64,
     #[arg(long, default_value_t = 32)]
     stage1_batch_size: usize,
     #[arg(long, default_value_t = 2)]
     stage1_epochs: usize,
     #[arg(long, default_value_t = 1e-4)]
-    stage2_lr: f32,
+    stage2_lr: f64,
     #[arg(long, default_value_t = 0.9)]
-    stage2_momentum: f32,
+    stage2_momentum: f64,
     #[arg(long, default_value_t = 64)]
     stage2_batch_size: usize,
     #[arg(long, default_value_t = 5)]

@@ -82,8 +82,8 @@ impl Features for Live<'_> {
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
 pub struct StageConfig {
-    pub lr: f32,
-    pub momentum: f32,
+    pub lr: f64,
+    pub momentum: f64,
     pub batch_size: usize,
     pub epochs: usize,
 }
@@ -442,15 +442,15 @@ fn train_epoch(
                     p.w.as_slice_mut().expect("owned"),
                     v.w.as_slice_mut().expect("owned"),
                     g.dw.as_slice().expect("owned"),
-                    sc.lr,
-                    sc.momentum,
+                    sc.lr as f32,
+                    sc.momentum as f32,
                 );
                 sgd_momentum_step(
                     p.b.as_slice_mut().expect("owned"),
                     v.b.as_slice_mut().expect("owned"),
                     g.db.as_slice().expect("owned"),
-                    sc.lr,
-                    sc.momentum,
+                    sc.lr as f32,
+                    sc.momentum as f32,
                 );
             }
             (loss, logits)
@@ -489,7 +489,7 @@ fn step_head(head: &mut Head, v: &mut Head, g: &Head, sc: &StageConfig) {
         .map(|(_, s, _)| s.to_vec())
         .collect();
     for ((w, vv), gg) in head.tensors_mut().into_iter().zip(v.tensors_mut()).zip(&gs) {
-        sgd_momentum_step(w, vv, gg, sc.lr, sc.momentum);
+        sgd_momentum_step(w, vv, gg, sc.lr as f32, sc.momentum as f32);
     }
 }
 
