@@ -26,9 +26,7 @@ fn forward(c: &mut Criterion) {
             let x = filled((batch, hw, hw, cin), 0.05);
             let w = filled((3, 3, cin, cout), 0.01);
             let b = ndarray::Array1::<f32>::zeros(cout);
-            group.throughput(Throughput::Elements(
-                forward_flops(batch, hw, hw, cin, cout) as u64,
-            ));
+            group.throughput(Throughput::Elements(forward_flops(batch, hw, hw, cin, cout) as u64));
             group.bench_function(format!("{size}_b{batch}/{name}"), |bch| {
                 bch.iter(|| conv3x3_forward(x.view(), w.view(), Some(b.view()), true))
             });
@@ -48,9 +46,7 @@ fn backward(c: &mut Criterion) {
     let w = filled((3, 3, ch, ch), 0.01);
     let dz = filled((batch, hw, hw, ch), 0.02);
     // dW + dX: two GEMMs of the forward's size.
-    group.throughput(Throughput::Elements(
-        2 * forward_flops(batch, hw, hw, ch, ch) as u64,
-    ));
+    group.throughput(Throughput::Elements(2 * forward_flops(batch, hw, hw, ch, ch) as u64));
     group.bench_function("14_b8/block5_conv2_dw_dx", |bch| {
         bch.iter(|| conv3x3_backward(x.view(), w.view(), dz.view(), true))
     });

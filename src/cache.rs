@@ -81,13 +81,7 @@ pub struct CacheKey {
 }
 
 impl CacheKey {
-    pub fn new(
-        weights_digest: &str,
-        image_size: usize,
-        data: &Dataset,
-        records: usize,
-        dtype: Dtype,
-    ) -> CacheKey {
+    pub fn new(weights_digest: &str, image_size: usize, data: &Dataset, records: usize, dtype: Dtype) -> CacheKey {
         CacheKey {
             format_version: FORMAT_VERSION,
             weights_digest: weights_digest.to_string(),
@@ -107,13 +101,7 @@ impl CacheKey {
     }
 
     pub fn dir_name(&self) -> String {
-        format!(
-            "{}-{}px-n{}-{}",
-            self.split,
-            self.image_size,
-            self.records,
-            self.id()
-        )
+        format!("{}-{}px-n{}-{}", self.split, self.image_size, self.records, self.id())
     }
 
     /// Spatial side of block4_pool.
@@ -178,10 +166,8 @@ fn header_for(key: &CacheKey) -> Vec<u8> {
 }
 
 fn read_meta(path: &Path) -> Result<Meta> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    serde_json::from_str(&text)
-        .with_context(|| format!("{}: not a cache metadata file", path.display()))
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{}: not a cache metadata file", path.display()))
 }
 
 fn write_meta(path: &Path, meta: &Meta) -> Result<()> {
@@ -264,8 +250,7 @@ pub fn open_or_build(
                     "cache: {} is damaged ({e:#}); removing it and rebuilding",
                     dir.display()
                 );
-                std::fs::remove_dir_all(&dir)
-                    .with_context(|| format!("cannot remove {}", dir.display()))?;
+                std::fs::remove_dir_all(&dir).with_context(|| format!("cannot remove {}", dir.display()))?;
             }
         }
     }
@@ -283,13 +268,7 @@ pub fn open_or_build(
 }
 
 /// Builds (or resumes) the cache in `dir`. Returns (seconds, resumed_at).
-fn build(
-    dir: &Path,
-    key: &CacheKey,
-    model: &Vgg16,
-    data: &Dataset,
-    batch: usize,
-) -> Result<(f64, usize)> {
+fn build(dir: &Path, key: &CacheKey, model: &Vgg16, data: &Dataset, batch: usize) -> Result<(f64, usize)> {
     let (meta_p, b4_p, gap_p, lab_p) = files(dir);
     let n = key.records;
     if n > data.len() {
@@ -300,12 +279,7 @@ fn build(
         );
     }
     let mut meta = match read_meta(&meta_p) {
-        Ok(m)
-            if m.key == *key
-                && !m.complete
-                && m.chunk == CHUNK
-                && m.chunk_digests.len() * CHUNK >= m.done.min(n) =>
-        {
+        Ok(m) if m.key == *key && !m.complete && m.chunk == CHUNK && m.chunk_digests.len() * CHUNK >= m.done.min(n) => {
             m
         }
         _ => Meta {
@@ -324,8 +298,7 @@ fn build(
     let gap_header = header::<f32>(&[n, 512]);
     let lab_header = header::<u8>(&[n]);
     let b4_total = (b4_header.len() + n * rec_b4 * key.dtype.bytes()) as u64;
-    let total_bytes =
-        b4_total + (gap_header.len() + n * 2048) as u64 + (lab_header.len() + n) as u64;
+    let total_bytes = b4_total + (gap_header.len() + n * 2048) as u64 + (lab_header.len() + n) as u64;
 
     let resumed_at = meta.done;
     let remaining = n - meta.done;
@@ -341,7 +314,11 @@ fn build(
         key.split,
         key.image_size,
         key.image_size,
-        if resumed_at > 0 { format!(", resuming at record {resumed_at}") } else { String::new() },
+        if resumed_at > 0 {
+            format!(", resuming at record {resumed_at}")
+        } else {
+            String::new()
+        },
         total_bytes as f64 / 1e9,
         free.map_or("unknown".into(), |f| format!("{:.2} GB", f as f64 / 1e9)),
         human_secs(eta),
@@ -365,8 +342,7 @@ fn build(
             .truncate(false)
             .open(p)
             .with_context(|| format!("cannot open {}", p.display()))?;
-        f.set_len(len)
-            .with_context(|| format!("cannot size {}", p.display()))?;
+        f.set_len(len).with_context(|| format!("cannot size {}", p.display()))?;
         f.write_all_at(header, 0)?;
         Ok(f)
     };
@@ -405,10 +381,7 @@ fn build(
                 }
             }
             chunk_hash.update(&bytes);
-            b4.write_all_at(
-                &bytes,
-                (b4_header.len() + s * rec_b4 * key.dtype.bytes()) as u64,
-            )?;
+            b4.write_all_at(&bytes, (b4_header.len() + s * rec_b4 * key.dtype.bytes()) as u64)?;
             bytes.clear();
             f32::extend_le(g.as_slice().expect("contiguous"), &mut bytes);
             gap.write_all_at(&bytes, (gap_header.len() + s * 2048) as u64)?;
@@ -419,8 +392,7 @@ fn build(
             f.sync_data().context("cannot sync the cache to disk")?;
         }
         meta.chunk_digests.truncate(c0 / CHUNK);
-        meta.chunk_digests
-            .push(crate::data::fetch::hex(&chunk_hash.finalize()));
+        meta.chunk_digests.push(crate::data::fetch::hex(&chunk_hash.finalize()));
         meta.done = c1;
         write_meta(&meta_p, &meta)?;
     }
@@ -466,15 +438,11 @@ pub fn open(dir: &Path, data: &Dataset) -> Result<Option<Cache>> {
     let want = (b4_header.len() + n * rec_bytes) as u64;
     let len = f.metadata()?.len();
     if len != want {
-        bail!(
-            "{} is {len} bytes, expected {want} (truncated?)",
-            b4_p.display()
-        );
+        bail!("{} is {len} bytes, expected {want} (truncated?)", b4_p.display());
     }
     // SAFETY: the file is only read through this map; the cache directory
     // belongs to this program, which never writes a complete cache again.
-    let map = unsafe { memmap2::Mmap::map(&f) }
-        .with_context(|| format!("cannot map {}", b4_p.display()))?;
+    let map = unsafe { memmap2::Mmap::map(&f) }.with_context(|| format!("cannot map {}", b4_p.display()))?;
     if map[..b4_header.len()] != b4_header[..] {
         bail!("{}: unexpected .npy header", b4_p.display());
     }
@@ -499,19 +467,13 @@ pub fn open(dir: &Path, data: &Dataset) -> Result<Option<Cache>> {
             );
         }
     }
-    let gap: Array2<f32> = ndarray_npy::read_npy(&gap_p)
-        .with_context(|| format!("cannot read {}", gap_p.display()))?;
+    let gap: Array2<f32> = ndarray_npy::read_npy(&gap_p).with_context(|| format!("cannot read {}", gap_p.display()))?;
     if gap.dim() != (n, 512) || gap.iter().any(|v| !v.is_finite()) {
-        bail!(
-            "{}: shape {:?} or values are wrong",
-            gap_p.display(),
-            gap.dim()
-        );
+        bail!("{}: shape {:?} or values are wrong", gap_p.display(), gap.dim());
     }
-    let labels: ndarray::Array1<u8> = ndarray_npy::read_npy(&lab_p)
-        .with_context(|| format!("cannot read {}", lab_p.display()))?;
-    if labels.len() != n || data.len() < n || labels.as_slice().expect("fresh") != &data.labels[..n]
-    {
+    let labels: ndarray::Array1<u8> =
+        ndarray_npy::read_npy(&lab_p).with_context(|| format!("cannot read {}", lab_p.display()))?;
+    if labels.len() != n || data.len() < n || labels.as_slice().expect("fresh") != &data.labels[..n] {
         bail!("{}: labels do not match the dataset", lab_p.display());
     }
     Ok(Some(Cache {
@@ -536,23 +498,21 @@ impl Cache {
         let dtype = self.meta.key.dtype;
         let map = &self.block4[..];
         let off = self.block4_offset;
-        dst.par_chunks_mut(per)
-            .zip(idx.par_iter())
-            .for_each(|(d, &i)| {
-                let src = &map[off + i * per * eb..off + (i + 1) * per * eb];
-                match dtype {
-                    Dtype::F32 => {
-                        for (o, b) in d.iter_mut().zip(src.chunks_exact(4)) {
-                            *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-                        }
-                    }
-                    Dtype::F16 => {
-                        for (o, b) in d.iter_mut().zip(src.chunks_exact(2)) {
-                            *o = f16::from_le_bytes([b[0], b[1]]).to_f32();
-                        }
+        dst.par_chunks_mut(per).zip(idx.par_iter()).for_each(|(d, &i)| {
+            let src = &map[off + i * per * eb..off + (i + 1) * per * eb];
+            match dtype {
+                Dtype::F32 => {
+                    for (o, b) in d.iter_mut().zip(src.chunks_exact(4)) {
+                        *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
                     }
                 }
-            });
+                Dtype::F16 => {
+                    for (o, b) in d.iter_mut().zip(src.chunks_exact(2)) {
+                        *o = f16::from_le_bytes([b[0], b[1]]).to_f32();
+                    }
+                }
+            }
+        });
         out
     }
 
@@ -582,12 +542,7 @@ pub fn list(cache_dir: &Path) -> Result<Vec<(PathBuf, Option<Meta>, u64)>> {
             continue;
         }
         let size: u64 = std::fs::read_dir(&p)
-            .map(|d| {
-                d.flatten()
-                    .filter_map(|f| f.metadata().ok())
-                    .map(|m| m.len())
-                    .sum()
-            })
+            .map(|d| d.flatten().filter_map(|f| f.metadata().ok()).map(|m| m.len()).sum())
             .unwrap_or(0);
         out.push((p.clone(), read_meta(&p.join("meta.json")).ok(), size));
     }

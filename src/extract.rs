@@ -72,13 +72,7 @@ pub struct Range {
     pub batch: usize,
 }
 
-pub fn extract(
-    model: &Vgg16,
-    data: &Dataset,
-    range: Range,
-    layers: &[String],
-    out: &Path,
-) -> Result<f64> {
+pub fn extract(model: &Vgg16, data: &Dataset, range: Range, layers: &[String], out: &Path) -> Result<f64> {
     let Range {
         offset,
         count,
@@ -147,11 +141,9 @@ pub fn extract(
                     continue;
                 }
                 let r = if m.name == GAP {
-                    m.writer
-                        .write(gap_forward(y.view()).as_slice().expect("fresh"))
+                    m.writer.write(gap_forward(y.view()).as_slice().expect("fresh"))
                 } else {
-                    m.writer
-                        .write(y.as_slice().expect("layer outputs are contiguous"))
+                    m.writer.write(y.as_slice().expect("layer outputs are contiguous"))
                 };
                 if let Err(e) = r {
                     err = Some(e);

@@ -26,10 +26,7 @@ use std::path::Path;
 /// Writes a file completely under a temporary name in the same directory,
 /// syncs it, then renames it to `path`: an interrupted run never leaves a
 /// half-written file that looks whole.
-pub fn atomic_write(
-    path: &Path,
-    write: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>,
-) -> std::io::Result<()> {
+pub fn atomic_write(path: &Path, write: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>) -> std::io::Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),

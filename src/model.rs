@@ -78,16 +78,8 @@ impl Head {
     pub fn tensors(&self) -> Vec<(&'static str, &[f32], Vec<usize>)> {
         let mut v = Vec::new();
         if let Some(h) = &self.hidden {
-            v.push((
-                "dense/kernel",
-                h.w.as_slice().expect("owned"),
-                h.w.shape().to_vec(),
-            ));
-            v.push((
-                "dense/bias",
-                h.b.as_slice().expect("owned"),
-                h.b.shape().to_vec(),
-            ));
+            v.push(("dense/kernel", h.w.as_slice().expect("owned"), h.w.shape().to_vec()));
+            v.push(("dense/bias", h.b.as_slice().expect("owned"), h.b.shape().to_vec()));
         }
         v.push((
             "classification/kernel",
@@ -111,11 +103,7 @@ pub struct HeadActs {
 }
 
 /// Logits (B, classes). `rng` enables dropout (training); None = inference.
-pub fn head_forward(
-    head: &Head,
-    g: ArrayView2<f32>,
-    rng: Option<&mut dyn rand::RngCore>,
-) -> (Array2<f32>, HeadActs) {
+pub fn head_forward(head: &Head, g: ArrayView2<f32>, rng: Option<&mut dyn rand::RngCore>) -> (Array2<f32>, HeadActs) {
     let mut rng = rng;
     let (x, h) = match &head.hidden {
         Some(d) => {
@@ -123,13 +111,9 @@ pub fn head_forward(
             h.mapv_inplace(|v| v.max(0.0));
             let keep = 1.0 - head.dropout;
             let mask = match rng.as_mut() {
-                Some(r) if head.dropout > 0.0 => Array2::from_shape_fn(h.dim(), |_| {
-                    if r.gen::<f32>() < keep {
-                        1.0 / keep
-                    } else {
-                        0.0
-                    }
-                }),
+                Some(r) if head.dropout > 0.0 => {
+                    Array2::from_shape_fn(h.dim(), |_| if r.gen::<f32>() < keep { 1.0 / keep } else { 0.0 })
+                }
                 _ => Array2::from_elem(h.dim(), 1.0),
             };
             h *= &mask;
@@ -139,13 +123,7 @@ pub fn head_forward(
             let mut x = g.to_owned();
             if let Some(r) = rng.as_mut().filter(|_| head.dropout > 0.0) {
                 let keep = 1.0 - head.dropout;
-                let mask = Array2::from_shape_fn(x.dim(), |_| {
-                    if r.gen::<f32>() < keep {
-                        1.0 / keep
-                    } else {
-                        0.0
-                    }
-                });
+                let mask = Array2::from_shape_fn(x.dim(), |_| if r.gen::<f32>() < keep { 1.0 / keep } else { 0.0 });
                 x *= &mask;
                 let xc = x.clone();
                 let logits = dense_forward(xc.view(), head.out.w.view(), head.out.b.view());
@@ -165,11 +143,7 @@ pub fn head_forward(
 }
 
 /// Backward through the head: returns (dG (B, 512), head gradients).
-pub fn head_backward(
-    head: &Head,
-    acts: &HeadActs,
-    dlogits: ArrayView2<f32>,
-) -> (Array2<f32>, Head) {
+pub fn head_backward(head: &Head, acts: &HeadActs, dlogits: ArrayView2<f32>) -> (Array2<f32>, Head) {
     let mut grads = head.zeros_like();
     match (&head.hidden, &acts.h) {
         (Some(d), Some((h, mask))) => {

@@ -45,17 +45,10 @@ pub fn header<T: NpyElem>(shape: &[usize]) -> Vec<u8> {
         1 => format!("({},)", shape[0]),
         _ => format!(
             "({})",
-            shape
-                .iter()
-                .map(|d| d.to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
+            shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")
         ),
     };
-    let mut dict = format!(
-        "{{'descr': '{}', 'fortran_order': False, 'shape': {dims}, }}",
-        T::DESCR
-    );
+    let mut dict = format!("{{'descr': '{}', 'fortran_order': False, 'shape': {dims}, }}", T::DESCR);
     let v1 = dict.len() + 1 + 10 <= u16::MAX as usize;
     let prefix = if v1 { 10 } else { 12 };
     let total = (prefix + dict.len() + 1).div_ceil(64) * 64;

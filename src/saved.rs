@@ -82,12 +82,9 @@ impl SavedModel {
                 npz.add_array("dense/kernel", &h.w).map_err(io)?;
                 npz.add_array("dense/bias", &h.b).map_err(io)?;
             }
-            npz.add_array("classification/kernel", &self.head.out.w)
-                .map_err(io)?;
-            npz.add_array("classification/bias", &self.head.out.b)
-                .map_err(io)?;
-            npz.add_array("meta", &Array1::from(json.clone()))
-                .map_err(io)?;
+            npz.add_array("classification/kernel", &self.head.out.w).map_err(io)?;
+            npz.add_array("classification/bias", &self.head.out.b).map_err(io)?;
+            npz.add_array("meta", &Array1::from(json.clone())).map_err(io)?;
             let mut inner = npz.finish().map_err(io)?;
             inner.flush()
         })
@@ -97,15 +94,14 @@ impl SavedModel {
     pub fn load(path: &Path) -> Result<SavedModel> {
         let path = resolve(path);
         if !path.is_file() {
-            bail!("{}: no such model file (a model.npz written by `vgg16 train`, or its run directory)", path.display());
+            bail!(
+                "{}: no such model file (a model.npz written by `vgg16 train`, or its run directory)",
+                path.display()
+            );
         }
-        let f = std::fs::File::open(&path)
-            .with_context(|| format!("cannot open {}", path.display()))?;
-        let mut npz =
-            NpzReader::new(f).with_context(|| format!("{}: not a valid .npz", path.display()))?;
-        let names = npz
-            .names()
-            .with_context(|| format!("cannot read {}", path.display()))?;
+        let f = std::fs::File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
+        let mut npz = NpzReader::new(f).with_context(|| format!("{}: not a valid .npz", path.display()))?;
+        let names = npz.names().with_context(|| format!("cannot read {}", path.display()))?;
         if !names.iter().any(|n| n == "meta") {
             bail!(
                 "{}: not a vgg16-cpu model (no 'meta' array; base weights alone are not a model)",
@@ -157,11 +153,7 @@ impl SavedModel {
         let dropout = meta.config.as_ref().map_or(0.0, |c| c.dropout);
         Ok(SavedModel {
             base,
-            head: Head {
-                hidden,
-                out,
-                dropout,
-            },
+            head: Head { hidden, out, dropout },
             meta,
         })
     }

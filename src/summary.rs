@@ -107,11 +107,7 @@ pub fn render(image_size: usize, stage: u8, hidden: Option<usize>, classes: usiz
         "Model: \"vgg16_transfer\" (stage {stage}, {image_size}x{image_size} input)"
     );
     let _ = writeln!(out, "{rule}");
-    let _ = writeln!(
-        out,
-        " {:<52}{:<24}{:>12}",
-        "Layer (type)", "Output Shape", "Param #"
-    );
+    let _ = writeln!(out, " {:<52}{:<24}{:>12}", "Layer (type)", "Output Shape", "Param #");
     let _ = writeln!(out, "{}", "=".repeat(88));
     for r in &rows {
         let _ = writeln!(
@@ -126,12 +122,7 @@ pub fn render(image_size: usize, stage: u8, hidden: Option<usize>, classes: usiz
     let total: usize = rows.iter().map(|r| r.params).sum();
     let trainable: usize = rows.iter().filter(|r| r.trainable).map(|r| r.params).sum();
     let _ = writeln!(out, "Total params: {} ({})", commas(total), size(total));
-    let _ = writeln!(
-        out,
-        "Trainable params: {} ({})",
-        commas(trainable),
-        size(trainable)
-    );
+    let _ = writeln!(out, "Trainable params: {} ({})", commas(trainable), size(trainable));
     let _ = writeln!(
         out,
         "Non-trainable params: {} ({})",
@@ -141,12 +132,7 @@ pub fn render(image_size: usize, stage: u8, hidden: Option<usize>, classes: usiz
     let _ = writeln!(out, "{rule}");
     let _ = writeln!(out, "Layer trainability:");
     for r in &rows {
-        let _ = writeln!(
-            out,
-            "  {:<26} {}",
-            r.name,
-            if r.trainable { "True" } else { "False" }
-        );
+        let _ = writeln!(out, "  {:<26} {}", r.name, if r.trainable { "True" } else { "False" });
     }
     out
 }
@@ -158,10 +144,7 @@ mod tests {
     #[test]
     fn keras_totals_for_both_stages() {
         let s1 = render(224, 1, None, 10);
-        assert!(
-            s1.contains("\nTotal params: 14,719,818 (56.15 MB)\n"),
-            "{s1}"
-        );
+        assert!(s1.contains("\nTotal params: 14,719,818 (56.15 MB)\n"), "{s1}");
         assert!(s1.contains("\nTrainable params: 5,130 ("), "{s1}");
         assert!(s1.contains("\nNon-trainable params: 14,714,688 ("), "{s1}");
         let s2 = render(224, 2, None, 10);

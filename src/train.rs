@@ -19,7 +19,7 @@ use crate::model::*;
 use crate::optim::sgd_momentum_step;
 use crate::progress::Progress;
 use crate::tensor::ops::{cross_entropy_per_sample, softmax_cross_entropy};
-use crate::vgg::{ConvParams, Vgg16, BLOCK5_START, LAYERS};
+use crate::vgg::{auto_batch, ConvParams, Vgg16, BLOCK5_START, LAYERS};
 use anyhow::{bail, Context, Result};
 use ndarray::{Array2, Array4, ArrayD};
 use rand::seq::SliceRandom;
@@ -66,17 +66,30 @@ impl Features for Live<'_> {
     fn labels(&self) -> &[u8] {
         &self.data.labels[..self.records]
     }
+    // Blocks 1-4 run in sub-batches of auto_batch(S) images, so memory stays
+    // bounded at 224 px whatever the training batch size.
     fn gap(&self, idx: &[usize]) -> Array2<f32> {
-        let recs: Vec<&[u8]> = idx.iter().map(|&i| self.data.image(i)).collect();
-        self.model.features(preprocess_batch(&recs, self.size))
+        let parts: Vec<Array2<f32>> = idx
+            .chunks(auto_batch(self.size))
+            .map(|c| {
+                let recs: Vec<&[u8]> = c.iter().map(|&i| self.data.image(i)).collect();
+                self.model.features(preprocess_batch(&recs, self.size))
+            })
+            .collect();
+        let views: Vec<_> = parts.iter().map(|a| a.view()).collect();
+        ndarray::concatenate(ndarray::Axis(0), &views).expect("same widths")
     }
     fn block4(&self, idx: &[usize]) -> Array4<f32> {
-        let recs: Vec<&[u8]> = idx.iter().map(|&i| self.data.image(i)).collect();
-        self.model.forward_range(
-            preprocess_batch(&recs, self.size),
-            0..BLOCK5_START,
-            &mut |_, _| {},
-        )
+        let parts: Vec<Array4<f32>> = idx
+            .chunks(auto_batch(self.size))
+            .map(|c| {
+                let recs: Vec<&[u8]> = c.iter().map(|&i| self.data.image(i)).collect();
+                self.model
+                    .forward_range(preprocess_batch(&recs, self.size), 0..BLOCK5_START, &mut |_, _| {})
+            })
+            .collect();
+        let views: Vec<_> = parts.iter().map(|a| a.view()).collect();
+        ndarray::concatenate(ndarray::Axis(0), &views).expect("same shapes")
     }
 }
 
@@ -184,12 +197,7 @@ fn stream(seed: u64, stage: u8, epoch: usize, which: u64) -> ChaCha8Rng {
 }
 
 /// Mean loss and accuracy over `idx` (no dropout), in batches.
-pub fn evaluate_stage1(
-    head: &Head,
-    feats: &dyn Features,
-    idx: &[usize],
-    batch: usize,
-) -> (f64, f64, Array2<f32>) {
+pub fn evaluate_stage1(head: &Head, feats: &dyn Features, idx: &[usize], batch: usize) -> (f64, f64, Array2<f32>) {
     let mut logits_all = Array2::<f32>::zeros((idx.len(), head.out.b.len()));
     for (bi, chunk) in idx.chunks(batch.max(1)).enumerate() {
         let g = feats.gap(chunk);
@@ -240,10 +248,7 @@ pub fn loss_acc(logits: &Array2<f32>, labels: &[u8], idx: &[usize]) -> (f64, f64
         .filter(|(r, &t)| argmax(r.as_slice().expect("row")) == t as usize)
         .count();
     let n = idx.len().max(1) as f64;
-    (
-        losses.iter().map(|&l| l as f64).sum::<f64>() / n,
-        correct as f64 / n,
-    )
+    (losses.iter().map(|&l| l as f64).sum::<f64>() / n, correct as f64 / n)
 }
 
 pub fn argmax(v: &[f32]) -> usize {
@@ -279,8 +284,7 @@ impl RunDir<'_> {
             ));
         }
         let p = self.dir.join("history.csv");
-        crate::atomic_write(&p, |f| f.write_all(s.as_bytes()))
-            .with_context(|| format!("cannot write {}", p.display()))
+        crate::atomic_write(&p, |f| f.write_all(s.as_bytes())).with_context(|| format!("cannot write {}", p.display()))
     }
 }
 
@@ -300,12 +304,7 @@ pub struct Inputs<'a> {
 pub type OnEpoch<'a> = dyn FnMut(&State) -> Result<()> + 'a;
 
 /// Runs (or continues) the recipe from `state` to the end.
-pub fn run(
-    cfg: &TrainConfig,
-    inputs: &Inputs,
-    state: &mut State,
-    on_epoch: &mut OnEpoch,
-) -> Result<()> {
+pub fn run(cfg: &TrainConfig, inputs: &Inputs, state: &mut State, on_epoch: &mut OnEpoch) -> Result<()> {
     if inputs.train_idx.is_empty() {
         bail!("no training records");
     }
@@ -432,12 +431,7 @@ fn train_epoch(
             let (dg, gh) = head_backward(&state.head, &acts, dlogits.view());
             let gconv = block5_backward(&state.block5, &b5, dg.view());
             step_head(&mut state.head, &mut state.v_head, &gh, sc);
-            for ((p, v), g) in state
-                .block5
-                .iter_mut()
-                .zip(state.v_block5.iter_mut())
-                .zip(&gconv)
-            {
+            for ((p, v), g) in state.block5.iter_mut().zip(state.v_block5.iter_mut()).zip(&gconv) {
                 sgd_momentum_step(
                     p.w.as_slice_mut().expect("owned"),
                     v.w.as_slice_mut().expect("owned"),
@@ -476,18 +470,11 @@ fn train_epoch(
         );
     }
     progress.finish();
-    Ok((
-        loss_sum / seen.max(1) as f64,
-        correct as f64 / seen.max(1) as f64,
-    ))
+    Ok((loss_sum / seen.max(1) as f64, correct as f64 / seen.max(1) as f64))
 }
 
 fn step_head(head: &mut Head, v: &mut Head, g: &Head, sc: &StageConfig) {
-    let gs: Vec<Vec<f32>> = g
-        .tensors()
-        .into_iter()
-        .map(|(_, s, _)| s.to_vec())
-        .collect();
+    let gs: Vec<Vec<f32>> = g.tensors().into_iter().map(|(_, s, _)| s.to_vec()).collect();
     for ((w, vv), gg) in head.tensors_mut().into_iter().zip(v.tensors_mut()).zip(&gs) {
         sgd_momentum_step(w, vv, gg, sc.lr as f32, sc.momentum as f32);
     }
@@ -514,8 +501,7 @@ pub fn save_checkpoint(dir: &Path, cfg: &TrainConfig, s: &State) -> Result<()> {
     let npz = dir.join("checkpoint.npz");
     crate::atomic_write(&npz, |f| {
         let mut w = ndarray_npy::NpzWriter::new(std::io::BufWriter::new(f));
-        let mut add =
-            |name: String, a: ArrayD<f32>| w.add_array(name, &a).map_err(std::io::Error::other);
+        let mut add = |name: String, a: ArrayD<f32>| w.add_array(name, &a).map_err(std::io::Error::other);
         for (i, (p, name)) in s.block5.iter().zip(conv5_names()).enumerate() {
             add(format!("{name}/kernel"), p.w.clone().into_dyn())?;
             add(format!("{name}/bias"), p.b.clone().into_dyn())?;
@@ -524,9 +510,7 @@ pub fn save_checkpoint(dir: &Path, cfg: &TrainConfig, s: &State) -> Result<()> {
                 add(format!("velocity/{name}/bias"), v.b.clone().into_dyn())?;
             }
         }
-        for ((name, data, shape), (_, vdata, _)) in
-            s.head.tensors().into_iter().zip(s.v_head.tensors())
-        {
+        for ((name, data, shape), (_, vdata, _)) in s.head.tensors().into_iter().zip(s.v_head.tensors()) {
             add(
                 name.to_string(),
                 ArrayD::from_shape_vec(shape.clone(), data.to_vec()).expect("shape"),
@@ -551,8 +535,7 @@ pub fn save_checkpoint(dir: &Path, cfg: &TrainConfig, s: &State) -> Result<()> {
     };
     let json = serde_json::to_vec_pretty(&meta)?;
     let p = dir.join("checkpoint.json");
-    crate::atomic_write(&p, |f| f.write_all(&json))
-        .with_context(|| format!("cannot write {}", p.display()))
+    crate::atomic_write(&p, |f| f.write_all(&json)).with_context(|| format!("cannot write {}", p.display()))
 }
 
 pub fn conv5_names() -> [&'static str; 3] {
@@ -567,10 +550,10 @@ pub fn conv5_names() -> [&'static str; 3] {
 /// it was made with and the state.
 pub fn load_checkpoint(dir: &Path) -> Result<(TrainConfig, State)> {
     let jp = dir.join("checkpoint.json");
-    let text = std::fs::read_to_string(&jp)
-        .with_context(|| format!("{}: no checkpoint to resume from", jp.display()))?;
-    let meta: CheckpointMeta = serde_json::from_str(&text)
-        .with_context(|| format!("{}: not a checkpoint", jp.display()))?;
+    let text =
+        std::fs::read_to_string(&jp).with_context(|| format!("{}: no checkpoint to resume from", jp.display()))?;
+    let meta: CheckpointMeta =
+        serde_json::from_str(&text).with_context(|| format!("{}: not a checkpoint", jp.display()))?;
     if meta.format_version != CHECKPOINT_VERSION {
         bail!(
             "{}: checkpoint format {} (this program reads {CHECKPOINT_VERSION})",
@@ -579,10 +562,9 @@ pub fn load_checkpoint(dir: &Path) -> Result<(TrainConfig, State)> {
         );
     }
     let np = dir.join("checkpoint.npz");
-    let mut r = ndarray_npy::NpzReader::new(
-        std::fs::File::open(&np).with_context(|| format!("cannot open {}", np.display()))?,
-    )
-    .with_context(|| format!("{}: not an npz", np.display()))?;
+    let mut r =
+        ndarray_npy::NpzReader::new(std::fs::File::open(&np).with_context(|| format!("cannot open {}", np.display()))?)
+            .with_context(|| format!("{}: not an npz", np.display()))?;
     let mut get = |name: &str| -> Result<ArrayD<f32>> {
         r.by_name(name)
             .with_context(|| format!("{}: missing or bad array {name}", np.display()))
@@ -600,28 +582,14 @@ pub fn load_checkpoint(dir: &Path) -> Result<(TrainConfig, State)> {
         }
     }
     let cfg = meta.config;
-    let mut head = Head::new(
-        &mut ChaCha8Rng::seed_from_u64(0),
-        cfg.hidden,
-        cfg.dropout,
-        cfg.classes,
-    );
+    let mut head = Head::new(&mut ChaCha8Rng::seed_from_u64(0), cfg.hidden, cfg.dropout, cfg.classes);
     let mut v_head = head.zeros_like();
     let names: Vec<&'static str> = head.tensors().into_iter().map(|(n, _, _)| n).collect();
-    for ((name, w), v) in names
-        .iter()
-        .zip(head.tensors_mut())
-        .zip(v_head.tensors_mut())
-    {
+    for ((name, w), v) in names.iter().zip(head.tensors_mut()).zip(v_head.tensors_mut()) {
         let a = get(name)?;
         let va = get(&format!("velocity/{name}"))?;
         if a.len() != w.len() || va.len() != v.len() {
-            bail!(
-                "{}: {name} has {} values, expected {}",
-                np.display(),
-                a.len(),
-                w.len()
-            );
+            bail!("{}: {name} has {} values, expected {}", np.display(), a.len(), w.len());
         }
         w.copy_from_slice(a.as_slice().context("contiguous")?);
         v.copy_from_slice(va.as_slice().context("contiguous")?);

@@ -31,10 +31,7 @@ const fn conv(name: &'static str, cin: usize, cout: usize) -> Layer {
     }
 }
 const fn pool(name: &'static str) -> Layer {
-    Layer {
-        name,
-        kind: Kind::Pool,
-    }
+    Layer { name, kind: Kind::Pool }
 }
 
 /// The 18 layers of the base, in order.
@@ -64,8 +61,7 @@ pub const BLOCK5_START: usize = 14;
 /// Parameters of the base: 14,714,688.
 pub const BASE_PARAMS: usize = 14_714_688;
 /// The content digest of the Keras ImageNet weights (see [`Vgg16::digest`]).
-pub const IMAGENET_DIGEST: &str =
-    "d9a27cc1fc7f975ef8cff49180e794ccd7c4bc868ebb49740803b3bbaa8dbefd";
+pub const IMAGENET_DIGEST: &str = "d9a27cc1fc7f975ef8cff49180e794ccd7c4bc868ebb49740803b3bbaa8dbefd";
 /// Probe values of the ImageNet weights: (key, index in Keras layout, value).
 pub const IMAGENET_PROBES: &[(&str, &[usize], f32)] = &[
     ("block1_conv1/kernel", &[0, 0, 0, 0], 0.429_470_57),
@@ -76,6 +72,12 @@ pub const IMAGENET_PROBES: &[(&str, &[usize], f32)] = &[
     ("block5_conv2/bias", &[510], 0.235_172_26),
     ("block5_conv3/kernel", &[0, 2, 0, 400], -0.008_714_244),
 ];
+
+/// Images per full-network forward batch at input size S: 64 up to 64 px,
+/// fewer above (16 at 224), so a batch's activations stay a few hundred MB.
+pub fn auto_batch(size: usize) -> usize {
+    (16 * 224 * 224 / (size * size).max(1)).clamp(1, 64)
+}
 
 pub fn layer_index(name: &str) -> Option<usize> {
     LAYERS.iter().position(|l| l.name == name)
@@ -103,11 +105,7 @@ pub enum WeightsError {
         expected: Vec<usize>,
     },
     #[error("{path}: array '{key}' holds {bad} NaN or infinite values")]
-    NotFinite {
-        path: PathBuf,
-        key: String,
-        bad: usize,
-    },
+    NotFinite { path: PathBuf, key: String, bad: usize },
     #[error("{path}: cannot write weights: {msg}")]
     Write { path: PathBuf, msg: String },
 }

@@ -38,10 +38,7 @@ fn second_open_is_a_hit_and_a_prefix_is_served() {
     let k40 = CacheKey::new(&model.digest(), 32, &data, 40, Dtype::F32);
     let (c40, o) = cache::open_or_build(tmp.path(), &k40, &model, &data, 32).unwrap();
     assert_eq!(o, Outcome::Hit);
-    assert_eq!(
-        c40.block4(&[7]),
-        before.slice(ndarray::s![0..1, .., .., ..])
-    );
+    assert_eq!(c40.block4(&[7]), before.slice(ndarray::s![0..1, .., .., ..]));
     assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 1);
 }
 
@@ -92,16 +89,7 @@ fn resume_keeps_finished_chunks() {
     meta.chunk_digests.truncate(1);
     std::fs::write(&mp, serde_json::to_string(&meta).unwrap()).unwrap();
     let (c, o) = cache::open_or_build(tmp.path(), &k, &model, &data, 64).unwrap();
-    assert!(
-        matches!(
-            o,
-            Outcome::Built {
-                resumed_at: 256,
-                ..
-            }
-        ),
-        "{o:?}"
-    );
+    assert!(matches!(o, Outcome::Built { resumed_at: 256, .. }), "{o:?}");
     assert_eq!(c.block4(&(0..300).collect::<Vec<_>>()), full);
 }
 

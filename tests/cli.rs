@@ -44,18 +44,10 @@ fn summary_prints_keras_totals() {
     let out = vgg16(&["summary", "--image-size", "32", "--stage", "2"]);
     assert!(out.status.success());
     let s = String::from_utf8(out.stdout).unwrap();
+    assert!(s.lines().any(|l| l.starts_with("Total params: 14,719,818")), "{s}");
+    assert!(s.lines().any(|l| l.starts_with("Trainable params: 7,084,554")), "{s}");
     assert!(
-        s.lines().any(|l| l.starts_with("Total params: 14,719,818")),
-        "{s}"
-    );
-    assert!(
-        s.lines()
-            .any(|l| l.starts_with("Trainable params: 7,084,554")),
-        "{s}"
-    );
-    assert!(
-        s.lines()
-            .any(|l| l.starts_with("Non-trainable params: 7,635,264")),
+        s.lines().any(|l| l.starts_with("Non-trainable params: 7,635,264")),
         "{s}"
     );
     let bad = vgg16(&["summary", "--image-size", "100"]);
@@ -140,9 +132,7 @@ fn extract_errors_are_clear() {
     };
     let out = tmp.path().join("x.npz");
     let out = out.to_str().unwrap();
-    assert!(
-        run(&["--layers", "block9_conv1", "--out", out]).contains("unknown layer 'block9_conv1'")
-    );
+    assert!(run(&["--layers", "block9_conv1", "--out", out]).contains("unknown layer 'block9_conv1'"));
     assert!(run(&["--split", "val", "--out", out]).contains("expected train or test"));
     assert!(run(&["--offset", "5000", "--out", out]).contains("past the end"));
     let e = run(&["--weights", "/nonexistent/w.npz", "--out", out]);
@@ -151,9 +141,131 @@ fn extract_errors_are_clear() {
         "{e}"
     );
     let e = run(&["--data", "/nonexistent/data", "--out", out]);
-    assert!(
-        e.contains("/nonexistent/data") && e.contains("vgg16 data fetch"),
-        "{e}"
-    );
+    assert!(e.contains("/nonexistent/data") && e.contains("vgg16 data fetch"), "{e}");
     assert!(!Path::new(out).exists(), "no output on failure");
+}
+
+/// `vgg16 train` end to end on the sample (stand-in weights): the run
+/// directory's contract, a second run hitting the cache, `--resume` of a
+/// finished run, and `cache ls` / `cache rm`.
+#[test]
+fn train_run_directory_cache_commands_and_resume() {
+    let tmp = tempfile::tempdir().unwrap();
+    let w = weights(tmp.path());
+    let cache = tmp.path().join("cache");
+    let out = tmp.path().join("run");
+    let data = sample();
+    let args = |out: &Path| -> Vec<String> {
+        [
+            "train",
+            "--data",
+            data.to_str().unwrap(),
+            "--weights",
+            w.to_str().unwrap(),
+            "--image-size",
+            "32",
+            "--limit-train",
+            "48",
+            "--limit-test",
+            "16",
+            "--stage1-epochs",
+            "1",
+            "--stage2-epochs",
+            "1",
+            "--stage1-lr",
+            "0.0001",
+            "--stage2-batch-size",
+            "16",
+            "--cache-dir",
+            cache.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let run = |a: Vec<String>| {
+        let v: Vec<&str> = a.iter().map(String::as_str).collect();
+        let o = vgg16(&v);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    let log = run(args(&out));
+    assert!(log.contains("cache: building"), "{log}");
+    let hist = std::fs::read_to_string(out.join("history.csv")).unwrap();
+    let mut lines = hist.lines();
+    assert_eq!(
+        lines.next().unwrap(),
+        "stage,epoch,train_loss,train_accuracy,val_loss,val_accuracy,seconds,images_per_second"
+    );
+    let rows: Vec<&str> = lines.collect();
+    assert_eq!(rows.len(), 2);
+    assert!(rows[0].starts_with("1,1,") && rows[1].starts_with("2,1,"), "{hist}");
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
+    for k in ["stage1", "stage2"] {
+        let a = m[k]["test_accuracy"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&a), "{m}");
+        assert!(m[k]["test_loss"].as_f64().unwrap().is_finite());
+    }
+    assert!(
+        m["cache_seconds"].as_f64().unwrap() > 0.0
+            && m["total_seconds"].as_f64().unwrap() >= m["cache_seconds"].as_f64().unwrap()
+    );
+    for f in [
+        "model.npz",
+        "model_stage1.npz",
+        "history.png",
+        "confusion_matrix.png",
+        "comparison.md",
+        "comparison.json",
+        "checkpoint.json",
+    ] {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+
+    // A second run with the same data, weights and size skips the pass.
+    let out2 = tmp.path().join("run2");
+    let log = run(args(&out2));
+    assert!(
+        log.contains("blocks 1-4 will not run") && !log.contains("cache: building"),
+        "{log}"
+    );
+    let h2 = std::fs::read_to_string(out2.join("history.csv")).unwrap();
+    let strip = |h: &str| {
+        h.lines()
+            .map(|l| l.split(',').take(6).collect::<Vec<_>>().join(","))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(strip(&hist), strip(&h2), "same seed, same numbers");
+
+    // Resuming a finished run completes at once with the same history.
+    run(vec![
+        "train".into(),
+        "--resume".into(),
+        out.to_string_lossy().into(),
+        "--data".into(),
+        data.to_string_lossy().into(),
+        "--weights".into(),
+        w.to_string_lossy().into(),
+        "--cache-dir".into(),
+        cache.to_string_lossy().into(),
+    ]);
+    assert_eq!(
+        strip(&hist),
+        strip(&std::fs::read_to_string(out.join("history.csv")).unwrap())
+    );
+
+    let ls = vgg16(&["cache", "ls", "--cache-dir", cache.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&ls.stdout);
+    assert_eq!(text.lines().filter(|l| l.contains("complete")).count(), 2, "{text}");
+    assert!(
+        text.contains("train") && text.contains("test") && text.contains("32px"),
+        "{text}"
+    );
+    let rm = vgg16(&["cache", "rm", "--all", "--cache-dir", cache.to_str().unwrap()]);
+    assert!(rm.status.success());
+    let ls = vgg16(&["cache", "ls", "--cache-dir", cache.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&ls.stdout).contains("no caches"));
 }

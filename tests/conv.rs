@@ -12,12 +12,7 @@ fn check(seed: u64, n: usize, h: usize, w: usize, cin: usize, cout: usize, relu:
     let k = rand4(&mut r, (3, 3, cin, cout), -0.5, 0.5);
     let b = rand1(&mut r, cout, -0.5, 0.5);
     let got = conv3x3_forward(x.view(), k.view(), Some(b.view()), relu);
-    let want = ref_conv(
-        &to64_4(x.view()),
-        &to64_4(k.view()),
-        Some(&b.mapv(|v| v as f64)),
-        relu,
-    );
+    let want = ref_conv(&to64_4(x.view()), &to64_4(k.view()), Some(&b.mapv(|v| v as f64)), relu);
     assert_eq!(got.dim(), want.dim());
     let e = rel_err(got.iter(), want.iter());
     assert!(

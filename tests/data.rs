@@ -47,12 +47,8 @@ fn write_archive(path: &Path, files: &[(String, Vec<u8>)]) {
         h.set_size(bytes.len() as u64);
         h.set_mode(0o644);
         h.set_cksum();
-        tar.append_data(
-            &mut h,
-            format!("cifar-10-batches-bin/{name}"),
-            bytes.as_slice(),
-        )
-        .unwrap();
+        tar.append_data(&mut h, format!("cifar-10-batches-bin/{name}"), bytes.as_slice())
+            .unwrap();
     }
     tar.into_inner().unwrap().finish().unwrap().flush().unwrap();
 }
@@ -85,10 +81,7 @@ fn reads_archive_with_members_in_any_order() {
     write_archive(&path, &f);
     // Both the file and its directory locate it.
     assert_eq!(cifar::locate(&path).unwrap(), Source::Archive(path.clone()));
-    assert_eq!(
-        cifar::locate(tmp.path()).unwrap(),
-        Source::Archive(path.clone())
-    );
+    assert_eq!(cifar::locate(tmp.path()).unwrap(), Source::Archive(path.clone()));
     let train = cifar::load_split(&Source::Archive(path.clone()), Split::Train).unwrap();
     let tags: Vec<u8> = (0..10).map(|i| train.image(i)[0]).collect();
     assert_eq!(tags, vec![10, 11, 20, 21, 30, 31, 40, 41, 50, 51]);
@@ -127,19 +120,14 @@ fn label_above_nine_names_file_and_record() {
 #[test]
 fn missing_member_and_missing_dataset() {
     let tmp = tempfile::tempdir().unwrap();
-    let f: Vec<_> = files(1)
-        .into_iter()
-        .filter(|(n, _)| n != "test_batch.bin")
-        .collect();
+    let f: Vec<_> = files(1).into_iter().filter(|(n, _)| n != "test_batch.bin").collect();
     write_dir(tmp.path(), &f);
     let src = cifar::locate(tmp.path()).unwrap();
     assert!(
         cifar::load_split(&src, Split::Train).is_ok(),
         "train does not need the test file"
     );
-    let msg = cifar::load_split(&src, Split::Test)
-        .unwrap_err()
-        .to_string();
+    let msg = cifar::load_split(&src, Split::Test).unwrap_err().to_string();
     assert!(msg.contains("test_batch.bin"), "{msg}");
     let empty = tempfile::tempdir().unwrap();
     let msg = cifar::locate(empty.path()).unwrap_err().to_string();
@@ -150,10 +138,7 @@ fn missing_member_and_missing_dataset() {
     let msg = cifar::load_split(&Source::Archive(path), Split::Test)
         .unwrap_err()
         .to_string();
-    assert!(
-        msg.contains("a.tar.gz") && msg.contains("test_batch.bin"),
-        "{msg}"
-    );
+    assert!(msg.contains("a.tar.gz") && msg.contains("test_batch.bin"), "{msg}");
 }
 
 #[test]
@@ -181,10 +166,7 @@ fn truncated_or_corrupt_archive_is_an_error_not_a_panic() {
     std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
     let err = cifar::load_split(&Source::Archive(cut), Split::Test).unwrap_err();
     assert!(
-        matches!(
-            err,
-            DataError::Archive { .. } | DataError::MissingMember { .. }
-        ),
+        matches!(err, DataError::Archive { .. } | DataError::MissingMember { .. }),
         "{err}"
     );
     assert!(err.to_string().contains("cut.tar.gz"), "{err}");

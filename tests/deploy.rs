@@ -78,9 +78,7 @@ fn saved(dir: &Path, hidden: Option<usize>) -> PathBuf {
         config: Some(c),
     };
     let p = dir.join("model.npz");
-    SavedModel::new(&base, &s.block5, &s.head, meta)
-        .save(&p)
-        .unwrap();
+    SavedModel::new(&base, &s.block5, &s.head, meta).save(&p).unwrap();
     p
 }
 
@@ -94,11 +92,7 @@ fn saved_model_round_trip_and_run_directory() {
         assert_eq!(m.meta, by_dir.meta);
         assert_eq!(m.meta.hidden, hidden);
         assert_eq!(m.head.hidden.is_some(), hidden.is_some());
-        assert_eq!(
-            m.base.digest(),
-            fake_vgg(21).digest(),
-            "untrained block5 = base"
-        );
+        assert_eq!(m.base.digest(), fake_vgg(21).digest(), "untrained block5 = base");
         assert_eq!(m.meta.class_names.len(), 10);
     }
 }
@@ -125,10 +119,7 @@ fn bad_models_are_refused_clearly() {
     let w = tmp.path().join("w.npz");
     m.base.save_npz(&w).unwrap();
     let e = SavedModel::load(&w).err().unwrap().to_string();
-    assert!(
-        e.contains("w.npz") && e.contains("not a vgg16-cpu model"),
-        "{e}"
-    );
+    assert!(e.contains("w.npz") && e.contains("not a vgg16-cpu model"), "{e}");
     // A mis-shaped head.
     let mut head = m.head.clone();
     head.out.w = ndarray::Array2::zeros((512, 7));
@@ -142,15 +133,9 @@ fn bad_models_are_refused_clearly() {
     .save(&r)
     .unwrap();
     let e = SavedModel::load(&r).err().unwrap().to_string();
-    assert!(
-        e.contains("shape.npz") && e.contains("classification"),
-        "{e}"
-    );
+    assert!(e.contains("shape.npz") && e.contains("classification"), "{e}");
     // Missing file.
-    let e = SavedModel::load(&tmp.path().join("nope"))
-        .err()
-        .unwrap()
-        .to_string();
+    let e = SavedModel::load(&tmp.path().join("nope")).err().unwrap().to_string();
     assert!(e.contains("nope"), "{e}");
 }
 
@@ -215,10 +200,7 @@ fn check_png(path: &Path, size: (u32, u32)) {
         .to_rgb8();
     assert_eq!(img.dimensions(), size);
     let dark = img.pixels().filter(|p| p.0.iter().all(|&c| c < 80)).count();
-    let white = img
-        .pixels()
-        .filter(|p| p.0.iter().all(|&c| c > 245))
-        .count();
+    let white = img.pixels().filter(|p| p.0.iter().all(|&c| c > 245)).count();
     let n = (size.0 * size.1) as usize;
     assert!(
         dark > n / 500,
@@ -229,12 +211,7 @@ fn check_png(path: &Path, size: (u32, u32)) {
     let mut colours: Vec<[u8; 3]> = img.pixels().map(|p| p.0).collect();
     colours.sort();
     colours.dedup();
-    assert!(
-        colours.len() > 20,
-        "{}: only {} colours",
-        path.display(),
-        colours.len()
-    );
+    assert!(colours.len() > 20, "{}: only {} colours", path.display(), colours.len());
 }
 
 #[test]
@@ -309,10 +286,7 @@ fn predict_png_jpeg_bmp_and_a_bad_file() {
     args.push(bad.to_string_lossy().into());
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
     let o = vgg16(&argv);
-    assert!(
-        !o.status.success(),
-        "an unreadable file makes the exit status non-zero"
-    );
+    assert!(!o.status.success(), "an unreadable file makes the exit status non-zero");
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("broken.png"), "{err}");
     let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout)

@@ -40,7 +40,9 @@ fn serve(body: Arc<Vec<u8>>, b: Behaviour, max_requests: usize) -> String {
             }
             let (status, from) = if b.honour_range && start > 0 {
                 if start >= body.len() {
-                    let _ = stream.write_all(b"HTTP/1.1 416 Range Not Satisfiable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+                    let _ = stream.write_all(
+                        b"HTTP/1.1 416 Range Not Satisfiable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                    );
                     continue;
                 }
                 ("206 Partial Content", start)
@@ -95,10 +97,7 @@ fn downloads_verifies_and_then_finds_it_present() {
         }
     );
     assert_eq!(std::fs::read(&dest).unwrap(), *body);
-    assert_eq!(
-        fetch(&url, &md5, &dest, |_, _| {}).unwrap(),
-        Fetched::AlreadyPresent
-    );
+    assert_eq!(fetch(&url, &md5, &dest, |_, _| {}).unwrap(), Fetched::AlreadyPresent);
 }
 
 #[test]
@@ -187,9 +186,7 @@ fn http_error_status_is_reported() {
         if let Some(Ok(mut s)) = listener.incoming().next() {
             let mut buf = [0u8; 1024];
             let _ = s.read(&mut buf);
-            let _ = s.write_all(
-                b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-            );
+            let _ = s.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
         }
     });
     let tmp = tempfile::tempdir().unwrap();
@@ -230,10 +227,7 @@ fn cli_fetches_the_shared_archive_with_resume() {
             .unwrap()
     };
     let first = run();
-    assert!(
-        !first.status.success(),
-        "the first, cut, download must fail"
-    );
+    assert!(!first.status.success(), "the first, cut, download must fail");
     let second = run();
     let err = String::from_utf8_lossy(&second.stderr);
     assert!(second.status.success(), "{err}");

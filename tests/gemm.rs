@@ -87,13 +87,7 @@ fn transposed_and_strided_views() {
         let b = rand2(&mut r, (600, 90), -1.0, 1.0);
         let want = ref_gemm(at.t(), b.view());
         let mut big = Array2::from_elem((150, 200), f32::NAN);
-        sgemm_with(
-            backend,
-            at.t(),
-            b.view(),
-            big.slice_mut(s![.., 50..140]),
-            false,
-        );
+        sgemm_with(backend, at.t(), b.view(), big.slice_mut(s![.., 50..140]), false);
         let got = big.slice(s![.., 50..140]).to_owned();
         let e = rel_err(got.iter(), want.iter());
         assert!(e <= tol::F32_FORWARD, "{backend:?}: transposed A error {e}");

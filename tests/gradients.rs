@@ -60,14 +60,9 @@ fn sample4(r: &mut impl Rng, d: (usize, usize, usize, usize)) -> (usize, usize, 
 /// relu_backward, as the network does.
 #[test]
 fn conv_backward_matches_finite_differences() {
-    for (case, &(n, h, w, cin, cout)) in [
-        (2, 5, 4, 3, 4),
-        (1, 7, 7, 8, 6),
-        (3, 2, 2, 5, 3),
-        (2, 14, 14, 16, 16),
-    ]
-    .iter()
-    .enumerate()
+    for (case, &(n, h, w, cin, cout)) in [(2, 5, 4, 3, 4), (1, 7, 7, 8, 6), (3, 2, 2, 5, 3), (2, 14, 14, 16, 16)]
+        .iter()
+        .enumerate()
     {
         let mut r = rng(500 + case as u64);
         let x = rand4(&mut r, (n, h, w, cin), -1.0, 1.0);
@@ -102,9 +97,7 @@ fn conv_backward_matches_finite_differences() {
             b.mapv(|v| v as f64),
             to64_4(rr.view()),
         );
-        let loss = |x: &Array4<f64>, k: &Array4<f64>, b: &Array1<f64>| {
-            dot4(&ref_conv(x, k, Some(b), true), &r64)
-        };
+        let loss = |x: &Array4<f64>, k: &Array4<f64>, b: &Array1<f64>| dot4(&ref_conv(x, k, Some(b), true), &r64);
         for _ in 0..SAMPLES {
             let i = sample4(&mut r, k.dim());
             assert_grad(
@@ -189,11 +182,7 @@ fn dense_backward_matches_finite_differences() {
     let w = rand2(&mut r, (i_n, o_n), -0.5, 0.5);
     let b = rand1(&mut r, o_n, -0.5, 0.5);
     let y = dense_forward(x.view(), w.view(), b.view());
-    let (x64, w64, b64) = (
-        x.mapv(|v| v as f64),
-        w.mapv(|v| v as f64),
-        b.mapv(|v| v as f64),
-    );
+    let (x64, w64, b64) = (x.mapv(|v| v as f64), w.mapv(|v| v as f64), b.mapv(|v| v as f64));
     assert!(rel_err(y.iter(), ref_dense(&x64, &w64, &b64).iter()) <= tol::F32_FORWARD);
     let rr = rand2(&mut r, y.dim(), -1.0, 1.0);
     let r64 = rr.mapv(|v| v as f64);

@@ -18,10 +18,7 @@ const PARITY_REL: f32 = 1e-4;
 
 fn compare(what: &str, got: &ArrayD<f32>, want: &ArrayD<f32>) -> f32 {
     assert_eq!(got.shape(), want.shape(), "{what}: shape");
-    let scale = want
-        .iter()
-        .fold(0.0f32, |m, v| m.max(v.abs()))
-        .max(f32::MIN_POSITIVE);
+    let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(f32::MIN_POSITIVE);
     let diff = got
         .iter()
         .zip(want.iter())
@@ -40,10 +37,8 @@ fn matches_reference_activations_at_32_64_224() {
     let Some(shared) = common::shared_or_skip("parity") else {
         return;
     };
-    let model =
-        Vgg16::load_npz(&shared.join("weights/vgg16_imagenet_notop.npz")).expect("shared weights");
-    let source =
-        cifar::locate(&shared.join("data/cifar-10-binary.tar.gz")).expect("shared archive");
+    let model = Vgg16::load_npz(&shared.join("weights/vgg16_imagenet_notop.npz")).expect("shared weights");
+    let source = cifar::locate(&shared.join("data/cifar-10-binary.tar.gz")).expect("shared archive");
     let test = cifar::load_split(&source, Split::Test).expect("test split");
     for size in [32usize, 64, 224] {
         let path = shared.join(format!("fixtures/vgg16_reference/reference_{size}.npz"));
@@ -83,11 +78,7 @@ fn matches_reference_activations_at_32_64_224() {
         compare("preprocessed", &pre, &get(&mut npz, "preprocessed"));
         let mut rs = vec![0.0f32; n * size * size * 3];
         for j in 0..n {
-            let src = pre
-                .index_axis(Axis(0), j)
-                .to_owned()
-                .into_raw_vec_and_offset()
-                .0;
+            let src = pre.index_axis(Axis(0), j).to_owned().into_raw_vec_and_offset().0;
             resize_bilinear(
                 &src,
                 32,
@@ -104,11 +95,7 @@ fn matches_reference_activations_at_32_64_224() {
         // The network, from the records through the batch pipeline.
         let recs: Vec<&[u8]> = idx.iter().map(|&i| test.image(i)).collect();
         let x = preprocess_batch(&recs, size);
-        compare(
-            "batch input",
-            &x.clone().into_dyn(),
-            &get(&mut npz, "resized"),
-        );
+        compare("batch input", &x.clone().into_dyn(), &get(&mut npz, "resized"));
         let mut acts = std::collections::HashMap::new();
         let y = model.forward_range(x, 0..LAYERS.len(), &mut |i, a| {
             acts.insert(LAYERS[i].name, a.clone().into_dyn());
@@ -120,11 +107,7 @@ fn matches_reference_activations_at_32_64_224() {
                 checked += 1;
             }
         }
-        compare(
-            "gap",
-            &gap_forward(y.view()).into_dyn(),
-            &get(&mut npz, "gap"),
-        );
+        compare("gap", &gap_forward(y.view()).into_dyn(), &get(&mut npz, "gap"));
         assert!(
             checked >= 2,
             "reference_{size}.npz: expected layer arrays, found {names:?}"

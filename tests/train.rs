@@ -10,9 +10,7 @@ use vgg16_cpu::cache::{self, CacheKey, Dtype};
 use vgg16_cpu::data::cifar::{self, Split};
 use vgg16_cpu::model::*;
 use vgg16_cpu::tensor::ops::softmax_cross_entropy;
-use vgg16_cpu::train::{
-    self as tr, Cached, Features, Inputs, Live, StageConfig, State, TrainConfig,
-};
+use vgg16_cpu::train::{self as tr, Cached, Features, Inputs, Live, StageConfig, State, TrainConfig};
 use vgg16_cpu::vgg::ConvParams;
 
 // ------------------------------------------------------------ gradient
@@ -61,11 +59,7 @@ fn tiny(seed: u64, hidden: bool) -> Tiny {
 }
 
 /// The same network in f64 from the nested-loop references.
-fn ref_loss(
-    t: &Tiny,
-    convs: &[(Array4<f64>, Array1<f64>)],
-    head: &[(Array2<f64>, Array1<f64>)],
-) -> f64 {
+fn ref_loss(t: &Tiny, convs: &[(Array4<f64>, Array1<f64>)], head: &[(Array2<f64>, Array1<f64>)]) -> f64 {
     let mut x = to64_4(t.x4.view());
     for (w, b) in convs {
         x = ref_conv(&x, w, Some(b), true);
@@ -86,12 +80,7 @@ fn min_preact(t: &Tiny) -> f64 {
     let mut x = to64_4(t.x4.view());
     let mut m = f64::INFINITY;
     for p in &t.convs {
-        let z = ref_conv(
-            &x,
-            &to64_4(p.w.view()),
-            Some(&p.b.mapv(|v| v as f64)),
-            false,
-        );
+        let z = ref_conv(&x, &to64_4(p.w.view()), Some(&p.b.mapv(|v| v as f64)), false);
         m = m.min(z.iter().fold(f64::INFINITY, |a, v| a.min(v.abs())));
         x = z.mapv(|v| v.max(0.0));
     }
@@ -363,8 +352,7 @@ fn small_real_run_learns() {
     let Some(shared) = shared_or_skip("small_real_run_learns") else {
         return;
     };
-    let model =
-        vgg16_cpu::vgg::Vgg16::load_npz(&shared.join("weights/vgg16_imagenet_notop.npz")).unwrap();
+    let model = vgg16_cpu::vgg::Vgg16::load_npz(&shared.join("weights/vgg16_imagenet_notop.npz")).unwrap();
     let src = cifar::locate(&sample_dir()).unwrap();
     let train = cifar::load_split(&src, Split::Train).unwrap();
     let test = cifar::load_split(&src, Split::Test).unwrap();

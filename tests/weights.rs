@@ -70,17 +70,12 @@ fn wrong_shape_is_named() {
     let p = tmp.path().join("w.npz");
     // A kernel in (out, in, kh, kw) order instead of Keras's layout.
     write_npz(&p, |a| {
-        let e = a
-            .iter_mut()
-            .find(|(k, _)| k == "block1_conv1/kernel")
-            .unwrap();
+        let e = a.iter_mut().find(|(k, _)| k == "block1_conv1/kernel").unwrap();
         e.1 = ndarray::ArrayD::zeros(vec![64, 3, 3, 3]);
     });
     let msg = Vgg16::load_npz(&p).unwrap_err().to_string();
     assert!(
-        msg.contains("block1_conv1/kernel")
-            && msg.contains("[64, 3, 3, 3]")
-            && msg.contains("[3, 3, 3, 64]"),
+        msg.contains("block1_conv1/kernel") && msg.contains("[64, 3, 3, 3]") && msg.contains("[3, 3, 3, 64]"),
         "{msg}"
     );
 }
@@ -90,18 +85,12 @@ fn nan_and_inf_are_rejected() {
     let tmp = tempfile::tempdir().unwrap();
     let p = tmp.path().join("w.npz");
     write_npz(&p, |a| {
-        let e = a
-            .iter_mut()
-            .find(|(k, _)| k == "block5_conv3/kernel")
-            .unwrap();
+        let e = a.iter_mut().find(|(k, _)| k == "block5_conv3/kernel").unwrap();
         e.1[[0, 1, 2, 3]] = f32::NAN;
         e.1[[1, 1, 2, 3]] = f32::INFINITY;
     });
     let err = Vgg16::load_npz(&p).unwrap_err();
-    assert!(
-        matches!(err, WeightsError::NotFinite { bad: 2, .. }),
-        "{err}"
-    );
+    assert!(matches!(err, WeightsError::NotFinite { bad: 2, .. }), "{err}");
     assert!(err.to_string().contains("block5_conv3/kernel"), "{err}");
 }
 
@@ -111,13 +100,8 @@ fn not_an_npz_and_missing_file() {
     let p = tmp.path().join("w.npz");
     std::fs::write(&p, b"definitely not a zip archive").unwrap();
     let msg = Vgg16::load_npz(&p).unwrap_err().to_string();
-    assert!(
-        msg.contains("w.npz") && msg.contains("not a valid .npz"),
-        "{msg}"
-    );
-    let msg = Vgg16::load_npz(&tmp.path().join("nope.npz"))
-        .unwrap_err()
-        .to_string();
+    assert!(msg.contains("w.npz") && msg.contains("not a valid .npz"), "{msg}");
+    let msg = Vgg16::load_npz(&tmp.path().join("nope.npz")).unwrap_err().to_string();
     assert!(msg.contains("nope.npz"), "{msg}");
 }
 
@@ -125,11 +109,7 @@ fn onnx_model(m: &Vgg16, skip: Option<&str>) -> Vec<u8> {
     let mut init = Vec::new();
     for ((_, name, cin, cout), p) in convs().zip(&m.convs) {
         // ONNX stores (out, in, kh, kw).
-        let oihw =
-            p.w.view()
-                .permuted_axes([3, 2, 0, 1])
-                .as_standard_layout()
-                .into_owned();
+        let oihw = p.w.view().permuted_axes([3, 2, 0, 1]).as_standard_layout().into_owned();
         let kname = format!("functional_1/{name}_1/convolution/ReadVariableOp:0");
         if skip != Some(name) {
             init.push(TensorProto {

@@ -26,28 +26,20 @@ pub const META_NAME: &str = "batches.meta.txt";
 pub enum DataError {
     #[error("no CIFAR-10 found at {0}: expected {ARCHIVE_NAME} or a {DIR_NAME}/ directory (run `vgg16 data fetch`)")]
     NotFound(PathBuf),
-    #[error("{path}: missing {member} (a CIFAR-10 binary dataset has data_batch_1..5.bin, test_batch.bin and {META_NAME})")]
+    #[error(
+        "{path}: missing {member} (a CIFAR-10 binary dataset has data_batch_1..5.bin, test_batch.bin and {META_NAME})"
+    )]
     MissingMember { path: PathBuf, member: String },
     #[error("{path}: {len} bytes is not a whole number of {RECORD_BYTES}-byte records")]
     BadSize { path: PathBuf, len: usize },
     #[error("{path}: record {record} has label {label}, expected 0..9")]
-    BadLabel {
-        path: PathBuf,
-        record: usize,
-        label: u8,
-    },
+    BadLabel { path: PathBuf, record: usize, label: u8 },
     #[error("{path}: {found} class names, expected {NUM_CLASSES} (one a line)")]
     BadMeta { path: PathBuf, found: usize },
     #[error("{path}: corrupt or truncated archive: {source}")]
-    Archive {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Archive { path: PathBuf, source: std::io::Error },
     #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -174,12 +166,7 @@ pub fn load_split(source: &Source, split: Split) -> Result<Dataset, DataError> {
 
 /// Appends the records of one batch file to `images` / `labels`, checking
 /// the size and every label.
-pub fn parse_records(
-    path: &Path,
-    bytes: &[u8],
-    images: &mut Vec<u8>,
-    labels: &mut Vec<u8>,
-) -> Result<(), DataError> {
+pub fn parse_records(path: &Path, bytes: &[u8], images: &mut Vec<u8>, labels: &mut Vec<u8>) -> Result<(), DataError> {
     if !bytes.len().is_multiple_of(RECORD_BYTES) {
         return Err(DataError::BadSize {
             path: path.to_path_buf(),

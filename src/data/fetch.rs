@@ -21,11 +21,10 @@ pub enum FetchError {
     #[error("download of {url} failed: {msg}")]
     Http { url: String, msg: String },
     #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{path}: MD5 is {got}, expected {expected}: the download is corrupt and was deleted; run the command again")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error(
+        "{path}: MD5 is {got}, expected {expected}: the download is corrupt and was deleted; run the command again"
+    )]
     Checksum {
         path: PathBuf,
         expected: String,
@@ -89,10 +88,7 @@ pub fn fetch(
         msg,
     };
 
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .build()
-        .into();
+    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
     let mut req = agent.get(url);
     if have > 0 {
         req = req.header("Range", &format!("bytes={have}-"));
@@ -100,13 +96,7 @@ pub fn fetch(
     let mut resp = req.call().map_err(|e| http(e.to_string()))?;
     let status = resp.status().as_u16();
     let (mut file, start) = match status {
-        206 => (
-            OpenOptions::new()
-                .append(true)
-                .open(&part)
-                .map_err(io(&part))?,
-            have,
-        ),
+        206 => (OpenOptions::new().append(true).open(&part).map_err(io(&part))?, have),
         200 => (File::create(&part).map_err(io(&part))?, 0),
         416 if have > 0 => {
             // Nothing left to send: the part may already be whole.
@@ -125,11 +115,9 @@ pub fn fetch(
     let mut done = start;
     progress(done, total);
     loop {
-        let n = body.read(&mut buf).map_err(|e| {
-            http(format!(
-                "connection lost after {done} bytes ({e}); run again to resume"
-            ))
-        })?;
+        let n = body
+            .read(&mut buf)
+            .map_err(|e| http(format!("connection lost after {done} bytes ({e}); run again to resume")))?;
         if n == 0 {
             break;
         }
@@ -149,13 +137,7 @@ pub fn fetch(
     finish(&part, dest, md5, done, start)
 }
 
-fn finish(
-    part: &Path,
-    dest: &Path,
-    md5: &str,
-    bytes: u64,
-    resumed_from: u64,
-) -> Result<Fetched, FetchError> {
+fn finish(part: &Path, dest: &Path, md5: &str, bytes: u64, resumed_from: u64) -> Result<Fetched, FetchError> {
     let got = md5_file(part)?;
     if got != md5 {
         let _ = std::fs::remove_file(part);
@@ -166,8 +148,5 @@ fn finish(
         });
     }
     std::fs::rename(part, dest).map_err(io(dest))?;
-    Ok(Fetched::Downloaded {
-        bytes,
-        resumed_from,
-    })
+    Ok(Fetched::Downloaded { bytes, resumed_from })
 }

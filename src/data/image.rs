@@ -9,18 +9,14 @@ use rayon::prelude::*;
 pub const MEANS_BGR: [f32; 3] = [103.939, 116.779, 123.68];
 
 /// The preprocessing this crate applies, as recorded in caches and models.
-pub const PREPROCESSING: &str = "keras-vgg16-caffe: RGB->BGR, minus B 103.939 G 116.779 R 123.68; bilinear half-pixel resize, no antialias";
+pub const PREPROCESSING: &str =
+    "keras-vgg16-caffe: RGB->BGR, minus B 103.939 G 116.779 R 123.68; bilinear half-pixel resize, no antialias";
 
 /// One planar-RGB CIFAR record (3 x 32 x 32 bytes) -> (32, 32, 3) BGR f32,
 /// mean-subtracted, HWC order.
 pub fn preprocess_planar(rgb: &[u8], side: usize, out: &mut [f32]) {
     let plane = side * side;
-    assert_eq!(
-        rgb.len(),
-        3 * plane,
-        "preprocess: expected {} bytes",
-        3 * plane
-    );
+    assert_eq!(rgb.len(), 3 * plane, "preprocess: expected {} bytes", 3 * plane);
     assert_eq!(
         out.len(),
         3 * plane,
@@ -28,11 +24,7 @@ pub fn preprocess_planar(rgb: &[u8], side: usize, out: &mut [f32]) {
         3 * plane
     );
     for p in 0..plane {
-        let (r, g, b) = (
-            rgb[p] as f32,
-            rgb[plane + p] as f32,
-            rgb[2 * plane + p] as f32,
-        );
+        let (r, g, b) = (rgb[p] as f32, rgb[plane + p] as f32, rgb[2 * plane + p] as f32);
         out[3 * p] = b - MEANS_BGR[0];
         out[3 * p + 1] = g - MEANS_BGR[1];
         out[3 * p + 2] = r - MEANS_BGR[2];
@@ -41,15 +33,7 @@ pub fn preprocess_planar(rgb: &[u8], side: usize, out: &mut [f32]) {
 
 /// Bilinear resize of one HWC image, half-pixel centers, no antialias:
 /// source coordinate = (dst + 0.5) * in/out - 0.5, clamped to the edge.
-pub fn resize_bilinear(
-    src: &[f32],
-    h: usize,
-    w: usize,
-    c: usize,
-    oh: usize,
-    ow: usize,
-    dst: &mut [f32],
-) {
+pub fn resize_bilinear(src: &[f32], h: usize, w: usize, c: usize, oh: usize, ow: usize, dst: &mut [f32]) {
     assert_eq!(src.len(), h * w * c);
     assert_eq!(dst.len(), oh * ow * c);
     if h == oh && w == ow {

@@ -64,10 +64,7 @@ impl ConvPlan {
         // Still short of jobs: split the output channels too.
         let mut cout_parts = 1;
         if tiles < TARGET_JOBS {
-            cout_parts = TARGET_JOBS
-                .div_ceil(tiles)
-                .min(cout.div_ceil(MIN_TILE_COUT))
-                .max(1);
+            cout_parts = TARGET_JOBS.div_ceil(tiles).min(cout.div_ceil(MIN_TILE_COUT)).max(1);
         }
         let couts = cout.div_ceil(cout_parts).max(1);
         ConvPlan { pixels, couts }
@@ -78,15 +75,8 @@ impl ConvPlan {
 fn dims(x: &ArrayView4<f32>, w: &ArrayView4<f32>) -> (usize, usize, usize, usize, usize) {
     let (n, h, wd, cin) = x.dim();
     let (kh, kw, wcin, cout) = w.dim();
-    assert_eq!(
-        (kh, kw),
-        (3, 3),
-        "conv3x3: kernel must be 3x3, is {kh}x{kw}"
-    );
-    assert_eq!(
-        wcin, cin,
-        "conv3x3: input has {cin} channels, kernel expects {wcin}"
-    );
+    assert_eq!((kh, kw), (3, 3), "conv3x3: kernel must be 3x3, is {kh}x{kw}");
+    assert_eq!(wcin, cin, "conv3x3: input has {cin} channels, kernel expects {wcin}");
     (n, h, wd, cin, cout)
 }
 
@@ -158,18 +148,9 @@ pub fn conv3x3_forward_into(
 ) {
     let (n, h, wd, cin, cout) = dims(&x, &w);
     let m = n * h * wd;
-    assert_eq!(
-        out.dim(),
-        (m, cout),
-        "conv3x3: output must be ({m}, {cout})"
-    );
+    assert_eq!(out.dim(), (m, cout), "conv3x3: output must be ({m}, {cout})");
     if let Some(b) = &bias {
-        assert_eq!(
-            b.len(),
-            cout,
-            "conv3x3: bias has {} entries, expected {cout}",
-            b.len()
-        );
+        assert_eq!(b.len(), cout, "conv3x3: bias has {} entries, expected {cout}", b.len());
     }
     if m == 0 || cout == 0 {
         return;
@@ -185,15 +166,7 @@ pub fn conv3x3_forward_into(
     let bias = bias.map(|b| b.to_owned());
     if let Some(classes) = tap_classes(h, wd) {
         let b = bias.as_ref().map(|b| b.as_slice().expect("owned"));
-        conv_small_into(
-            xs,
-            (n, h, wd, cin),
-            Kernel::Forward(w2),
-            b,
-            relu,
-            &classes,
-            out,
-        );
+        conv_small_into(xs, (n, h, wd, cin), Kernel::Forward(w2), b, relu, &classes, out);
         return;
     }
 
@@ -204,8 +177,7 @@ pub fn conv3x3_forward_into(
             let (rows, cols) = tile.dim();
             col.resize(rows * 9 * cin, 0.0);
             im2col(xs, h, wd, cin, p0, rows, col);
-            let col_v = ArrayView2::from_shape((rows, 9 * cin), &col[..rows * 9 * cin])
-                .expect("sized above");
+            let col_v = ArrayView2::from_shape((rows, 9 * cin), &col[..rows * 9 * cin]).expect("sized above");
             // (rows, cols) = (rows, 9*Cin) x (9*Cin, cols)
             sgemm_serial(
                 Backend::DEFAULT,
@@ -214,9 +186,7 @@ pub fn conv3x3_forward_into(
                 tile.view_mut(),
                 false,
             );
-            let b = bias
-                .as_ref()
-                .map(|b| &b.as_slice().expect("owned")[c0..c0 + cols]);
+            let b = bias.as_ref().map(|b| &b.as_slice().expect("owned")[c0..c0 + cols]);
             bias_relu(tile, b, relu);
         });
 }
@@ -297,12 +267,7 @@ fn class_pixels(c: &TapClass, n: usize, h: usize, w: usize) -> Vec<usize> {
 }
 
 /// The class's compact im2col: (pixels, taps*Cin), taps ky-major.
-fn class_col(
-    xs: &[f32],
-    dims: (usize, usize, usize, usize),
-    c: &TapClass,
-    pixels: &[usize],
-) -> Vec<f32> {
+fn class_col(xs: &[f32], dims: (usize, usize, usize, usize), c: &TapClass, pixels: &[usize]) -> Vec<f32> {
     let (_, h, w, cin) = dims;
     let k = c.taps() * cin;
     let mut col = vec![0.0f32; pixels.len() * k];
@@ -421,10 +386,7 @@ fn conv_small_into(
     for mut row in out.rows_mut() {
         let row = row.as_slice_mut().expect("contiguous rows");
         match (bias, relu) {
-            (Some(b), true) => row
-                .iter_mut()
-                .zip(b)
-                .for_each(|(v, &bb)| *v = (*v + bb).max(0.0)),
+            (Some(b), true) => row.iter_mut().zip(b).for_each(|(v, &bb)| *v = (*v + bb).max(0.0)),
             (Some(b), false) => row.iter_mut().zip(b).for_each(|(v, &bb)| *v += bb),
             (None, true) => row.iter_mut().for_each(|v| *v = v.max(0.0)),
             (None, false) => {}
@@ -470,10 +432,7 @@ fn bias_relu(mut tile: ArrayViewMut2<f32>, bias: Option<&[f32]>, relu: bool) {
     for mut row in tile.rows_mut() {
         let row = row.as_slice_mut().expect("tile rows are contiguous");
         match (bias, relu) {
-            (Some(b), true) => row
-                .iter_mut()
-                .zip(b)
-                .for_each(|(v, &bb)| *v = (*v + bb).max(0.0)),
+            (Some(b), true) => row.iter_mut().zip(b).for_each(|(v, &bb)| *v = (*v + bb).max(0.0)),
             (Some(b), false) => row.iter_mut().zip(b).for_each(|(v, &bb)| *v += bb),
             (None, true) => row.iter_mut().for_each(|v| *v = v.max(0.0)),
             (None, false) => {}
@@ -528,12 +487,7 @@ pub fn flip_kernel(w: ArrayView4<f32>) -> Array4<f32> {
 /// at the pre-activation output (apply [`crate::tensor::ops::relu_backward`]
 /// first when the layer has a ReLU). `dx` is computed only when `need_dx`
 /// (the lowest trainable layer skips it).
-pub fn conv3x3_backward(
-    x: ArrayView4<f32>,
-    w: ArrayView4<f32>,
-    dz: ArrayView4<f32>,
-    need_dx: bool,
-) -> ConvGrads {
+pub fn conv3x3_backward(x: ArrayView4<f32>, w: ArrayView4<f32>, dz: ArrayView4<f32>, need_dx: bool) -> ConvGrads {
     let (n, h, wd, cin, cout) = dims(&x, &w);
     assert_eq!(
         dz.dim(),
@@ -545,10 +499,7 @@ pub fn conv3x3_backward(
     let x = x.as_standard_layout();
     let xs = x.as_slice().expect("standard layout");
     let dz_std = dz.as_standard_layout();
-    let dz2 = dz_std
-        .view()
-        .into_shape_with_order((m, cout))
-        .expect("standard layout");
+    let dz2 = dz_std.view().into_shape_with_order((m, cout)).expect("standard layout");
 
     // dW (9*Cin, Cout) = sum over pixel chunks of col^T (9*Cin, Pc) x dZ (Pc, Cout).
     let mut dw2 = Array2::<f32>::zeros((k, cout));
@@ -556,9 +507,7 @@ pub fn conv3x3_backward(
     if let (Some(classes), true) = (&small, m > 0 && k > 0) {
         dw_small(xs, (n, h, wd, cin), dz2, classes, &mut dw2);
     } else if m > 0 && k > 0 {
-        let chunk_rows = (COL_TILE_BYTES / (k * std::mem::size_of::<f32>()))
-            .max(1)
-            .min(m);
+        let chunk_rows = (COL_TILE_BYTES / (k * std::mem::size_of::<f32>())).max(1).min(m);
         let mut col = vec![0.0f32; chunk_rows * k];
         const BUILD_ROWS: usize = 64;
         for (ci, p0) in (0..m).step_by(chunk_rows).enumerate() {
@@ -566,46 +515,26 @@ pub fn conv3x3_backward(
             col[..rows * k]
                 .par_chunks_mut(BUILD_ROWS * k)
                 .enumerate()
-                .for_each(|(bi, part)| {
-                    im2col(xs, h, wd, cin, p0 + bi * BUILD_ROWS, part.len() / k, part)
-                });
+                .for_each(|(bi, part)| im2col(xs, h, wd, cin, p0 + bi * BUILD_ROWS, part.len() / k, part));
             let col_v = ArrayView2::from_shape((rows, k), &col[..rows * k]).expect("sized above");
-            sgemm(
-                col_v.t(),
-                dz2.slice(s![p0..p0 + rows, ..]),
-                dw2.view_mut(),
-                ci > 0,
-            );
+            sgemm(col_v.t(), dz2.slice(s![p0..p0 + rows, ..]), dw2.view_mut(), ci > 0);
         }
     }
-    let dw = dw2
-        .into_shape_with_order((3, 3, cin, cout))
-        .expect("contiguous");
+    let dw = dw2.into_shape_with_order((3, 3, cin, cout)).expect("contiguous");
 
     let db = column_sums(dz2);
     let dx = need_dx.then(|| match &small {
         // Small images: the transposed conv reads W through transposed views.
         Some(classes) => {
             let w = w.as_standard_layout();
-            let w2 = w
-                .view()
-                .into_shape_with_order((k, cout))
-                .expect("standard layout");
+            let w2 = w.view().into_shape_with_order((k, cout)).expect("standard layout");
             let mut dx = Array4::<f32>::zeros((n, h, wd, cin));
             let out = dx
                 .view_mut()
                 .into_shape_with_order((m, cin))
                 .expect("fresh array is contiguous");
             let dzs = dz_std.as_slice().expect("standard layout");
-            conv_small_into(
-                dzs,
-                (n, h, wd, cout),
-                Kernel::Transposed(w2),
-                None,
-                false,
-                classes,
-                out,
-            );
+            conv_small_into(dzs, (n, h, wd, cout), Kernel::Transposed(w2), None, false, classes, out);
             dx
         }
         None => {
@@ -626,9 +555,7 @@ pub fn column_sums(a: ArrayView2<f32>) -> Array1<f32> {
         .into_par_iter()
         .map(|blk| blk.sum_axis(Axis(0)))
         .collect();
-    partials
-        .into_iter()
-        .fold(Array1::zeros(cols), |acc, p| acc + p)
+    partials.into_iter().fold(Array1::zeros(cols), |acc, p| acc + p)
 }
 
 /// FLOPs of a forward pass (2 per multiply-add, padding taps included).

@@ -126,12 +126,7 @@ pub fn sgemm_with(
     let (m, k) = a.dim();
     let (k2, n) = b.dim();
     assert_eq!(k, k2, "sgemm: A is {m}x{k} but B is {k2}x{n}");
-    assert_eq!(
-        c.dim(),
-        (m, n),
-        "sgemm: C must be {m}x{n}, is {:?}",
-        c.dim()
-    );
+    assert_eq!(c.dim(), (m, n), "sgemm: C must be {m}x{n}, is {:?}", c.dim());
     if m == 0 || n == 0 {
         return;
     }
@@ -160,11 +155,7 @@ pub fn sgemm_with(
 /// Cuts a matrix into disjoint (tm, tn) tiles, row-major order, each with
 /// the (row, column) of its first element. The last row/column of tiles may
 /// be smaller.
-pub fn split_tiles(
-    c: ArrayViewMut2<f32>,
-    tm: usize,
-    tn: usize,
-) -> Vec<(usize, usize, ArrayViewMut2<f32>)> {
+pub fn split_tiles(c: ArrayViewMut2<f32>, tm: usize, tn: usize) -> Vec<(usize, usize, ArrayViewMut2<f32>)> {
     assert!(tm > 0 && tn > 0, "split_tiles: tile sizes must be positive");
     let mut tiles = Vec::new();
     let mut rest_rows = c;
@@ -271,12 +262,7 @@ mod tests {
 
     #[test]
     fn tiles_cover_and_ignore_threads() {
-        for &(m, k, n) in &[
-            (196, 4608, 512),
-            (65536, 576, 64),
-            (7, 3, 5),
-            (3136, 2304, 256),
-        ] {
+        for &(m, k, n) in &[(196, 4608, 512), (65536, 576, 64), (7, 3, 5), (3136, 2304, 256)] {
             let (tm, tn) = tile_shape(m, k, n);
             assert!(tm >= 1 && tn >= 1 && tm <= m.max(1) && tn <= n.max(1));
         }

@@ -89,20 +89,18 @@ pub fn maxpool2x2_backward(
     let (dys, args) = (dy.as_slice().expect("std"), arg.as_slice().expect("std"));
     // One pair of input rows (n, 2*oy, 2*oy+1) per job; rows past 2*ho stay 0.
     let dxs = dx.as_slice_mut().expect("fresh");
-    dxs.par_chunks_mut(h * w * c)
-        .enumerate()
-        .for_each(|(img, dimg)| {
-            for oy in 0..ho {
-                for ox in 0..wo {
-                    for ch in 0..c {
-                        let o = ((img * ho + oy) * wo + ox) * c + ch;
-                        let a = args[o] as usize;
-                        let (iy, ix) = (2 * oy + a / 2, 2 * ox + a % 2);
-                        dimg[(iy * w + ix) * c + ch] = dys[o];
-                    }
+    dxs.par_chunks_mut(h * w * c).enumerate().for_each(|(img, dimg)| {
+        for oy in 0..ho {
+            for ox in 0..wo {
+                for ch in 0..c {
+                    let o = ((img * ho + oy) * wo + ox) * c + ch;
+                    let a = args[o] as usize;
+                    let (iy, ix) = (2 * oy + a / 2, 2 * ox + a % 2);
+                    dimg[(iy * w + ix) * c + ch] = dys[o];
                 }
             }
-        });
+        }
+    });
     dx
 }
 
@@ -140,10 +138,7 @@ pub fn gap_backward(dy: ArrayView2<f32>, h: usize, w: usize) -> Array4<f32> {
 pub fn dense_forward(x: ArrayView2<f32>, w: ArrayView2<f32>, b: ArrayView1<f32>) -> Array2<f32> {
     let (bsz, i) = x.dim();
     let (wi, o) = w.dim();
-    assert_eq!(
-        i, wi,
-        "dense_forward: input has {i} features, weight expects {wi}"
-    );
+    assert_eq!(i, wi, "dense_forward: input has {i} features, weight expects {wi}");
     assert_eq!(b.len(), o, "dense_forward: bias length");
     let mut y = Array2::<f32>::zeros((bsz, o));
     sgemm(x, w, y.view_mut(), false);
@@ -199,10 +194,7 @@ pub fn softmax_cross_entropy(logits: ArrayView2<f32>, labels: &[u8]) -> (f32, Ar
     let mut total = 0.0f64;
     for (i, row) in logits.rows().into_iter().enumerate() {
         let t = labels[i] as usize;
-        assert!(
-            t < k,
-            "softmax_cross_entropy: label {t} out of range 0..{k}"
-        );
+        assert!(t < k, "softmax_cross_entropy: label {t} out of range 0..{k}");
         let mx = row.fold(f32::NEG_INFINITY, |a, &b| a.max(b));
         let sum: f64 = row.iter().map(|&v| ((v - mx) as f64).exp()).sum();
         let lse = mx as f64 + sum.ln();

@@ -33,12 +33,7 @@ pub fn rand_vec(rng: &mut ChaCha8Rng, len: usize, lo: f32, hi: f32) -> Vec<f32> 
     (0..len).map(|_| rng.gen_range(lo..hi)).collect()
 }
 
-pub fn rand4(
-    rng: &mut ChaCha8Rng,
-    d: (usize, usize, usize, usize),
-    lo: f32,
-    hi: f32,
-) -> Array4<f32> {
+pub fn rand4(rng: &mut ChaCha8Rng, d: (usize, usize, usize, usize), lo: f32, hi: f32) -> Array4<f32> {
     Array4::from_shape_vec(d, rand_vec(rng, d.0 * d.1 * d.2 * d.3, lo, hi)).unwrap()
 }
 
@@ -56,10 +51,7 @@ pub fn rand_int2(rng: &mut ChaCha8Rng, d: (usize, usize), lo: i32, hi: i32) -> A
 }
 
 /// max |a - b| / max(1, max |b|)
-pub fn rel_err<'a>(
-    a: impl IntoIterator<Item = &'a f32>,
-    b: impl IntoIterator<Item = &'a f64>,
-) -> f64 {
+pub fn rel_err<'a>(a: impl IntoIterator<Item = &'a f32>, b: impl IntoIterator<Item = &'a f64>) -> f64 {
     let (mut diff, mut scale) = (0.0f64, 1.0f64);
     let (a, b): (Vec<f64>, Vec<f64>) = (
         a.into_iter().map(|&v| v as f64).collect(),
@@ -90,12 +82,7 @@ pub fn ref_gemm(a: ArrayView2<f32>, b: ArrayView2<f32>) -> Array2<f64> {
 }
 
 /// Direct 3x3 "same" convolution, NHWC, Keras kernel layout, optional ReLU.
-pub fn ref_conv(
-    x: &Array4<f64>,
-    w: &Array4<f64>,
-    b: Option<&Array1<f64>>,
-    relu: bool,
-) -> Array4<f64> {
+pub fn ref_conv(x: &Array4<f64>, w: &Array4<f64>, b: Option<&Array1<f64>>, relu: bool) -> Array4<f64> {
     let (n, h, wd, cin) = x.dim();
     let cout = w.dim().3;
     Array4::from_shape_fn((n, h, wd, cout), |(i, y, xx, co)| {
@@ -189,10 +176,7 @@ pub fn shared_or_skip(test: &str) -> Option<std::path::PathBuf> {
         return Some(dir);
     }
     if std::env::var("CI").map(|v| v == "true").unwrap_or(false) {
-        panic!(
-            "{test}: {} is missing, and CI=true promises it",
-            dir.display()
-        );
+        panic!("{test}: {} is missing, and CI=true promises it", dir.display());
     }
     eprintln!(
         "SKIPPED {test}: {} not found (development data, weights and fixtures)",
