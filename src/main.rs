@@ -609,6 +609,9 @@ fn train(args: &TrainArgs) -> Result<()> {
                 dropout: args.dropout,
                 seed: args.seed,
                 classes: cifar::NUM_CLASSES,
+                limit_train: args.limit_train,
+                limit_test: args.limit_test,
+                validation_split: args.validation_split,
             };
             let out = args.out.clone().unwrap_or_else(|| {
                 PathBuf::from("runs").join(chrono::Local::now().format("%Y%m%d-%H%M%S").to_string())
@@ -619,7 +622,7 @@ fn train(args: &TrainArgs) -> Result<()> {
     std::fs::create_dir_all(&out).with_context(|| format!("cannot create run directory {}", out.display()))?;
     let dtype = Dtype::parse(&args.cache_dtype)
         .with_context(|| format!("--cache-dtype '{}': expected f32 or f16", args.cache_dtype))?;
-    if let Some(f) = args.validation_split {
+    if let Some(f) = cfg.validation_split {
         if !(0.0..1.0).contains(&f) {
             bail!("--validation-split must be in [0, 1)");
         }
@@ -630,9 +633,9 @@ fn train(args: &TrainArgs) -> Result<()> {
     eprintln!("loading CIFAR-10 from {} ...", source.path().display());
     let train_ds = cifar::load_split(&source, Split::Train)?;
     let test_ds = cifar::load_split(&source, Split::Test)?;
-    let n_train = args.limit_train.unwrap_or(train_ds.len()).min(train_ds.len());
-    let n_test = args.limit_test.unwrap_or(test_ds.len()).min(test_ds.len());
-    let (train_idx, val_from_train): (Vec<usize>, Vec<usize>) = match args.validation_split {
+    let n_train = cfg.limit_train.unwrap_or(train_ds.len()).min(train_ds.len());
+    let n_test = cfg.limit_test.unwrap_or(test_ds.len()).min(test_ds.len());
+    let (train_idx, val_from_train): (Vec<usize>, Vec<usize>) = match cfg.validation_split {
         Some(f) => {
             let n_val = ((n_train as f64) * f).round() as usize;
             ((0..n_train - n_val).collect(), (n_train - n_val..n_train).collect())
@@ -643,12 +646,12 @@ fn train(args: &TrainArgs) -> Result<()> {
     eprintln!(
         "training on {} records, validating on {} {} records, testing on {n_test}; {}x{} input; run directory {}",
         train_idx.len(),
-        if args.validation_split.is_some() {
+        if cfg.validation_split.is_some() {
             val_from_train.len()
         } else {
             n_test
         },
-        if args.validation_split.is_some() {
+        if cfg.validation_split.is_some() {
             "held-out training"
         } else {
             "test"
@@ -687,7 +690,7 @@ fn train(args: &TrainArgs) -> Result<()> {
         Some((a, b)) => (a, b),
         None => (&live_train, &live_test),
     };
-    let inputs = match args.validation_split {
+    let inputs = match cfg.validation_split {
         Some(_) => Inputs {
             train: ftrain,
             train_idx: &train_idx,

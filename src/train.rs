@@ -110,6 +110,15 @@ pub struct TrainConfig {
     pub dropout: f32,
     pub seed: u64,
     pub classes: usize,
+    /// Which records: the first N of each split, and the held-out fraction
+    /// of the training records used for validation (None: validate on the
+    /// test split). Kept here so `--resume` uses the same data.
+    #[serde(default)]
+    pub limit_train: Option<usize>,
+    #[serde(default)]
+    pub limit_test: Option<usize>,
+    #[serde(default)]
+    pub validation_split: Option<f64>,
 }
 
 /// One row of history.csv.

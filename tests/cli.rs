@@ -1,13 +1,14 @@
 //! The `vgg16` binary end to end on the committed sample: summary, extract,
 //! and its errors.
 
-use ndarray::{Array1, Array2, Array4, ArrayD};
+mod common;
+use ndarray::{Array1, Array2, ArrayD};
 use ndarray_npy::NpzReader;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use vgg16_cpu::data::cifar::{self, Split};
 use vgg16_cpu::data::image::preprocess_batch;
-use vgg16_cpu::vgg::{convs, ConvParams, Vgg16};
+use vgg16_cpu::vgg::Vgg16;
 
 fn vgg16(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_vgg16"))
@@ -24,18 +25,8 @@ fn sample() -> PathBuf {
 /// Deterministic stand-in weights (the real ones are not needed to test
 /// the plumbing; parity.rs tests the real ones).
 fn weights(dir: &Path) -> PathBuf {
-    let m = Vgg16 {
-        convs: convs()
-            .map(|(_, _, cin, cout)| ConvParams {
-                w: Array4::from_shape_fn((3, 3, cin, cout), |(a, b, c, d)| {
-                    (((a + 2 * b + 3 * c + 5 * d) % 13) as f32 - 6.0) * 0.01
-                }),
-                b: Array1::from_elem(cout, 0.01),
-            })
-            .collect(),
-    };
     let p = dir.join("w.npz");
-    m.save_npz(&p).unwrap();
+    common::fake_vgg(8).save_npz(&p).unwrap();
     p
 }
 

@@ -49,6 +49,9 @@ fn cfg(hidden: Option<usize>) -> TrainConfig {
         dropout: 0.0,
         seed: 3,
         classes: 10,
+        limit_train: None,
+        limit_test: None,
+        validation_split: None,
     }
 }
 

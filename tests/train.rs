@@ -191,6 +191,9 @@ fn config(seed: u64) -> TrainConfig {
         dropout: 0.0,
         seed,
         classes: 10,
+        limit_train: None,
+        limit_test: None,
+        validation_split: None,
     }
 }
 
