@@ -30,6 +30,11 @@ use rayon::prelude::*;
 
 /// Upper bound on one im2col tile (bytes). Each thread holds at most one.
 pub const COL_TILE_BYTES: usize = 2 << 20;
+/// Upper bound on the im2col chunk of the dW pass (bytes; one chunk, built
+/// by all threads, then one parallel GEMM). Larger than a forward tile: dW's
+/// GEMM reduces over the chunk's pixels, and short reductions both run
+/// slowly and re-read and re-write all of dW once per chunk.
+pub const DW_CHUNK_BYTES: usize = 32 << 20;
 /// Smallest pixel tile worth its own GEMM call (the packed kernel is reused
 /// over a tile's rows, so short tiles pay the packing again and again).
 const MIN_TILE_PIXELS: usize = 256;
@@ -507,7 +512,7 @@ pub fn conv3x3_backward(x: ArrayView4<f32>, w: ArrayView4<f32>, dz: ArrayView4<f
     if let (Some(classes), true) = (&small, m > 0 && k > 0) {
         dw_small(xs, (n, h, wd, cin), dz2, classes, &mut dw2);
     } else if m > 0 && k > 0 {
-        let chunk_rows = (COL_TILE_BYTES / (k * std::mem::size_of::<f32>())).max(1).min(m);
+        let chunk_rows = (DW_CHUNK_BYTES / (k * std::mem::size_of::<f32>())).max(1).min(m);
         let mut col = vec![0.0f32; chunk_rows * k];
         const BUILD_ROWS: usize = 64;
         for (ci, p0) in (0..m).step_by(chunk_rows).enumerate() {
