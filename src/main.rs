@@ -785,6 +785,7 @@ fn train(args: &TrainArgs) -> Result<()> {
 fn evaluate(args: &EvaluateArgs) -> Result<()> {
     use vgg16_cpu::cache::{self, CacheKey, Dtype};
     use vgg16_cpu::model::{block5_features, head_forward};
+    use vgg16_cpu::train::{batched_logits, Cached, Features, Live};
     let t0 = std::time::Instant::now();
     let model = vgg16_cpu::saved::SavedModel::load(&args.model)?;
     let split =
@@ -805,34 +806,24 @@ fn evaluate(args: &EvaluateArgs) -> Result<()> {
         let dir = cache::find(&args.cache_dir, &key)?;
         cache::open(&dir, &data).ok().flatten()
     });
-    let mut logits = Array2::<f32>::zeros((n, model.meta.class_names.len()));
-    let how = if let Some(c) = &found {
-        for (bi, chunk) in idx.chunks(batch_size).enumerate() {
-            let g = block5_features(model.block5(), c.block4(chunk).view());
-            let (l, _) = head_forward(&model.head, g.view(), None);
-            logits
-                .slice_mut(ndarray::s![bi * batch_size..bi * batch_size + chunk.len(), ..])
-                .assign(&l);
-        }
-        format!("cache hit ({}): block5 and head only", c.dir.display())
-    } else {
-        let mut progress = vgg16_cpu::progress::Progress::new("evaluate", n as u64, "img");
-        for (bi, chunk) in idx.chunks(batch_size).enumerate() {
-            let recs: Vec<&[u8]> = chunk.iter().map(|&i| data.image(i)).collect();
-            let x = vgg16_cpu::data::image::preprocess_batch(&recs, size);
-            let x4 = model
-                .base
-                .forward_range(x, 0..vgg16_cpu::vgg::BLOCK5_START, &mut |_, _| {});
-            let g = block5_features(model.block5(), x4.view());
-            let (l, _) = head_forward(&model.head, g.view(), None);
-            logits
-                .slice_mut(ndarray::s![bi * batch_size..bi * batch_size + chunk.len(), ..])
-                .assign(&l);
-            progress.inc(chunk.len() as u64, "");
-        }
-        progress.finish();
-        "no matching cache: full network".to_string()
+    let live = Live {
+        model: &model.base,
+        data: &data,
+        size,
+        records: n,
     };
+    let cached = found.as_ref().map(Cached);
+    let (feats, how): (&dyn Features, String) = match &cached {
+        Some(c) => (c, format!("cache hit ({}): block5 and head only", c.0.dir.display())),
+        None => (&live, "no matching cache: full network".to_string()),
+    };
+    let mut progress = vgg16_cpu::progress::Progress::new("evaluate", n as u64, "img");
+    let logits = batched_logits(&idx, batch_size, model.meta.class_names.len(), |c| {
+        let g = block5_features(model.block5(), feats.block4(c).view());
+        progress.inc(c.len() as u64, "");
+        head_forward(&model.head, g.view(), None).0
+    });
+    progress.finish();
     let secs = t0.elapsed().as_secs_f64();
     let rep = vgg16_cpu::metrics::report(&logits, &data.labels[..n], &model.meta.class_names);
     if let Some(dir) = &args.plots {

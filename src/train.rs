@@ -205,18 +205,30 @@ fn stream(seed: u64, stage: u8, epoch: usize, which: u64) -> ChaCha8Rng {
     r
 }
 
-/// Mean loss and accuracy over `idx` (no dropout), in batches.
-pub fn evaluate_stage1(head: &Head, feats: &dyn Features, idx: &[usize], batch: usize) -> (f64, f64, Array2<f32>) {
-    let mut logits_all = Array2::<f32>::zeros((idx.len(), head.out.b.len()));
-    for (bi, chunk) in idx.chunks(batch.max(1)).enumerate() {
-        let g = feats.gap(chunk);
-        let (logits, _) = head_forward(head, g.view(), None);
-        logits_all
-            .slice_mut(ndarray::s![bi * batch..bi * batch + chunk.len(), ..])
-            .assign(&logits);
+/// Logits of the records `idx`, computed `batch` at a time by `logits_of`
+/// (which maps a chunk of record indices to its (chunk, classes) logits).
+pub fn batched_logits(
+    idx: &[usize],
+    batch: usize,
+    classes: usize,
+    mut logits_of: impl FnMut(&[usize]) -> Array2<f32>,
+) -> Array2<f32> {
+    let batch = batch.max(1);
+    let mut all = Array2::<f32>::zeros((idx.len(), classes));
+    for (bi, chunk) in idx.chunks(batch).enumerate() {
+        all.slice_mut(ndarray::s![bi * batch..bi * batch + chunk.len(), ..])
+            .assign(&logits_of(chunk));
     }
-    let (l, a) = loss_acc(&logits_all, feats.labels(), idx);
-    (l, a, logits_all)
+    all
+}
+
+/// Mean loss, accuracy and logits over `idx` (no dropout), head only.
+pub fn evaluate_stage1(head: &Head, feats: &dyn Features, idx: &[usize], batch: usize) -> (f64, f64, Array2<f32>) {
+    let logits = batched_logits(idx, batch, head.out.b.len(), |c| {
+        head_forward(head, feats.gap(c).view(), None).0
+    });
+    let (l, a) = loss_acc(&logits, feats.labels(), idx);
+    (l, a, logits)
 }
 
 /// Same, through block5 (stage 2 weights).
@@ -227,16 +239,11 @@ pub fn evaluate_stage2(
     idx: &[usize],
     batch: usize,
 ) -> (f64, f64, Array2<f32>) {
-    let mut logits_all = Array2::<f32>::zeros((idx.len(), head.out.b.len()));
-    for (bi, chunk) in idx.chunks(batch.max(1)).enumerate() {
-        let g = block5_features(block5, feats.block4(chunk).view());
-        let (logits, _) = head_forward(head, g.view(), None);
-        logits_all
-            .slice_mut(ndarray::s![bi * batch..bi * batch + chunk.len(), ..])
-            .assign(&logits);
-    }
-    let (l, a) = loss_acc(&logits_all, feats.labels(), idx);
-    (l, a, logits_all)
+    let logits = batched_logits(idx, batch, head.out.b.len(), |c| {
+        head_forward(head, block5_features(block5, feats.block4(c).view()).view(), None).0
+    });
+    let (l, a) = loss_acc(&logits, feats.labels(), idx);
+    (l, a, logits)
 }
 
 fn evaluate(state: &State, stage: u8, f: &dyn Features, idx: &[usize]) -> (f64, f64, Array2<f32>) {

@@ -388,15 +388,7 @@ fn conv_small_into(
             out.slice_mut(s![g, c0..c0 + cols]).assign(&res.row(r));
         }
     }
-    for mut row in out.rows_mut() {
-        let row = row.as_slice_mut().expect("contiguous rows");
-        match (bias, relu) {
-            (Some(b), true) => row.iter_mut().zip(b).for_each(|(v, &bb)| *v = (*v + bb).max(0.0)),
-            (Some(b), false) => row.iter_mut().zip(b).for_each(|(v, &bb)| *v += bb),
-            (None, true) => row.iter_mut().for_each(|v| *v = v.max(0.0)),
-            (None, false) => {}
-        }
-    }
+    bias_relu(out, bias, relu);
 }
 
 /// dW (9*Cin, Cout) for a small image, class by class: each valid-tap row

@@ -123,19 +123,9 @@ pub fn sgemm_with(
     mut c: ArrayViewMut2<f32>,
     accumulate: bool,
 ) {
-    let (m, k) = a.dim();
-    let (k2, n) = b.dim();
-    assert_eq!(k, k2, "sgemm: A is {m}x{k} but B is {k2}x{n}");
-    assert_eq!(c.dim(), (m, n), "sgemm: C must be {m}x{n}, is {:?}", c.dim());
-    if m == 0 || n == 0 {
+    let Some((m, k, n)) = check_and_trivial(&a, &b, &mut c, accumulate) else {
         return;
-    }
-    if k == 0 {
-        if !accumulate {
-            c.fill(0.0);
-        }
-        return;
-    }
+    };
     let (tm, tn) = tile_shape(m, k, n);
     if tm >= m && tn >= n {
         sgemm_serial(backend, a, b, c, accumulate);
@@ -177,6 +167,30 @@ pub fn split_tiles(c: ArrayViewMut2<f32>, tm: usize, tn: usize) -> Vec<(usize, u
     tiles
 }
 
+/// Checks the shapes; handles empty products (C untouched, or zeroed when
+/// k = 0 without accumulate). Returns (m, k, n) when there is work to do.
+fn check_and_trivial(
+    a: &ArrayView2<f32>,
+    b: &ArrayView2<f32>,
+    c: &mut ArrayViewMut2<f32>,
+    accumulate: bool,
+) -> Option<(usize, usize, usize)> {
+    let (m, k) = a.dim();
+    let (k2, n) = b.dim();
+    assert_eq!(k, k2, "sgemm: A is {m}x{k} but B is {k2}x{n}");
+    assert_eq!(c.dim(), (m, n), "sgemm: C must be {m}x{n}, is {:?}", c.dim());
+    if m == 0 || n == 0 {
+        return None;
+    }
+    if k == 0 {
+        if !accumulate {
+            c.fill(0.0);
+        }
+        return None;
+    }
+    Some((m, k, n))
+}
+
 /// One single-threaded backend call: `C (m, n) (+)= A (m, k) x B (k, n)`.
 pub fn sgemm_serial(
     backend: Backend,
@@ -185,19 +199,9 @@ pub fn sgemm_serial(
     mut c: ArrayViewMut2<f32>,
     accumulate: bool,
 ) {
-    let (m, k) = a.dim();
-    let (k2, n) = b.dim();
-    assert_eq!(k, k2, "sgemm_serial: A is {m}x{k} but B is {k2}x{n}");
-    assert_eq!(c.dim(), (m, n), "sgemm_serial: C must be {m}x{n}");
-    if m == 0 || n == 0 {
+    let Some((m, k, n)) = check_and_trivial(&a, &b, &mut c, accumulate) else {
         return;
-    }
-    if k == 0 {
-        if !accumulate {
-            c.fill(0.0);
-        }
-        return;
-    }
+    };
     let (rsa, csa) = (a.strides()[0], a.strides()[1]);
     let (rsb, csb) = (b.strides()[0], b.strides()[1]);
     let (rsc, csc) = (c.strides()[0], c.strides()[1]);
