@@ -179,6 +179,13 @@ pub fn softmax(logits: ArrayView2<f32>) -> Array2<f32> {
     p
 }
 
+/// The recipe's loss. Keras 3 computes a softmax head's cross-entropy from
+/// the logits the softmax layer keeps (`_keras_logits`), not from clipped
+/// probabilities; this does the same. (Checked against the Keras
+/// figures: clipping at 1e-7 caps a sample's loss near 16.1, yet Keras
+/// reports a mean stage-1 test loss of 12.35 at 54.6% accuracy; a clipped
+/// variant we tried gave losses near 6 and different accuracies.)
+///
 /// Mean softmax cross-entropy over the batch from integer labels, and its
 /// gradient at the logits: (softmax - onehot) / B. Per-sample losses use
 /// log-sum-exp, so they are finite for any finite logits.
