@@ -104,8 +104,9 @@ enum WeightsWhat {
     },
 }
 
-#[derive(Args)]
-struct ExtractArgs {
+/// Where the data and the base weights are, and the network's input size.
+#[derive(Args, Clone)]
+struct InputArgs {
     /// CIFAR-10: the archive, or a directory holding it or cifar-10-batches-bin/.
     #[arg(long, default_value = DEFAULT_DATA)]
     data: PathBuf,
@@ -115,6 +116,12 @@ struct ExtractArgs {
     /// Input image size: a multiple of 32 (32 = no resize).
     #[arg(long, default_value_t = 224)]
     image_size: usize,
+}
+
+#[derive(Args)]
+struct ExtractArgs {
+    #[command(flatten)]
+    input: InputArgs,
     /// train or test.
     #[arg(long, default_value = "test")]
     split: String,
@@ -140,15 +147,8 @@ struct ExtractArgs {
 
 #[derive(Args, Clone)]
 struct TrainArgs {
-    /// CIFAR-10: the archive, or a directory holding it or cifar-10-batches-bin/.
-    #[arg(long, default_value = DEFAULT_DATA)]
-    data: PathBuf,
-    /// VGG-16 base weights (.npz, Keras layout).
-    #[arg(long, default_value = DEFAULT_WEIGHTS)]
-    weights: PathBuf,
-    /// Input image size: a multiple of 32 (32 = no resize).
-    #[arg(long, default_value_t = 224)]
-    image_size: usize,
+    #[command(flatten)]
+    input: InputArgs,
     #[arg(long, default_value_t = 0.01)]
     stage1_lr: f64,
     #[arg(long, default_value_t = 32)]
@@ -514,16 +514,16 @@ fn weights_verify(file: &Path) -> Result<Vgg16> {
 }
 
 fn extract(args: &ExtractArgs) -> Result<()> {
-    check_image_size(args.image_size)?;
+    check_image_size(args.input.image_size)?;
     let split =
         Split::parse(&args.split).with_context(|| format!("--split '{}': expected train or test", args.split))?;
     let layers = vgg16_cpu::extract::parse_layers(&args.layers)?;
-    let batch_size = args.batch_size.unwrap_or(auto_batch(args.image_size));
+    let batch_size = args.batch_size.unwrap_or(auto_batch(args.input.image_size));
     if batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
-    let source = open_data(&args.data)?;
-    let model = load_weights(&args.weights)?;
+    let source = open_data(&args.input.data)?;
+    let model = load_weights(&args.input.weights)?;
     let data = cifar::load_split(&source, split)?;
     if args.offset > data.len() {
         bail!(
@@ -542,18 +542,18 @@ fn extract(args: &ExtractArgs) -> Result<()> {
         layers.join(","),
         split.name(),
         source.path().display(),
-        args.image_size,
-        args.image_size,
+        args.input.image_size,
+        args.input.image_size,
         args.out.display()
     );
     let range = vgg16_cpu::extract::Range {
         offset: args.offset,
         count,
-        size: args.image_size,
+        size: args.input.image_size,
         batch: batch_size,
     };
     let secs = vgg16_cpu::extract::extract(&model, &data, range, &layers, &args.out)?;
-    let gflop = 30.7 * (args.image_size as f64 / 224.0).powi(2) * count as f64;
+    let gflop = 30.7 * (args.input.image_size as f64 / 224.0).powi(2) * count as f64;
     eprintln!(
         "done: {count} images in {secs:.1} s ({:.1} img/s, {:.0} GFLOP/s nominal) -> {}",
         count as f64 / secs,
@@ -579,7 +579,7 @@ fn train(args: &TrainArgs) -> Result<()> {
             (dir.clone(), cfg, Some(st))
         }
         None => {
-            check_image_size(args.image_size)?;
+            check_image_size(args.input.image_size)?;
             for (name, v) in [
                 ("--stage1-batch-size", args.stage1_batch_size),
                 ("--stage2-batch-size", args.stage2_batch_size),
@@ -592,7 +592,7 @@ fn train(args: &TrainArgs) -> Result<()> {
                 bail!("--dropout must be in [0, 1)");
             }
             let cfg = TrainConfig {
-                image_size: args.image_size,
+                image_size: args.input.image_size,
                 stage1: StageConfig {
                     lr: args.stage1_lr,
                     momentum: 0.0,
@@ -627,8 +627,8 @@ fn train(args: &TrainArgs) -> Result<()> {
             bail!("--validation-split must be in [0, 1)");
         }
     }
-    let source = open_data(&args.data)?;
-    let model = load_weights(&args.weights)?;
+    let source = open_data(&args.input.data)?;
+    let model = load_weights(&args.input.weights)?;
     let digest = model.digest();
     eprintln!("loading CIFAR-10 from {} ...", source.path().display());
     let train_ds = cifar::load_split(&source, Split::Train)?;
