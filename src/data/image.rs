@@ -100,7 +100,11 @@ pub fn load_as_cifar(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
         .with_context(|| format!("{}: not a readable PNG, JPEG or BMP image", path.display()))?
         .to_rgb8();
     let side = crate::data::cifar::SIDE as u32;
-    let small = image::imageops::resize(&img, side, side, image::imageops::FilterType::Triangle);
+    let small = if img.dimensions() == (side, side) {
+        img
+    } else {
+        image::imageops::resize(&img, side, side, image::imageops::FilterType::Triangle)
+    };
     let plane = (side * side) as usize;
     let mut out = vec![0u8; 3 * plane];
     for (i, px) in small.pixels().enumerate() {
