@@ -448,19 +448,18 @@ fn train_epoch(
             let gconv = block5_backward(&state.block5, &b5, dg.view());
             step_head(&mut state.head, &mut state.v_head, &gh, sc);
             for ((p, v), g) in state.block5.iter_mut().zip(state.v_block5.iter_mut()).zip(&gconv) {
-                sgd_momentum_step(
-                    p.w.as_slice_mut().expect("owned"),
-                    v.w.as_slice_mut().expect("owned"),
-                    g.dw.as_slice().expect("owned"),
-                    sc.lr as f32,
-                    sc.momentum as f32,
+                let owned = "owned arrays are contiguous";
+                step(
+                    p.w.as_slice_mut().expect(owned),
+                    v.w.as_slice_mut().expect(owned),
+                    g.dw.as_slice().expect(owned),
+                    sc,
                 );
-                sgd_momentum_step(
-                    p.b.as_slice_mut().expect("owned"),
-                    v.b.as_slice_mut().expect("owned"),
-                    g.db.as_slice().expect("owned"),
-                    sc.lr as f32,
-                    sc.momentum as f32,
+                step(
+                    p.b.as_slice_mut().expect(owned),
+                    v.b.as_slice_mut().expect(owned),
+                    g.db.as_slice().expect(owned),
+                    sc,
                 );
             }
             (loss, logits)
@@ -489,10 +488,14 @@ fn train_epoch(
     Ok((loss_sum / seen.max(1) as f64, correct as f64 / seen.max(1) as f64))
 }
 
+/// One SGD step of the stage's optimizer on one tensor.
+fn step(w: &mut [f32], v: &mut [f32], g: &[f32], sc: &StageConfig) {
+    sgd_momentum_step(w, v, g, sc.lr as f32, sc.momentum as f32);
+}
+
 fn step_head(head: &mut Head, v: &mut Head, g: &Head, sc: &StageConfig) {
-    let gs: Vec<Vec<f32>> = g.tensors().into_iter().map(|(_, s, _)| s.to_vec()).collect();
-    for ((w, vv), gg) in head.tensors_mut().into_iter().zip(v.tensors_mut()).zip(&gs) {
-        sgd_momentum_step(w, vv, gg, sc.lr as f32, sc.momentum as f32);
+    for ((w, vv), (_, gg, _)) in head.tensors_mut().into_iter().zip(v.tensors_mut()).zip(g.tensors()) {
+        step(w, vv, gg, sc);
     }
 }
 

@@ -2,21 +2,13 @@
 //! and its errors.
 
 mod common;
+use common::vgg16;
 use ndarray::{Array1, Array2, ArrayD};
 use ndarray_npy::NpzReader;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use vgg16_cpu::data::cifar::{self, Split};
 use vgg16_cpu::data::image::preprocess_batch;
 use vgg16_cpu::vgg::Vgg16;
-
-fn vgg16(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_vgg16"))
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .unwrap()
-}
 
 fn sample() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("data/sample")

@@ -4,17 +4,8 @@
 mod common;
 use common::*;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use vgg16_cpu::saved::{ModelMeta, SavedModel, FORMAT, FORMAT_VERSION};
 use vgg16_cpu::train::{EpochRecord, StageConfig, StageResult, State, TrainConfig};
-
-fn vgg16(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_vgg16"))
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .unwrap()
-}
 
 fn names() -> Vec<String> {
     [

@@ -207,3 +207,12 @@ pub fn fake_vgg(seed: u64) -> vgg16_cpu::vgg::Vgg16 {
 pub fn sample_dir() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/sample")
 }
+
+/// Runs the `vgg16` binary from the project root.
+pub fn vgg16(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_vgg16"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("the vgg16 binary runs")
+}
