@@ -10,7 +10,7 @@ use std::time::Duration;
 use vgg16_cpu::bench::{median_seconds, GEMM_SHAPES, VGG_CONVS};
 use vgg16_cpu::data::cifar::{self, Source, Split};
 use vgg16_cpu::data::fetch;
-use vgg16_cpu::tensor::conv::{conv3x3_backward, conv3x3_forward, forward_flops};
+use vgg16_cpu::tensor::conv::{conv3x3_backward, conv3x3_forward_with, conv_algo_for, forward_flops, ConvAlgo};
 use vgg16_cpu::tensor::gemm::{flops, sgemm_with, Backend};
 use vgg16_cpu::vgg::{Vgg16, IMAGENET_DIGEST, IMAGENET_PROBES};
 
@@ -1041,10 +1041,16 @@ fn bench_conv(args: &BenchArgs, size: usize, batch: usize) -> Result<()> {
         let x = filled((batch, hw, hw, cin), 0.05);
         let w = filled((3, 3, cin, cout), 0.01);
         let b = Array1::<f32>::zeros(cout);
-        let sec = median_seconds(3, min_time, || {
-            conv3x3_forward(x.view(), w.view(), Some(b.view()), true);
-        });
         let m = batch * hw * hw;
+        let mut out = Array2::<f32>::zeros((m, cout));
+        let mut time_algo = |algo| {
+            median_seconds(3, min_time, || {
+                conv3x3_forward_with(algo, x.view(), w.view(), Some(b.view()), true, out.view_mut());
+            })
+        };
+        let sec = time_algo(ConvAlgo::Auto);
+        // The im2col path too, side by side, where Auto picks another.
+        let im2col = (conv_algo_for(hw, hw, cin) != ConvAlgo::Im2col).then(|| time_algo(ConvAlgo::Im2col));
         let gf = forward_flops(batch, hw, hw, cin, cout) / sec / 1e9;
         // The bare GEMM of the same shape, measured in the same run.
         let a = Array2::from_shape_fn((m, 9 * cin), |(i, j)| ((i + j) % 7) as f32 * 0.01);
@@ -1057,7 +1063,9 @@ fn bench_conv(args: &BenchArgs, size: usize, batch: usize) -> Result<()> {
         println!(
             "{}",
             json!({"layer": name, "pass": "forward", "size": hw, "batch": batch, "threads": threads,
+                   "algo": format!("{:?}", conv_algo_for(hw, hw, cin)).to_lowercase(),
                    "gflops": (gf * 10.0).round() / 10.0, "gemm_gflops": (ggf * 10.0).round() / 10.0,
+                   "im2col_gflops": im2col.map(|t| (forward_flops(batch, hw, hw, cin, cout) / t / 1e8).round() / 10.0),
                    "ratio": (gf / ggf * 100.0).round() / 100.0, "ms": (sec * 1e4).round() / 10.0})
         );
     }

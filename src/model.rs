@@ -210,7 +210,7 @@ pub fn block5_features(p: &[ConvParams], x4: ArrayView4<f32>) -> Array2<f32> {
     let c1 = conv3x3_forward(x4, p[0].w.view(), Some(p[0].b.view()), true);
     let c2 = conv3x3_forward(c1.view(), p[1].w.view(), Some(p[1].b.view()), true);
     let c3 = conv3x3_forward(c2.view(), p[2].w.view(), Some(p[2].b.view()), true);
-    gap_forward(maxpool2x2_forward(c3.view()).0.view())
+    gap_forward(maxpool2x2_infer(c3.view()).view())
 }
 
 /// Backward from dG (B, 512) to block5's parameter gradients. conv5_3 and

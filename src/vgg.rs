@@ -3,7 +3,7 @@
 //! forward pass over any range of layers.
 
 use crate::tensor::conv::conv3x3_forward;
-use crate::tensor::ops::{gap_forward, maxpool2x2_forward};
+use crate::tensor::ops::{gap_forward, maxpool2x2_infer};
 use ndarray::{Array1, Array2, Array4, ArrayD, Ix1, Ix4};
 use ndarray_npy::{NpzReader, NpzWriter};
 use sha2::{Digest, Sha256};
@@ -218,7 +218,7 @@ impl Vgg16 {
                     let p = self.conv_at(i);
                     conv3x3_forward(x.view(), p.w.view(), Some(p.b.view()), true)
                 }
-                Kind::Pool => maxpool2x2_forward(x.view()).0,
+                Kind::Pool => maxpool2x2_infer(x.view()),
             };
             tap(i, &x);
         }

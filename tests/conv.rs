@@ -2,17 +2,18 @@
 
 mod common;
 use common::*;
+use ndarray::Array2;
 use rand::seq::SliceRandom;
 use rand::Rng;
-use vgg16_cpu::tensor::conv::{conv3x3_forward, ConvPlan};
+use vgg16_cpu::tensor::conv::{conv3x3_forward, conv3x3_forward_with, ConvAlgo, ConvPlan};
 
 fn check(seed: u64, n: usize, h: usize, w: usize, cin: usize, cout: usize, relu: bool) {
     let mut r = rng(seed);
     let x = rand4(&mut r, (n, h, w, cin), -1.0, 1.0);
     let k = rand4(&mut r, (3, 3, cin, cout), -0.5, 0.5);
     let b = rand1(&mut r, cout, -0.5, 0.5);
-    let got = conv3x3_forward(x.view(), k.view(), Some(b.view()), relu);
     let want = ref_conv(&to64_4(x.view()), &to64_4(k.view()), Some(&b.mapv(|v| v as f64)), relu);
+    let got = conv3x3_forward(x.view(), k.view(), Some(b.view()), relu);
     assert_eq!(got.dim(), want.dim());
     let e = rel_err(got.iter(), want.iter());
     assert!(
@@ -20,6 +21,17 @@ fn check(seed: u64, n: usize, h: usize, w: usize, cin: usize, cout: usize, relu:
         "conv n={n} h={h} w={w} cin={cin} cout={cout} relu={relu} plan={:?}: error {e}",
         ConvPlan::new(n * h * w, cin, cout)
     );
+    // Every algorithm, whatever Auto picked (Direct is im2col without
+    // AVX-512F; tests/direct.rs covers it on its own).
+    for algo in [ConvAlgo::Im2col, ConvAlgo::Direct] {
+        let mut out = Array2::<f32>::from_elem((n * h * w, cout), f32::NAN);
+        conv3x3_forward_with(algo, x.view(), k.view(), Some(b.view()), relu, out.view_mut());
+        let e = rel_err(out.iter(), want.iter());
+        assert!(
+            e <= tol::F32_FORWARD,
+            "{algo:?} n={n} h={h} w={w} cin={cin} cout={cout}: error {e}"
+        );
+    }
 }
 
 /// 60 random draws from batch 1-3, H, W in {1,2,3,5,7,14,32},

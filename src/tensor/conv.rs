@@ -24,6 +24,7 @@
 //!   conv with the kernel flipped and its channel axes swapped, so dX reuses
 //!   the bounded, tiled forward path instead of a col2im scatter.
 
+use crate::tensor::direct::{self, conv3x3_direct, PackedKernel};
 use crate::tensor::gemm::{sgemm, sgemm_serial, split_tiles, Backend};
 use ndarray::{s, Array1, Array2, Array4, ArrayView1, ArrayView2, ArrayView4, ArrayViewMut2, Axis};
 use rayon::prelude::*;
@@ -142,6 +143,31 @@ pub fn conv3x3_forward(
     out
 }
 
+/// Which forward algorithm runs a conv layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConvAlgo {
+    /// The fastest available for the shape: tap classes for images up to
+    /// [`SMALL_SIDE`], the direct AVX-512 kernel where the CPU has it,
+    /// im2col + GEMM otherwise.
+    Auto,
+    /// im2col tiles + GEMM (tap classes still serve small images).
+    Im2col,
+    /// The direct kernel ([`crate::tensor::direct`]) at every size; falls
+    /// back to `Im2col` where the CPU lacks AVX-512F.
+    Direct,
+}
+
+/// What [`ConvAlgo::Auto`] runs for an `h` x `w` image with `cin` input
+/// channels on this CPU (tap classes, the small-image path, count as
+/// im2col here).
+pub fn conv_algo_for(h: usize, w: usize, cin: usize) -> ConvAlgo {
+    if (h > SMALL_SIDE || w > SMALL_SIDE) && cin >= direct::MIN_CIN && direct::available() {
+        ConvAlgo::Direct
+    } else {
+        ConvAlgo::Im2col
+    }
+}
+
 /// [`conv3x3_forward`] into a caller's (N*H*W, Cout) matrix, which is
 /// overwritten (never read).
 pub fn conv3x3_forward_into(
@@ -150,6 +176,19 @@ pub fn conv3x3_forward_into(
     bias: Option<ArrayView1<f32>>,
     relu: bool,
     out: ArrayViewMut2<f32>,
+) {
+    conv3x3_forward_with(ConvAlgo::Auto, x, w, bias, relu, out)
+}
+
+/// [`conv3x3_forward_into`] with a chosen algorithm (benchmarks and tests
+/// compare them; every algorithm computes the same function).
+pub fn conv3x3_forward_with(
+    algo: ConvAlgo,
+    x: ArrayView4<f32>,
+    w: ArrayView4<f32>,
+    bias: Option<ArrayView1<f32>>,
+    relu: bool,
+    mut out: ArrayViewMut2<f32>,
 ) {
     let (n, h, wd, cin, cout) = dims(&x, &w);
     let m = n * h * wd;
@@ -169,8 +208,17 @@ pub fn conv3x3_forward_into(
         .into_shape_with_order((9 * cin, cout))
         .expect("standard layout");
     let bias = bias.map(|b| b.to_owned());
+    let b = bias.as_ref().map(|b| b.as_slice().expect("owned"));
+    let direct_ok = direct::available() && out.is_standard_layout();
+    if direct_ok
+        && (algo == ConvAlgo::Direct || (algo == ConvAlgo::Auto && conv_algo_for(h, wd, cin) == ConvAlgo::Direct))
+    {
+        let packed = PackedKernel::new(w2);
+        let o = out.as_slice_mut().expect("standard layout");
+        conv3x3_direct(xs, (n, h, wd, cin), &packed, b, relu, o);
+        return;
+    }
     if let Some(classes) = tap_classes(h, wd) {
-        let b = bias.as_ref().map(|b| b.as_slice().expect("owned"));
         conv_small_into(xs, (n, h, wd, cin), Kernel::Forward(w2), b, relu, &classes, out);
         return;
     }

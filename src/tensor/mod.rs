@@ -1,5 +1,6 @@
 //! The numeric engine: GEMM, 3x3 convolution, and the other layers.
 
 pub mod conv;
+pub mod direct;
 pub mod gemm;
 pub mod ops;

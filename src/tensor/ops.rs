@@ -69,6 +69,39 @@ pub fn maxpool2x2_forward(x: ArrayView4<f32>) -> (Array4<f32>, Array4<u8>) {
     (y, arg)
 }
 
+/// Max-pool 2x2 for inference: the values of [`maxpool2x2_forward`] (same
+/// comparisons, so the same result, NaN included) without the argmax,
+/// in a loop the compiler vectorises.
+pub fn maxpool2x2_infer(x: ArrayView4<f32>) -> Array4<f32> {
+    let (n, h, w, c) = x.dim();
+    let (ho, wo) = (h / 2, w / 2);
+    let x = x.as_standard_layout();
+    let xs = x.as_slice().expect("standard layout");
+    let mut y = Array4::<f32>::zeros((n, ho, wo, c));
+    if y.is_empty() {
+        return y;
+    }
+    let ys = y.as_slice_mut().expect("fresh");
+    ys.par_chunks_mut(wo * c).enumerate().for_each(|(row, yr)| {
+        let (img, oy) = (row / ho, row % ho);
+        let top = &xs[(img * h + 2 * oy) * w * c..][..w * c];
+        let bottom = &xs[(img * h + 2 * oy + 1) * w * c..][..w * c];
+        for (ox, yo) in yr.chunks_exact_mut(c).enumerate() {
+            let o = 2 * ox * c;
+            let (a, b) = (&top[o..o + c], &top[o + c..o + 2 * c]);
+            let (d0, d1) = (&bottom[o..o + c], &bottom[o + c..o + 2 * c]);
+            for i in 0..c {
+                let mut m = a[i];
+                for v in [b[i], d0[i], d1[i]] {
+                    m = if v > m { v } else { m };
+                }
+                yo[i] = m;
+            }
+        }
+    });
+    y
+}
+
 /// Max-pool backward: routes each dY to the input that won. `input_dim` is
 /// the forward input's (N, H, W, C).
 pub fn maxpool2x2_backward(

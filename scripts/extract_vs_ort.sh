@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Side-by-side whole-base throughput: `vgg16 extract` and ONNX Runtime on the
+# same VGG-16 base, alternated ROUNDS times so machine drift hits both.
+# Usage: scripts/extract_vs_ort.sh SIZE BATCH IMAGES [ROUNDS]
+# Needs: target/release/vgg16, weights/vgg16_imagenet_notop.npz, the full
+# CIFAR-10 archive (DATA, default data/), python3 with onnxruntime, onnx,
+# numpy, and ../shared/peers/ort_vgg16_bench.py (PEER to override).
+set -euo pipefail
+S=${1:?size}; B=${2:?batch}; N=${3:?images}; ROUNDS=${4:-3}
+DATA=${DATA:-data/}
+PEER=${PEER:-../shared/peers/ort_vgg16_bench.py}
+out=$(mktemp -d)
+trap 'rm -rf "$out"' EXIT
+for r in $(seq "$ROUNDS"); do
+  ours=$(./target/release/vgg16 extract --data "$DATA" --image-size "$S" --batch-size "$B" \
+    --limit "$N" --layers gap --out "$out/x.npz" --threads 2 2>&1 |
+    sed -n 's/^done: .*(\([0-9.]*\) img\/s.*/\1/p')
+  ort=$(python3 "$PEER" --size "$S" --batch "$B" --threads 2 --seconds 5 |
+    python3 -c "import json,sys; print(round(json.loads(sys.stdin.read())['images_per_second'], 2))")
+  echo "round $r: size $S batch $B: vgg16 $ours img/s, onnxruntime $ort img/s, ratio $(python3 -c "print(round($ours / $ort, 3))")"
+done

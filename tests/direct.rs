@@ -1,0 +1,150 @@
+//! The direct AVX-512 conv kernel against the nested-loop reference, on
+//! shapes that hit its edges: pixel blocks straddling rows and images, the
+//! last partial block, Cout not a multiple of 32, reduction chunks split
+//! inside a tap (Cin > 128), taps dead for a whole block, channel-split
+//! plans, and the RGB layer forced through it. Skipped, saying so, on CPUs
+//! without AVX-512F (the im2col path then serves every shape).
+
+mod common;
+use common::*;
+use ndarray::Array4;
+use rand::Rng;
+use vgg16_cpu::tensor::conv::{conv3x3_forward_with, ConvAlgo};
+use vgg16_cpu::tensor::direct::{self, DirectPlan, MR, NR};
+use vgg16_cpu::tensor::ops::{maxpool2x2_forward, maxpool2x2_infer};
+
+fn direct_or_skip(test: &str) -> bool {
+    if direct::available() {
+        return true;
+    }
+    eprintln!("SKIPPED {test}: this CPU has no AVX-512F, so the direct kernel never runs here");
+    false
+}
+
+fn run(algo: ConvAlgo, x: &Array4<f32>, k: &Array4<f32>, b: &ndarray::Array1<f32>, relu: bool) -> Array4<f32> {
+    let (n, h, w, _) = x.dim();
+    let cout = k.dim().3;
+    // Pre-filled with NaN: the kernel must write every output, never read.
+    let mut out = Array4::<f32>::from_elem((n, h, w, cout), f32::NAN);
+    let o2 = out.view_mut().into_shape_with_order((n * h * w, cout)).unwrap();
+    conv3x3_forward_with(algo, x.view(), k.view(), Some(b.view()), relu, o2);
+    out
+}
+
+fn check(seed: u64, (n, h, w, cin, cout): (usize, usize, usize, usize, usize), relu: bool) {
+    let mut r = rng(seed);
+    let x = rand4(&mut r, (n, h, w, cin), -1.0, 1.0);
+    let k = rand4(&mut r, (3, 3, cin, cout), -0.5, 0.5);
+    let b = rand1(&mut r, cout, -0.5, 0.5);
+    let got = run(ConvAlgo::Direct, &x, &k, &b, relu);
+    let want = ref_conv(&to64_4(x.view()), &to64_4(k.view()), Some(&b.mapv(|v| v as f64)), relu);
+    assert!(got.iter().all(|v| v.is_finite()), "unwritten output left NaN");
+    let e = rel_err(got.iter(), want.iter());
+    assert!(
+        e <= tol::F32_FORWARD,
+        "direct n={n} h={h} w={w} cin={cin} cout={cout} relu={relu} plan={:?}: error {e}",
+        DirectPlan::new(n * h * w, w, cin, cout)
+    );
+}
+
+#[test]
+fn direct_matches_reference_on_edge_shapes() {
+    if !direct_or_skip("direct_matches_reference_on_edge_shapes") {
+        return;
+    }
+    for (i, &shape) in [
+        (1, 1, 1, 1, 1),      // one pixel, every tap but the centre dead
+        (1, 5, 5, 3, 64),     // the RGB layer's channel count, forced
+        (2, 7, 5, 16, 33),    // blocks straddle rows and images; 1-column tail panel
+        (1, 12, 1, 20, 32),   // one column: the side taps are dead everywhere
+        (1, 1, 13, 17, 31),   // one row: the top and bottom taps dead
+        (3, 6, 6, 130, 70),   // Cin over one reduction chunk (130 = 128 + 2)
+        (1, 9, 11, 300, 96),  // three chunks per tap, 3 whole panels
+        (2, 14, 14, 64, 512), // block5-like: few pixels, many channels (split)
+        (1, 3, 3, 64, 5),     // 9 pixels: a single partial block
+        (4, 8, 8, 96, 128),
+    ]
+    .iter()
+    .enumerate()
+    {
+        check(500 + i as u64, shape, i % 2 == 0);
+    }
+}
+
+/// 40 random shapes: batch 1-3, sides 1-17, Cin 1-200, Cout 1-100.
+#[test]
+fn direct_matches_reference_on_random_shapes() {
+    if !direct_or_skip("direct_matches_reference_on_random_shapes") {
+        return;
+    }
+    let mut r = rng(51);
+    for i in 0..40 {
+        let shape = (
+            r.gen_range(1..=3),
+            r.gen_range(1..=17),
+            r.gen_range(1..=17),
+            r.gen_range(1..=200),
+            r.gen_range(1..=100),
+        );
+        check(600 + i, shape, r.gen_bool(0.5));
+    }
+}
+
+/// Plans cover every pixel and channel once, in whole micro-kernel blocks.
+#[test]
+fn direct_plans_tile_the_output() {
+    for &(m, w, cin, cout) in &[
+        (1, 1, 1, 1),
+        (196, 14, 512, 512),
+        (65536, 64, 64, 64),
+        (12544, 28, 512, 512),
+    ] {
+        let p = DirectPlan::new(m, w, cin, cout);
+        assert_eq!(p.pixels % MR, 0, "{p:?}");
+        assert!(
+            p.pixels >= MR && p.panels >= 1 && p.panels <= cout.div_ceil(NR),
+            "{p:?}"
+        );
+    }
+    // Few pixels: the channel panels are split between jobs too.
+    assert!(DirectPlan::new(196, 14, 512, 512).panels < 16);
+}
+
+#[test]
+fn direct_and_im2col_agree_on_vgg_layers() {
+    if !direct_or_skip("direct_and_im2col_agree_on_vgg_layers") {
+        return;
+    }
+    let mut r = rng(52);
+    for &(hw, cin, cout) in &[(32, 64, 64), (16, 128, 256), (8, 256, 512), (14, 512, 512)] {
+        let x = rand4(&mut r, (2, hw, hw, cin), 0.0, 1.0);
+        let k = rand4(&mut r, (3, 3, cin, cout), -0.05, 0.05);
+        let b = rand1(&mut r, cout, -0.1, 0.1);
+        let d = run(ConvAlgo::Direct, &x, &k, &b, true);
+        let i = run(ConvAlgo::Im2col, &x, &k, &b, true);
+        let e = rel_err(d.iter(), i.mapv(|v| v as f64).iter());
+        assert!(e <= tol::F32_FORWARD, "{hw}x{hw} {cin}->{cout}: direct vs im2col {e}");
+    }
+}
+
+#[test]
+fn maxpool_infer_equals_forward() {
+    let mut r = rng(53);
+    for &(n, h, w, c) in &[(2, 6, 6, 5), (1, 7, 5, 64), (3, 2, 2, 1), (1, 1, 1, 3)] {
+        let mut x = rand4(&mut r, (n, h, w, c), -1.0, 1.0);
+        // Ties and NaN: the same comparisons give the same winner.
+        x[[0, 0, 0, 0]] = f32::NAN;
+        if h > 1 && w > 1 {
+            x[[0, 1, 1, 0]] = x[[0, 0, 1, 0]];
+        }
+        let (want, _) = maxpool2x2_forward(x.view());
+        let got = maxpool2x2_infer(x.view());
+        assert_eq!(got.dim(), want.dim());
+        let same = got.iter().zip(want.iter()).all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(
+            same,
+            "maxpool2x2_infer differs from maxpool2x2_forward at {:?}",
+            (n, h, w, c)
+        );
+    }
+}
