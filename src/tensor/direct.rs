@@ -49,9 +49,11 @@ const MAX_JOB_PIXELS: usize = MR * 192;
 const MIN_JOB_PIXELS: usize = MR * 4;
 /// Jobs a layer is cut into at least, when its shape allows.
 const TARGET_JOBS: usize = 8;
-/// Reduction chunk: input channels per micro-kernel call (the panel's
-/// kc x NR chunk, 16 KiB, stays in L1 across the job's pixel blocks).
-const KC: usize = 128;
+/// Channel chunk: input channels per micro-kernel call. A call runs the 9
+/// taps of the chunk with the sums in registers; its 12 x 3 x 3 input runs
+/// of KC channels stay in L1 (about 20 KiB at 128), its 9*KC x 32 panel
+/// rows (144 KiB) stream from L2.
+pub const KC: usize = 128;
 
 /// True when this CPU runs the direct path (x86-64 with AVX-512F).
 pub fn available() -> bool {
@@ -66,8 +68,9 @@ pub fn available() -> bool {
 }
 
 /// The kernel (9*Cin, Cout) as panels of [`NR`] channels: panel j holds
-/// rows 0..9*Cin of columns j*NR .. j*NR+NR, row-major, zero-padded past
-/// Cout. 64-byte aligned.
+/// the 9*Cin rows of columns j*NR .. j*NR+NR, zero-padded past Cout, rows
+/// ordered by channel chunk ([`KC`] channels), tap, then channel. 64-byte
+/// aligned.
 pub struct PackedKernel {
     buf: Vec<f32>,
     offset: usize,
@@ -86,7 +89,14 @@ impl PackedKernel {
         data.par_chunks_mut(k * NR).enumerate().for_each(|(j, panel)| {
             let c0 = j * NR;
             let cols = NR.min(cout - c0);
-            for (row, dst) in panel.chunks_exact_mut(NR).enumerate() {
+            // Panel row order: channel chunk, then tap, then channel in the
+            // chunk, so that one kernel call reads one contiguous run.
+            let cin = k / 9;
+            let order = (0..cin).step_by(KC).flat_map(|c0| {
+                let c1 = (c0 + KC).min(cin);
+                (0..9).flat_map(move |t| (c0..c1).map(move |ci| t * cin + ci))
+            });
+            for (row, dst) in order.zip(panel.chunks_exact_mut(NR)) {
                 let src = w2.row(row);
                 let src = src.slice(ndarray::s![c0..c0 + cols]);
                 match src.as_slice() {
@@ -153,15 +163,16 @@ impl OutPtr {
 }
 
 /// `out` (N*H*W, Cout) = conv3x3(x, kernel) + bias, then ReLU when `relu`.
-/// `x` is NHWC (n, h, w, cin) as a flat slice; `out` is overwritten (never
-/// read). Panics unless [`available`] (callers check).
+/// `x` is NHWC (n, h, w, cin) as a flat slice; every element of `out` is
+/// written once and none is read, so it may start uninitialised. Panics
+/// unless [`available`] (callers check).
 pub fn conv3x3_direct(
     x: &[f32],
     (n, h, w, cin): (usize, usize, usize, usize),
     kernel: &PackedKernel,
     bias: Option<&[f32]>,
     relu: bool,
-    out: &mut [f32],
+    out: &mut [std::mem::MaybeUninit<f32>],
 ) {
     assert!(available(), "conv3x3_direct needs AVX-512F");
     let cout = kernel.cout;
@@ -195,7 +206,7 @@ pub fn conv3x3_direct(
     let plan = DirectPlan::new(m, w, cin, cout);
     let pixel_jobs = m.div_ceil(plan.pixels);
     let panel_jobs = kernel.panels().div_ceil(plan.panels);
-    let out_ptr = OutPtr(out.as_mut_ptr());
+    let out_ptr = OutPtr(out.as_mut_ptr().cast::<f32>());
     (0..pixel_jobs * panel_jobs).into_par_iter().for_each_init(
         || (Vec::<*const f32>::new(), Vec::<f32>::new()),
         |(ptrs, acc), job| {
@@ -242,44 +253,40 @@ pub fn conv3x3_direct(
                     ldo: cout,
                     cols: NR.min(cout - j * NR),
                 };
-                // LOOP 2: reduction chunks of the panel (kc rows: L1).
-                for t in 0..9 {
-                    let mut c0 = 0;
-                    while c0 < cin {
-                        let kc = KC.min(cin - c0);
-                        let bchunk = panel[(t * cin + c0) * NR..].as_ptr();
-                        // LOOP 3: the job's pixel blocks.
-                        for (blk, &mask) in masks.iter().enumerate() {
-                            if mask & (1 << t) == 0 {
-                                continue;
-                            }
-                            let g0 = p0 + blk * MR;
-                            let first = t == mask.trailing_zeros() as usize && c0 == 0;
-                            let last = t == 15 - mask.leading_zeros() as usize && c0 + kc == cin;
-                            // SAFETY: AVX-512F checked above; each pointer
-                            // addresses `cin` floats (an input row or
-                            // `zeros`), so c0..c0+kc is in bounds; the chunk
-                            // holds kc*NR floats of the panel; the block's
-                            // accumulators are MR*NR floats, 64-byte aligned;
-                            // the last chunk writes rows g0..g0+rows, columns
-                            // j*NR..j*NR+cols of `out`, which only this job
-                            // writes.
-                            #[cfg(target_arch = "x86_64")]
-                            unsafe {
-                                kernel_12x32(
-                                    ptrs[(blk * 9 + t) * MR..].as_ptr(),
-                                    c0,
-                                    kc,
-                                    bchunk,
-                                    accs[blk * MR * NR..].as_mut_ptr(),
-                                    first,
-                                    last.then(|| (out_ptr.get().add(g0 * cout + j * NR), MR.min(p1 - g0))),
-                                    &tail,
-                                );
-                            }
+                // LOOP 2: channel chunks (9*kc panel rows, contiguous).
+                let mut c0 = 0;
+                while c0 < cin {
+                    let kc = KC.min(cin - c0);
+                    let bchunk = panel[9 * c0 * NR..].as_ptr();
+                    let (first, last) = (c0 == 0, c0 + kc == cin);
+                    // LOOP 3: the job's pixel blocks; LOOP 4 (taps) and 5
+                    // (channels) run in the kernel.
+                    for (blk, &mask) in masks.iter().enumerate() {
+                        let g0 = p0 + blk * MR;
+                        // SAFETY: AVX-512F checked above; each pointer
+                        // addresses `cin` floats (an input row or `zeros`),
+                        // so c0..c0+kc is in bounds; the chunk holds
+                        // 9*kc*NR floats of the panel; the block's partial
+                        // sums are MR*NR floats, 64-byte aligned; the last
+                        // chunk writes rows g0..g0+rows, columns
+                        // j*NR..j*NR+cols of `out`, which only this job
+                        // writes.
+                        #[cfg(target_arch = "x86_64")]
+                        unsafe {
+                            kernel_12x32(
+                                ptrs[blk * 9 * MR..].as_ptr(),
+                                mask,
+                                c0,
+                                kc,
+                                bchunk,
+                                accs[blk * MR * NR..].as_mut_ptr(),
+                                first,
+                                last.then(|| (out_ptr.get().add(g0 * cout + j * NR), MR.min(p1 - g0))),
+                                &tail,
+                            );
                         }
-                        c0 += kc;
                     }
+                    c0 += kc;
                 }
             }
         },
@@ -296,10 +303,11 @@ struct Tail {
     cols: usize,
 }
 
-/// The micro-kernel: adds one reduction chunk to an [`MR`] x [`NR`] block.
+/// The micro-kernel: adds one channel chunk to an [`MR`] x [`NR`] block.
 ///
-/// `ptrs` holds the block's MR row pointers for one tap; the chunk covers
-/// their channels c0..c0+kc and `b`, the panel's matching kc x NR rows.
+/// `ptrs` holds the block's 9 x MR row pointers (tap-major); taps whose bit
+/// is clear in `mask` are skipped. The chunk covers channels c0..c0+kc of
+/// every tap; `b` is the panel's matching 9 x kc x NR rows (tap-major).
 /// `acc` holds the block's MR x NR partial sums (64-byte aligned): read
 /// unless `first`, written back unless `out` is given; then (the last chunk)
 /// bias and ReLU are applied and `rows` rows go to `out` instead.
@@ -308,6 +316,7 @@ struct Tail {
 #[allow(clippy::too_many_arguments)]
 unsafe fn kernel_12x32(
     ptrs: *const *const f32,
+    mask: u16,
     c0: usize,
     kc: usize,
     b: *const f32,
@@ -325,17 +334,22 @@ unsafe fn kernel_12x32(
             s1[r] = _mm512_load_ps(acc.add(r * NR + 16));
         }
     }
-    let a: [*const f32; MR] = std::array::from_fn(|r| (*ptrs.add(r)).add(c0));
-    let mut bp = b;
-    for ci in 0..kc {
-        let b0 = _mm512_load_ps(bp);
-        let b1 = _mm512_load_ps(bp.add(16));
-        for r in 0..MR {
-            let av = _mm512_set1_ps(*a[r].add(ci));
-            s0[r] = _mm512_fmadd_ps(av, b0, s0[r]);
-            s1[r] = _mm512_fmadd_ps(av, b1, s1[r]);
+    for t in 0..9 {
+        if mask & (1 << t) == 0 {
+            continue;
         }
-        bp = bp.add(NR);
+        let a: [*const f32; MR] = std::array::from_fn(|r| (*ptrs.add(t * MR + r)).add(c0));
+        let mut bp = b.add(t * kc * NR);
+        for ci in 0..kc {
+            let b0 = _mm512_load_ps(bp);
+            let b1 = _mm512_load_ps(bp.add(16));
+            for r in 0..MR {
+                let av = _mm512_set1_ps(*a[r].add(ci));
+                s0[r] = _mm512_fmadd_ps(av, b0, s0[r]);
+                s1[r] = _mm512_fmadd_ps(av, b1, s1[r]);
+            }
+            bp = bp.add(NR);
+        }
     }
     let Some((out, rows)) = out else {
         for r in 0..MR {
