@@ -13,22 +13,26 @@
 //!   input (Cin contiguous floats each), or into a row of zeros where the
 //!   tap falls on the padding; a tap whose 12 pointers all hit the padding
 //!   is skipped;
-//! - the micro-kernel keeps the 12 x 32 output block in 24 zmm registers,
-//!   broadcasts one input value per pixel per step and does two FMAs with
-//!   it, then adds the bias, applies ReLU and stores (masked when Cout is
-//!   not a multiple of 32).
+//! - the micro-kernel keeps the 12 x 32 output block in 24 zmm registers
+//!   through the 9 taps of a [`KC`]-channel chunk, broadcasting one input
+//!   value per pixel per step for two FMAs; after the last chunk it adds the
+//!   bias, applies ReLU and stores (masked when Cout is not a multiple of
+//!   32), so the output is written once and never zero-filled.
 //!
 //! Loop nest of one job (a run of output pixels x a run of channel panels):
 //! ```text
-//! LOOP 1: for each channel panel of the job    (panel: 9*Cin*32 floats, L2)
-//! LOOP 2:   for each 12-pixel block of the job (its input rows: L1/L2)
-//! LOOP 3:     for each tap with a pixel inside the image
-//! LOOP 4:       for ci in 0..Cin: 12 broadcasts, 24 FMAs
+//! LOOP 1: for each channel panel of the job       (9*Cin x 32 floats, L2)
+//! LOOP 2:   for each chunk of KC input channels   (9*KC x 32 panel rows)
+//! LOOP 3:     for each 12-pixel block of the job  (partial sums: scratch)
+//! LOOP 4:       for each tap with a pixel inside  (the kernel, from here)
+//! LOOP 5:         for ci in the chunk: 12 broadcasts, 24 FMAs
 //! ```
-//! A job's input rows are sized to stay in L2 across its panels; the panel
-//! stays in L2 across the job's pixel blocks. Each output value is one
-//! fixed-order sum (taps in (ky, kx) order, then channels), computed by one
-//! job, so the result does not depend on the thread count.
+//! A job's input rows are sized to stay in L2 across its panels; a chunk's
+//! panel rows stay in L2 across the job's pixel blocks, and a block's input
+//! runs for one chunk (12 pixels x 9 taps x KC channels, mostly shared
+//! between taps) in L1. Each output value is one fixed-order sum (chunks,
+//! then taps in (ky, kx) order, then channels), computed by one job, so the
+//! result does not depend on the thread count.
 
 use ndarray::ArrayView2;
 use rayon::prelude::*;
@@ -38,8 +42,10 @@ pub const MR: usize = 12;
 /// Output channels per micro-kernel block (two zmm vectors).
 pub const NR: usize = 32;
 /// Fewest input channels [`ConvAlgo::Auto`](crate::tensor::conv::ConvAlgo)
-/// sends here: with 3 (the RGB layer) the per-tap overhead dominates and
-/// im2col + GEMM is twice as fast.
+/// sends here: with 3 (the RGB layer) a tap is too short a reduction to pay
+/// for its 12 row pointers; im2col + GEMM runs it twice as fast. (Gathering
+/// the 27 taps into rows first, then one 27-channel tap, only matched
+/// im2col: that layer is bound by writing its 64-channel output.)
 pub const MIN_CIN: usize = 16;
 /// Target bytes of input rows one job reads (kept in L2 across panels).
 const JOB_INPUT_BYTES: usize = 512 << 10;
@@ -214,27 +220,33 @@ pub fn conv3x3_direct(
             let p0 = pj * plan.pixels;
             let p1 = (p0 + plan.pixels).min(m);
             let blocks = (p1 - p0).div_ceil(MR);
-            // Row pointers and live-tap masks of every block of the job.
+            // Row pointers (9 x MR a block) and live-tap masks.
             ptrs.clear();
-            let mut masks = Vec::with_capacity(blocks);
             ptrs.resize(blocks * 9 * MR, zeros.as_ptr());
-            for blk in 0..blocks {
-                let mut mask = 0u16;
+            let mut masks = vec![0u16; blocks];
+            // Output pixel (img, y, xx) of p0, then stepped along.
+            let (mut img, mut y, mut xx) = (p0 / (h * w), (p0 % (h * w)) / w, p0 % w);
+            for i in 0..p1 - p0 {
+                let (blk, r) = (i / MR, i % MR);
                 let table = &mut ptrs[blk * 9 * MR..(blk + 1) * 9 * MR];
-                for r in 0..MR.min(p1 - p0 - blk * MR) {
-                    let g = p0 + blk * MR + r;
-                    let (img, y, xx) = (g / (h * w), (g % (h * w)) / w, g % w);
-                    for t in 0..9 {
-                        // Input pixel (y + dy - 1, xx + dx - 1), if inside.
-                        let (iy, ix) = (y + t / 3, xx + t % 3);
-                        if iy >= 1 && iy <= h && ix >= 1 && ix <= w {
-                            let idx = ((img * h + iy - 1) * w + ix - 1) * cin;
-                            table[t * MR + r] = x[idx..idx + cin].as_ptr();
-                            mask |= 1 << t;
-                        }
+                for t in 0..9 {
+                    // Input pixel (y + dy - 1, xx + dx - 1), if inside.
+                    let (iy, ix) = (y + t / 3, xx + t % 3);
+                    if iy >= 1 && iy <= h && ix >= 1 && ix <= w {
+                        let idx = ((img * h + iy - 1) * w + ix - 1) * cin;
+                        table[t * MR + r] = x[idx..idx + cin].as_ptr();
+                        masks[blk] |= 1 << t;
                     }
                 }
-                masks.push(mask);
+                xx += 1;
+                if xx == w {
+                    xx = 0;
+                    y += 1;
+                    if y == h {
+                        y = 0;
+                        img += 1;
+                    }
+                }
             }
             let j0 = cj * plan.panels;
             let j1 = (j0 + plan.panels).min(kernel.panels());
