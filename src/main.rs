@@ -1050,7 +1050,7 @@ fn bench_conv(args: &BenchArgs, size: usize, batch: usize) -> Result<()> {
         };
         let sec = time_algo(ConvAlgo::Auto);
         // The im2col path too, side by side, where Auto picks another.
-        let im2col = (conv_algo_for(hw, hw, cin) != ConvAlgo::Im2col).then(|| time_algo(ConvAlgo::Im2col));
+        let im2col = (conv_algo_for(hw, hw) != ConvAlgo::Im2col).then(|| time_algo(ConvAlgo::Im2col));
         let gf = forward_flops(batch, hw, hw, cin, cout) / sec / 1e9;
         // The bare GEMM of the same shape, measured in the same run.
         let a = Array2::from_shape_fn((m, 9 * cin), |(i, j)| ((i + j) % 7) as f32 * 0.01);
@@ -1063,7 +1063,7 @@ fn bench_conv(args: &BenchArgs, size: usize, batch: usize) -> Result<()> {
         println!(
             "{}",
             json!({"layer": name, "pass": "forward", "size": hw, "batch": batch, "threads": threads,
-                   "algo": format!("{:?}", conv_algo_for(hw, hw, cin)).to_lowercase(),
+                   "algo": format!("{:?}", conv_algo_for(hw, hw)).to_lowercase(),
                    "gflops": (gf * 10.0).round() / 10.0, "gemm_gflops": (ggf * 10.0).round() / 10.0,
                    "im2col_gflops": im2col.map(|t| (forward_flops(batch, hw, hw, cin, cout) / t / 1e8).round() / 10.0),
                    "ratio": (gf / ggf * 100.0).round() / 100.0, "ms": (sec * 1e4).round() / 10.0})

@@ -131,7 +131,7 @@ pub fn conv3x3_forward(
     relu: bool,
 ) -> Array4<f32> {
     let (n, h, wd, cin, cout) = dims(&x, &w);
-    if conv_algo_for(h, wd, cin) == ConvAlgo::Direct && n * h * wd > 0 && cout > 0 {
+    if conv_algo_for(h, wd) == ConvAlgo::Direct && n * h * wd > 0 && cout > 0 {
         // The direct kernel writes every output once: no zero-fill pass
         // (at 224 px that memset was 3% of a forward pass).
         let mut out = Array4::<f32>::uninit((n, h, wd, cout));
@@ -175,11 +175,10 @@ pub enum ConvAlgo {
     Direct,
 }
 
-/// What [`ConvAlgo::Auto`] runs for an `h` x `w` image with `cin` input
-/// channels on this CPU (tap classes, the small-image path, count as
-/// im2col here).
-pub fn conv_algo_for(h: usize, w: usize, cin: usize) -> ConvAlgo {
-    if (h > SMALL_SIDE || w > SMALL_SIDE) && cin >= direct::MIN_CIN && direct::available() {
+/// What [`ConvAlgo::Auto`] runs for an `h` x `w` image on this CPU (tap
+/// classes, the small-image path, count as im2col here).
+pub fn conv_algo_for(h: usize, w: usize) -> ConvAlgo {
+    if (h > SMALL_SIDE || w > SMALL_SIDE) && direct::available() {
         ConvAlgo::Direct
     } else {
         ConvAlgo::Im2col
@@ -228,9 +227,7 @@ pub fn conv3x3_forward_with(
     let bias = bias.map(|b| b.to_owned());
     let b = bias.as_ref().map(|b| b.as_slice().expect("owned"));
     let direct_ok = direct::available() && out.is_standard_layout();
-    if direct_ok
-        && (algo == ConvAlgo::Direct || (algo == ConvAlgo::Auto && conv_algo_for(h, wd, cin) == ConvAlgo::Direct))
-    {
+    if direct_ok && (algo == ConvAlgo::Direct || (algo == ConvAlgo::Auto && conv_algo_for(h, wd) == ConvAlgo::Direct)) {
         let packed = PackedKernel::new(w2);
         let o = out.as_slice_mut().expect("standard layout");
         // SAFETY: the kernel only writes initialised f32 values through it.

@@ -41,11 +41,9 @@ use rayon::prelude::*;
 pub const MR: usize = 12;
 /// Output channels per micro-kernel block (two zmm vectors).
 pub const NR: usize = 32;
-/// Fewest input channels [`ConvAlgo::Auto`](crate::tensor::conv::ConvAlgo)
-/// sends here: with 3 (the RGB layer) a tap is too short a reduction to pay
-/// for its 12 row pointers; im2col + GEMM runs it twice as fast. (Gathering
-/// the 27 taps into rows first, then one 27-channel tap, only matched
-/// im2col: that layer is bound by writing its 64-channel output.)
+/// Below this many input channels a job gathers its pixels' taps into
+/// rows first (see [`conv3x3_direct`]): with 3 channels (the RGB layer) a
+/// tap is too short a reduction to pay for its 12 row pointers.
 pub const MIN_CIN: usize = 16;
 /// Target bytes of input rows one job reads (kept in L2 across panels).
 const JOB_INPUT_BYTES: usize = 512 << 10;
@@ -213,20 +211,36 @@ pub fn conv3x3_direct(
     let pixel_jobs = m.div_ceil(plan.pixels);
     let panel_jobs = kernel.panels().div_ceil(plan.panels);
     let out_ptr = OutPtr(out.as_mut_ptr().cast::<f32>());
+    // Few input channels (the RGB layer): a job first gathers its pixels'
+    // 9*cin taps into rows (im2col, 27 floats a pixel at cin = 3), and the
+    // kernel runs each row as a single tap of 9*cin channels; 9*cin fits one
+    // chunk, so the panel rows are in the plain order that this reads.
+    let gathered = cin < MIN_CIN;
+    let taps = if gathered { 1 } else { 9 };
     (0..pixel_jobs * panel_jobs).into_par_iter().for_each_init(
-        || (Vec::<*const f32>::new(), Vec::<f32>::new()),
-        |(ptrs, acc), job| {
+        || (Vec::<*const f32>::new(), Vec::<f32>::new(), Vec::<f32>::new()),
+        |(ptrs, acc, col), job| {
             let (pj, cj) = (job / panel_jobs, job % panel_jobs);
             let p0 = pj * plan.pixels;
             let p1 = (p0 + plan.pixels).min(m);
             let blocks = (p1 - p0).div_ceil(MR);
-            // Row pointers (9 x MR a block) and live-tap masks.
+            // Row pointers (taps x MR a block) and live-tap masks.
             ptrs.clear();
-            ptrs.resize(blocks * 9 * MR, zeros.as_ptr());
+            ptrs.resize(blocks * taps * MR, zeros.as_ptr());
             let mut masks = vec![0u16; blocks];
+            if gathered {
+                let k = 9 * cin;
+                col.resize(blocks * MR * k, 0.0);
+                super::conv::im2col(x, h, w, cin, p0, p1 - p0, col);
+                col[(p1 - p0) * k..].fill(0.0);
+                for (i, p) in ptrs.iter_mut().enumerate() {
+                    *p = col[i * k..].as_ptr();
+                }
+                masks.fill(1);
+            }
             // Output pixel (img, y, xx) of p0, then stepped along.
             let (mut img, mut y, mut xx) = (p0 / (h * w), (p0 % (h * w)) / w, p0 % w);
-            for i in 0..p1 - p0 {
+            for i in 0..if gathered { 0 } else { p1 - p0 } {
                 let (blk, r) = (i / MR, i % MR);
                 let table = &mut ptrs[blk * 9 * MR..(blk + 1) * 9 * MR];
                 for t in 0..9 {
@@ -268,9 +282,9 @@ pub fn conv3x3_direct(
                 // LOOP 2: channel chunks (9*kc panel rows, contiguous).
                 let mut c0 = 0;
                 while c0 < cin {
-                    let kc = KC.min(cin - c0);
+                    let kc = if gathered { 9 * cin } else { KC.min(cin - c0) };
                     let bchunk = panel[9 * c0 * NR..].as_ptr();
-                    let (first, last) = (c0 == 0, c0 + kc == cin);
+                    let (first, last) = (c0 == 0, c0 + kc >= cin);
                     // LOOP 3: the job's pixel blocks; LOOP 4 (taps) and 5
                     // (channels) run in the kernel.
                     for (blk, &mask) in masks.iter().enumerate() {
@@ -286,7 +300,8 @@ pub fn conv3x3_direct(
                         #[cfg(target_arch = "x86_64")]
                         unsafe {
                             kernel_12x32(
-                                ptrs[blk * 9 * MR..].as_ptr(),
+                                ptrs[blk * taps * MR..].as_ptr(),
+                                taps,
                                 mask,
                                 c0,
                                 kc,
@@ -317,8 +332,8 @@ struct Tail {
 
 /// The micro-kernel: adds one channel chunk to an [`MR`] x [`NR`] block.
 ///
-/// `ptrs` holds the block's 9 x MR row pointers (tap-major); taps whose bit
-/// is clear in `mask` are skipped. The chunk covers channels c0..c0+kc of
+/// `ptrs` holds the block's `taps` x MR row pointers (tap-major; 9 taps, or
+/// 1 for gathered rows); taps whose bit is clear in `mask` are skipped. The chunk covers channels c0..c0+kc of
 /// every tap; `b` is the panel's matching 9 x kc x NR rows (tap-major).
 /// `acc` holds the block's MR x NR partial sums (64-byte aligned): read
 /// unless `first`, written back unless `out` is given; then (the last chunk)
@@ -328,6 +343,7 @@ struct Tail {
 #[allow(clippy::too_many_arguments)]
 unsafe fn kernel_12x32(
     ptrs: *const *const f32,
+    taps: usize,
     mask: u16,
     c0: usize,
     kc: usize,
@@ -346,7 +362,7 @@ unsafe fn kernel_12x32(
             s1[r] = _mm512_load_ps(acc.add(r * NR + 16));
         }
     }
-    for t in 0..9 {
+    for t in 0..taps {
         if mask & (1 << t) == 0 {
             continue;
         }
