@@ -355,6 +355,7 @@ fn build(dir: &Path, key: &CacheKey, model: &Vgg16, data: &Dataset, batch: usize
     let mut progress = Progress::new("cache", remaining as u64, "img");
     let start = std::time::Instant::now();
     let mut bytes = Vec::new();
+    let net = model.prepare();
     while meta.done < n {
         let c0 = meta.done;
         let c1 = (c0 + CHUNK).min(n);
@@ -364,7 +365,7 @@ fn build(dir: &Path, key: &CacheKey, model: &Vgg16, data: &Dataset, batch: usize
             let recs: Vec<&[u8]> = (s..e).map(|i| data.image(i)).collect();
             let x = preprocess_batch(&recs, key.image_size);
             let mut b4_out: Option<Array4<f32>> = None;
-            let y = model.forward_range(x, 0..pool5 + 1, &mut |i, a| {
+            let y = net.forward_range(x, 0..pool5 + 1, &mut |i, a| {
                 if i == b4_idx {
                     b4_out = Some(a.clone());
                 }

@@ -124,6 +124,7 @@ pub fn extract(model: &Vgg16, data: &Dataset, range: Range, layers: &[String], o
         .expect("non-empty");
     let mut progress = Progress::new("extract", count as u64, "img");
     let mut labels = Vec::with_capacity(count);
+    let net = model.prepare();
     for start in (offset..offset + count).step_by(batch.max(1)) {
         let end = (start + batch).min(offset + count);
         let recs: Vec<&[u8]> = (start..end).map(|i| data.image(i)).collect();
@@ -150,7 +151,7 @@ pub fn extract(model: &Vgg16, data: &Dataset, range: Range, layers: &[String], o
                 }
             }
         };
-        model.forward_range(x, 0..last + 1, &mut tap);
+        net.forward_range(x, 0..last + 1, &mut tap);
         if let Some(e) = err {
             return Err(e).context("writing activations");
         }

@@ -10,7 +10,9 @@ use std::time::Duration;
 use vgg16_cpu::bench::{median_seconds, GEMM_SHAPES, VGG_CONVS};
 use vgg16_cpu::data::cifar::{self, Source, Split};
 use vgg16_cpu::data::fetch;
-use vgg16_cpu::tensor::conv::{conv3x3_backward, conv3x3_forward_with, conv_algo_for, forward_flops, ConvAlgo};
+use vgg16_cpu::tensor::conv::{
+    conv3x3_backward, conv3x3_forward_with, conv_algo_for, forward_flops, ConvAlgo, SMALL_SIDE,
+};
 use vgg16_cpu::tensor::gemm::{flops, sgemm_with, Backend};
 use vgg16_cpu::vgg::{Vgg16, IMAGENET_DIGEST, IMAGENET_PROBES};
 
@@ -883,12 +885,11 @@ fn predict(args: &PredictArgs) -> Result<()> {
             }
         }
     }
+    let base = model.base.prepare();
     for batch in ok.chunks(args.batch_size.max(1)) {
         let recs: Vec<&[u8]> = batch.iter().map(|(_, r)| r.as_slice()).collect();
         let x = vgg16_cpu::data::image::preprocess_batch(&recs, size);
-        let x4 = model
-            .base
-            .forward_range(x, 0..vgg16_cpu::vgg::BLOCK5_START, &mut |_, _| {});
+        let x4 = base.forward_range(x, 0..vgg16_cpu::vgg::BLOCK5_START, &mut |_, _| {});
         let g = block5_features(model.block5(), x4.view());
         let (logits, _) = head_forward(&model.head, g.view(), None);
         let probs = vgg16_cpu::tensor::ops::softmax(logits.view());
@@ -1063,7 +1064,7 @@ fn bench_conv(args: &BenchArgs, size: usize, batch: usize) -> Result<()> {
         println!(
             "{}",
             json!({"layer": name, "pass": "forward", "size": hw, "batch": batch, "threads": threads,
-                   "algo": format!("{:?}", conv_algo_for(hw, hw)).to_lowercase(),
+                   "algo": if hw <= SMALL_SIDE { "tap_classes".to_string() } else { format!("{:?}", conv_algo_for(hw, hw)).to_lowercase() },
                    "gflops": (gf * 10.0).round() / 10.0, "gemm_gflops": (ggf * 10.0).round() / 10.0,
                    "im2col_gflops": im2col.map(|t| (forward_flops(batch, hw, hw, cin, cout) / t / 1e8).round() / 10.0),
                    "ratio": (gf / ggf * 100.0).round() / 100.0, "ms": (sec * 1e4).round() / 10.0})

@@ -69,23 +69,24 @@ impl Features for Live<'_> {
     // Blocks 1-4 run in sub-batches of auto_batch(S) images, so memory stays
     // bounded at 224 px whatever the training batch size.
     fn gap(&self, idx: &[usize]) -> Array2<f32> {
+        let net = self.model.prepare();
         let parts: Vec<Array2<f32>> = idx
             .chunks(auto_batch(self.size))
             .map(|c| {
                 let recs: Vec<&[u8]> = c.iter().map(|&i| self.data.image(i)).collect();
-                self.model.features(preprocess_batch(&recs, self.size))
+                net.features(preprocess_batch(&recs, self.size))
             })
             .collect();
         let views: Vec<_> = parts.iter().map(|a| a.view()).collect();
         ndarray::concatenate(ndarray::Axis(0), &views).expect("same widths")
     }
     fn block4(&self, idx: &[usize]) -> Array4<f32> {
+        let net = self.model.prepare();
         let parts: Vec<Array4<f32>> = idx
             .chunks(auto_batch(self.size))
             .map(|c| {
                 let recs: Vec<&[u8]> = c.iter().map(|&i| self.data.image(i)).collect();
-                self.model
-                    .forward_range(preprocess_batch(&recs, self.size), 0..BLOCK5_START, &mut |_, _| {})
+                net.forward_range(preprocess_batch(&recs, self.size), 0..BLOCK5_START, &mut |_, _| {})
             })
             .collect();
         let views: Vec<_> = parts.iter().map(|a| a.view()).collect();

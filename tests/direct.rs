@@ -9,9 +9,10 @@ mod common;
 use common::*;
 use ndarray::Array4;
 use rand::Rng;
-use vgg16_cpu::tensor::conv::{conv3x3_forward_with, ConvAlgo};
+use vgg16_cpu::tensor::conv::{conv3x3_forward, conv3x3_forward_with, ConvAlgo};
+use vgg16_cpu::vgg::{Kind, LAYERS};
 use vgg16_cpu::tensor::direct::{self, DirectPlan, MR, NR};
-use vgg16_cpu::tensor::ops::{maxpool2x2_forward, maxpool2x2_infer};
+use vgg16_cpu::tensor::ops::{gap_forward, maxpool2x2_forward, maxpool2x2_infer};
 
 fn direct_or_skip(test: &str) -> bool {
     if direct::available() {
@@ -146,5 +147,35 @@ fn maxpool_infer_equals_forward() {
             "maxpool2x2_infer differs from maxpool2x2_forward at {:?}",
             (n, h, w, c)
         );
+    }
+}
+
+/// A prepared base (kernels packed once, reused) gives bit for bit what
+/// one-off forward passes give, across batches of different image sizes
+/// (64 px packs block1-5; 32 px reuses them, its 4x4 and 2x2 layers never
+/// touch them) and after the packed kernels exist.
+#[test]
+fn prepared_base_matches_one_off_forward() {
+    let model = fake_vgg(54);
+    let net = model.prepare();
+    let mut r = rng(55);
+    for &(n, s) in &[(2usize, 64usize), (3, 32), (1, 64)] {
+        let x = rand4(&mut r, (n, s, s, 3), -100.0, 100.0);
+        // Layer by layer through the public ops, packing per call.
+        let mut y = x.clone();
+        for (i, l) in LAYERS.iter().enumerate() {
+            y = match l.kind {
+                Kind::Conv { .. } => {
+                    let p = model.conv_at(i);
+                    conv3x3_forward(y.view(), p.w.view(), Some(p.b.view()), true)
+                }
+                Kind::Pool => maxpool2x2_forward(y.view()).0,
+            };
+        }
+        let once = gap_forward(y.view());
+        let reused = net.features(x);
+        assert_eq!(once.dim(), (n, 512));
+        let same = once.iter().zip(reused.iter()).all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(same, "prepared base differs at {n} x {s} px");
     }
 }

@@ -131,23 +131,13 @@ pub fn conv3x3_forward(
     relu: bool,
 ) -> Array4<f32> {
     let (n, h, wd, cin, cout) = dims(&x, &w);
-    if conv_algo_for(h, wd) == ConvAlgo::Direct && n * h * wd > 0 && cout > 0 {
-        // The direct kernel writes every output once: no zero-fill pass
-        // (at 224 px that memset was 3% of a forward pass).
-        let mut out = Array4::<f32>::uninit((n, h, wd, cout));
-        let x = x.as_standard_layout();
+    if conv_algo_for(h, wd) == ConvAlgo::Direct {
         let w = w.as_standard_layout();
         let w2 = w
             .view()
             .into_shape_with_order((9 * cin, cout))
             .expect("standard layout");
-        let bias = bias.map(|b| b.to_vec());
-        let o = out.as_slice_mut().expect("fresh array is contiguous");
-        let xs = x.as_slice().expect("standard layout");
-        conv3x3_direct(xs, (n, h, wd, cin), &PackedKernel::new(w2), bias.as_deref(), relu, o);
-        // SAFETY: conv3x3_direct wrote every element (it covers each output
-        // pixel and channel exactly once; tests pre-fill with NaN to check).
-        return unsafe { out.assume_init() };
+        return conv3x3_forward_packed(x, &PackedKernel::new(w2), bias, relu);
     }
     let mut out = Array4::<f32>::zeros((n, h, wd, cout));
     {
@@ -159,6 +149,42 @@ pub fn conv3x3_forward(
         conv3x3_forward_into(x, w, bias, relu, out2);
     }
     out
+}
+
+/// [`conv3x3_forward`] on the direct kernel with a kernel packed once
+/// beforehand (see [`crate::vgg::Prepared`]); `x` is (N, H, W, Cin) with
+/// 9*Cin = `packed.k`. Panics unless [`direct::available`].
+pub fn conv3x3_forward_packed(
+    x: ArrayView4<f32>,
+    packed: &PackedKernel,
+    bias: Option<ArrayView1<f32>>,
+    relu: bool,
+) -> Array4<f32> {
+    let (n, h, wd, cin) = x.dim();
+    let cout = packed.cout;
+    assert_eq!(
+        packed.k,
+        9 * cin,
+        "conv3x3: input has {cin} channels, kernel expects {}",
+        packed.k / 9
+    );
+    // The direct kernel writes every output once: no zero-fill pass (at
+    // 224 px that memset was 3% of a forward pass).
+    let mut out = Array4::<f32>::uninit((n, h, wd, cout));
+    let x = x.as_standard_layout();
+    let bias = bias.map(|b| b.to_vec());
+    let o = out.as_slice_mut().expect("fresh array is contiguous");
+    conv3x3_direct(
+        x.as_slice().expect("standard layout"),
+        (n, h, wd, cin),
+        packed,
+        bias.as_deref(),
+        relu,
+        o,
+    );
+    // SAFETY: conv3x3_direct wrote every element (it covers each output pixel
+    // and channel exactly once; tests pre-fill with NaN to check).
+    unsafe { out.assume_init() }
 }
 
 /// Which forward algorithm runs a conv layer.
