@@ -10,9 +10,9 @@ use common::*;
 use ndarray::Array4;
 use rand::Rng;
 use vgg16_cpu::tensor::conv::{conv3x3_forward, conv3x3_forward_with, ConvAlgo};
-use vgg16_cpu::vgg::{Kind, LAYERS};
 use vgg16_cpu::tensor::direct::{self, DirectPlan, MR, NR};
 use vgg16_cpu::tensor::ops::{gap_forward, maxpool2x2_forward, maxpool2x2_infer};
+use vgg16_cpu::vgg::{Kind, LAYERS};
 
 fn direct_or_skip(test: &str) -> bool {
     if direct::available() {
