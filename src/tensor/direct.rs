@@ -88,7 +88,10 @@ impl PackedKernel {
         let panels = cout.div_ceil(NR);
         let len = panels * k * NR;
         let mut buf = vec![0.0f32; len + 16];
-        let offset = buf.as_ptr().align_offset(64).min(16);
+        let offset = buf.as_ptr().align_offset(64);
+        // The kernel's aligned loads depend on this (a 4-byte-aligned f32
+        // pointer always reaches 64 within 16 elements).
+        assert!(offset < 16, "cannot align the packed kernel");
         let data = &mut buf[offset..offset + len];
         data.par_chunks_mut(k * NR).enumerate().for_each(|(j, panel)| {
             let c0 = j * NR;
@@ -269,7 +272,8 @@ pub fn conv3x3_direct(
             if acc.len() < blocks * MR * NR + 16 {
                 acc.resize(blocks * MR * NR + 16, 0.0);
             }
-            let a0 = acc.as_ptr().align_offset(64).min(16);
+            let a0 = acc.as_ptr().align_offset(64);
+            assert!(a0 < 16, "cannot align the partial sums");
             let accs = &mut acc[a0..a0 + blocks * MR * NR];
             for j in j0..j1 {
                 let panel = kernel.panel(j);
