@@ -19,7 +19,7 @@ use crate::model::*;
 use crate::optim::sgd_momentum_step;
 use crate::progress::Progress;
 use crate::tensor::ops::{cross_entropy_per_sample, softmax_cross_entropy};
-use crate::vgg::{auto_batch, ConvParams, Vgg16, BLOCK5_START, LAYERS};
+use crate::vgg::{auto_batch, ConvParams, Prepared, Vgg16, BLOCK5_START, LAYERS};
 use anyhow::{bail, Context, Result};
 use ndarray::{Array2, Array4, ArrayD};
 use rand::seq::SliceRandom;
@@ -66,31 +66,34 @@ impl Features for Live<'_> {
     fn labels(&self) -> &[u8] {
         &self.data.labels[..self.records]
     }
-    // Blocks 1-4 run in sub-batches of auto_batch(S) images, so memory stays
-    // bounded at 224 px whatever the training batch size.
     fn gap(&self, idx: &[usize]) -> Array2<f32> {
-        let net = self.model.prepare();
-        let parts: Vec<Array2<f32>> = idx
-            .chunks(auto_batch(self.size))
-            .map(|c| {
-                let recs: Vec<&[u8]> = c.iter().map(|&i| self.data.image(i)).collect();
-                net.features(preprocess_batch(&recs, self.size))
-            })
-            .collect();
-        let views: Vec<_> = parts.iter().map(|a| a.view()).collect();
-        ndarray::concatenate(ndarray::Axis(0), &views).expect("same widths")
+        self.in_sub_batches(idx, |net, x| net.features(x))
     }
     fn block4(&self, idx: &[usize]) -> Array4<f32> {
+        self.in_sub_batches(idx, |net, x| net.forward_range(x, 0..BLOCK5_START, &mut |_, _| {}))
+    }
+}
+
+impl Live<'_> {
+    /// `f` on the preprocessed records `idx`, in sub-batches of
+    /// auto_batch(S) images (memory stays bounded at 224 px whatever the
+    /// training batch size), kernels packed once; results joined along the
+    /// batch axis.
+    fn in_sub_batches<D: ndarray::RemoveAxis>(
+        &self,
+        idx: &[usize],
+        f: impl Fn(&Prepared, Array4<f32>) -> ndarray::Array<f32, D>,
+    ) -> ndarray::Array<f32, D> {
         let net = self.model.prepare();
-        let parts: Vec<Array4<f32>> = idx
+        let parts: Vec<_> = idx
             .chunks(auto_batch(self.size))
             .map(|c| {
                 let recs: Vec<&[u8]> = c.iter().map(|&i| self.data.image(i)).collect();
-                net.forward_range(preprocess_batch(&recs, self.size), 0..BLOCK5_START, &mut |_, _| {})
+                f(&net, preprocess_batch(&recs, self.size))
             })
             .collect();
         let views: Vec<_> = parts.iter().map(|a| a.view()).collect();
-        ndarray::concatenate(ndarray::Axis(0), &views).expect("same shapes")
+        ndarray::concatenate(ndarray::Axis(0), &views).expect("sub-batches agree on shape")
     }
 }
 

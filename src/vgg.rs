@@ -254,11 +254,7 @@ impl Prepared<'_> {
                     let p = &self.model.convs[ci];
                     let (_, h, w, _) = x.dim();
                     if conv_algo_for(h, w) == ConvAlgo::Direct {
-                        let packed = self.packed[ci].get_or_init(|| {
-                            let (kh, kw, cin, cout) = p.w.dim();
-                            let w2 = p.w.view().into_shape_with_order((kh * kw * cin, cout));
-                            PackedKernel::new(w2.expect("loaded kernels are contiguous"))
-                        });
+                        let packed = self.packed[ci].get_or_init(|| PackedKernel::from_keras(p.w.view()));
                         conv3x3_forward_packed(x.view(), packed, Some(p.b.view()), true)
                     } else {
                         conv3x3_forward(x.view(), p.w.view(), Some(p.b.view()), true)

@@ -130,14 +130,9 @@ pub fn conv3x3_forward(
     bias: Option<ArrayView1<f32>>,
     relu: bool,
 ) -> Array4<f32> {
-    let (n, h, wd, cin, cout) = dims(&x, &w);
+    let (n, h, wd, _cin, cout) = dims(&x, &w);
     if conv_algo_for(h, wd) == ConvAlgo::Direct {
-        let w = w.as_standard_layout();
-        let w2 = w
-            .view()
-            .into_shape_with_order((9 * cin, cout))
-            .expect("standard layout");
-        return conv3x3_forward_packed(x, &PackedKernel::new(w2), bias, relu);
+        return conv3x3_forward_packed(x, &PackedKernel::from_keras(w), bias, relu);
     }
     let mut out = Array4::<f32>::zeros((n, h, wd, cout));
     {
@@ -197,7 +192,8 @@ pub enum ConvAlgo {
     /// im2col tiles + GEMM (tap classes still serve small images).
     Im2col,
     /// The direct kernel ([`crate::tensor::direct`]) at every size; falls
-    /// back to `Im2col` where the CPU lacks AVX-512F.
+    /// back to `Im2col` where the CPU lacks AVX-512F or the output given to
+    /// [`conv3x3_forward_with`] is not one contiguous block.
     Direct,
 }
 

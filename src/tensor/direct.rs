@@ -34,7 +34,7 @@
 //! then taps in (ky, kx) order, then channels), computed by one job, so the
 //! result does not depend on the thread count.
 
-use ndarray::ArrayView2;
+use ndarray::{ArrayView2, ArrayView4};
 use rayon::prelude::*;
 
 /// Output pixels per micro-kernel block.
@@ -83,6 +83,15 @@ pub struct PackedKernel {
 }
 
 impl PackedKernel {
+    /// Packs a Keras kernel (3, 3, Cin, Cout), any memory layout.
+    pub fn from_keras(w: ArrayView4<f32>) -> PackedKernel {
+        let (kh, kw, cin, cout) = w.dim();
+        let w = w.as_standard_layout();
+        let w2 = w.view().into_shape_with_order((kh * kw * cin, cout));
+        PackedKernel::new(w2.expect("standard layout"))
+    }
+
+    /// Packs the kernel as the GEMM matrix (9*Cin, Cout).
     pub fn new(w2: ArrayView2<f32>) -> PackedKernel {
         let (k, cout) = w2.dim();
         let panels = cout.div_ceil(NR);
