@@ -10,9 +10,8 @@ use std::time::Duration;
 use vgg16_cpu::bench::{median_seconds, GEMM_SHAPES, VGG_CONVS};
 use vgg16_cpu::data::cifar::{self, Source, Split};
 use vgg16_cpu::data::fetch;
-use vgg16_cpu::tensor::conv::{
-    conv3x3_backward, conv3x3_forward_with, conv_algo_for, forward_flops, ConvAlgo, SMALL_SIDE,
-};
+use vgg16_cpu::tensor::conv::{conv3x3_backward, conv3x3_forward_path, forward_flops, ConvAlgo, ConvPath};
+use vgg16_cpu::tensor::dispatch::{cpu_model, Dispatch};
 use vgg16_cpu::tensor::gemm::{flops, sgemm_with, Backend};
 use vgg16_cpu::vgg::{Vgg16, IMAGENET_DIGEST, IMAGENET_PROBES};
 
@@ -984,6 +983,11 @@ fn with_threads<T>(threads: Option<usize>, f: impl FnOnce() -> Result<T>) -> Res
         b = b.num_threads(t);
     }
     b.build_global().context("cannot start the thread pool")?;
+    // Refuse a forced path this CPU cannot run, with the reason, and say
+    // once which kernels run.
+    let d = Dispatch::from_env()?;
+    debug_assert_eq!(d, Dispatch::global());
+    eprintln!("{}", d.describe());
     f()
 }
 
@@ -999,6 +1003,7 @@ fn backends(name: &Option<String>) -> Result<Vec<Backend>> {
 
 fn bench_gemm(args: &BenchArgs) -> Result<()> {
     let threads = rayon::current_num_threads();
+    let cpu = cpu_model();
     let min_time = Duration::from_secs_f64(args.min_time);
     for s in GEMM_SHAPES {
         let a = Array2::from_shape_fn((s.m, s.k), |(i, j)| ((i * 7 + j * 3) % 17) as f32 * 0.01);
@@ -1011,7 +1016,7 @@ fn bench_gemm(args: &BenchArgs) -> Result<()> {
             let gf = flops(s.m, s.k, s.n) / sec / 1e9;
             println!(
                 "{}",
-                json!({"name": s.name, "m": s.m, "k": s.k, "n": s.n, "threads": threads,
+                json!({"name": s.name, "m": s.m, "k": s.k, "n": s.n, "threads": threads, "cpu": cpu,
                        "backend": backend.name(), "gflops": (gf * 10.0).round() / 10.0})
             );
         }
@@ -1036,6 +1041,7 @@ fn bench_conv(args: &BenchArgs, size: usize, batch: usize) -> Result<()> {
         bail!("--image-size must be a positive multiple of 16 and --batch positive");
     }
     let threads = rayon::current_num_threads();
+    let (cpu, isa) = (cpu_model(), Dispatch::global().isa.name());
     let min_time = Duration::from_secs_f64(args.min_time);
     for &(name, cin, cout, div) in VGG_CONVS {
         let hw = size / div;
@@ -1044,14 +1050,18 @@ fn bench_conv(args: &BenchArgs, size: usize, batch: usize) -> Result<()> {
         let b = Array1::<f32>::zeros(cout);
         let m = batch * hw * hw;
         let mut out = Array2::<f32>::zeros((m, cout));
-        let mut time_algo = |algo| {
+        let mut time_path = |path| {
             median_seconds(3, min_time, || {
-                conv3x3_forward_with(algo, x.view(), w.view(), Some(b.view()), true, out.view_mut());
+                conv3x3_forward_path(path, x.view(), w.view(), Some(b.view()), true, out.view_mut());
             })
         };
-        let sec = time_algo(ConvAlgo::Auto);
-        // The im2col path too, side by side, where Auto picks another.
-        let im2col = (conv_algo_for(hw, hw) != ConvAlgo::Im2col).then(|| time_algo(ConvAlgo::Im2col));
+        let d = Dispatch::global();
+        let path = d.path(ConvAlgo::Auto, hw, hw, cin);
+        let sec = time_path(path);
+        // The other paths too, side by side, where Auto picks another.
+        let big = path != ConvPath::TapClasses;
+        let im2col = (big && path != ConvPath::Im2col).then(|| time_path(ConvPath::Im2col));
+        let direct = (big && path != ConvPath::Direct(d.isa)).then(|| time_path(ConvPath::Direct(d.isa)));
         let gf = forward_flops(batch, hw, hw, cin, cout) / sec / 1e9;
         // The bare GEMM of the same shape, measured in the same run.
         let a = Array2::from_shape_fn((m, 9 * cin), |(i, j)| ((i + j) % 7) as f32 * 0.01);
@@ -1064,9 +1074,10 @@ fn bench_conv(args: &BenchArgs, size: usize, batch: usize) -> Result<()> {
         println!(
             "{}",
             json!({"layer": name, "pass": "forward", "size": hw, "batch": batch, "threads": threads,
-                   "algo": if hw <= SMALL_SIDE { "tap_classes".to_string() } else { format!("{:?}", conv_algo_for(hw, hw)).to_lowercase() },
+                   "cpu": cpu, "isa": isa, "algo": path.name(),
                    "gflops": (gf * 10.0).round() / 10.0, "gemm_gflops": (ggf * 10.0).round() / 10.0,
                    "im2col_gflops": im2col.map(|t| (forward_flops(batch, hw, hw, cin, cout) / t / 1e8).round() / 10.0),
+                   "direct_gflops": direct.map(|t| (forward_flops(batch, hw, hw, cin, cout) / t / 1e8).round() / 10.0),
                    "ratio": (gf / ggf * 100.0).round() / 100.0, "ms": (sec * 1e4).round() / 10.0})
         );
     }
@@ -1094,6 +1105,7 @@ fn bench_conv(args: &BenchArgs, size: usize, batch: usize) -> Result<()> {
     println!(
         "{}",
         json!({"layer": "block5_conv2", "pass": "backward_dw_dx", "size": hw, "batch": batch, "threads": threads,
+               "cpu": cpu, "isa": isa,
                "gflops": (gf * 10.0).round() / 10.0, "gemm_gflops": (ggf * 10.0).round() / 10.0,
                "ratio": (gf / ggf * 100.0).round() / 100.0, "ms": (sec * 1e4).round() / 10.0})
     );

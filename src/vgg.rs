@@ -2,8 +2,8 @@
 //! parameters, weights I/O (`.npz`, Keras layout), digest and probes, and the
 //! forward pass over any range of layers.
 
-use crate::tensor::conv::{conv3x3_forward, conv3x3_forward_packed, conv_algo_for, ConvAlgo};
-use crate::tensor::direct::PackedKernel;
+use crate::tensor::conv::{conv3x3_forward_path, conv3x3_forward_prepared, PreparedKernel};
+use crate::tensor::dispatch::{ConvAlgo, ConvPath, Dispatch};
 use crate::tensor::ops::{gap_forward, maxpool2x2_infer};
 use ndarray::{Array1, Array2, Array4, ArrayD, Ix1, Ix4};
 use ndarray_npy::{NpzReader, NpzWriter};
@@ -220,23 +220,36 @@ impl Vgg16 {
     }
 
     /// The base ready for many batches: each conv kernel is packed for the
-    /// direct kernel the first time a batch needs it, then reused.
+    /// direct kernel or transformed for Winograd the first time a batch
+    /// needs it, then reused.
     pub fn prepare(&self) -> Prepared<'_> {
+        self.prepare_with(Dispatch::global())
+    }
+
+    /// [`Vgg16::prepare`] with a chosen dispatch (tests run the whole base
+    /// on every path this CPU has).
+    pub fn prepare_with(&self, dispatch: Dispatch) -> Prepared<'_> {
         Prepared {
             model: self,
-            packed: (0..self.convs.len()).map(|_| OnceLock::new()).collect(),
+            dispatch,
+            packed: (0..self.convs.len())
+                .map(|_| (OnceLock::new(), OnceLock::new()))
+                .collect(),
         }
     }
 }
 
-/// [`Vgg16`] with its conv kernels packed once for the direct kernel
-/// (`tensor::direct`), lazily, layer by layer: 4x4 and smaller images (tap
-/// classes) never pack. Packing a block5 kernel takes about 1.3 ms, a quarter
-/// of that layer's forward at 224 px and batch 1. It borrows the weights, so
-/// they cannot change while packed copies exist.
+/// [`Vgg16`] with its conv kernels prepared once for the path the dispatch
+/// picks (`tensor::direct` panels or `tensor::winograd` transforms), lazily,
+/// layer by layer: 4x4 and smaller images (tap classes) never pack. Packing a
+/// block5 kernel takes about 1.3 ms, a quarter of that layer's forward at
+/// 224 px and batch 1. It borrows the weights, so they cannot change while
+/// prepared copies exist.
 pub struct Prepared<'a> {
     model: &'a Vgg16,
-    packed: Vec<OnceLock<PackedKernel>>,
+    dispatch: Dispatch,
+    /// Per conv layer: (direct, Winograd).
+    packed: Vec<(OnceLock<PreparedKernel>, OnceLock<PreparedKernel>)>,
 }
 
 impl Prepared<'_> {
@@ -252,12 +265,29 @@ impl Prepared<'_> {
                 Kind::Conv { .. } => {
                     let ci = conv_index(i);
                     let p = &self.model.convs[ci];
-                    let (_, h, w, _) = x.dim();
-                    if conv_algo_for(h, w) == ConvAlgo::Direct {
-                        let packed = self.packed[ci].get_or_init(|| PackedKernel::from_keras(p.w.view()));
-                        conv3x3_forward_packed(x.view(), packed, Some(p.b.view()), true)
-                    } else {
-                        conv3x3_forward(x.view(), p.w.view(), Some(p.b.view()), true)
+                    let (n, h, w, cin) = x.dim();
+                    let path = self.dispatch.path(ConvAlgo::Auto, h, w, cin);
+                    let slot = match path {
+                        ConvPath::Direct(_) => Some(&self.packed[ci].0),
+                        ConvPath::Winograd(_) => Some(&self.packed[ci].1),
+                        ConvPath::Im2col | ConvPath::TapClasses => None,
+                    };
+                    match slot {
+                        Some(slot) => {
+                            let k = slot
+                                .get_or_init(|| PreparedKernel::new(path, p.w.view()).expect("has a prepared form"));
+                            conv3x3_forward_prepared(x.view(), k, Some(p.b.view()), true)
+                        }
+                        None => {
+                            let cout = p.w.dim().3;
+                            let mut y = Array4::<f32>::zeros((n, h, w, cout));
+                            let y2 = y
+                                .view_mut()
+                                .into_shape_with_order((n * h * w, cout))
+                                .expect("fresh array is contiguous");
+                            conv3x3_forward_path(path, x.view(), p.w.view(), Some(p.b.view()), true, y2);
+                            y
+                        }
                     }
                 }
                 Kind::Pool => maxpool2x2_infer(x.view()),

@@ -5,7 +5,7 @@ use common::*;
 use ndarray::Array2;
 use rand::seq::SliceRandom;
 use rand::Rng;
-use vgg16_cpu::tensor::conv::{conv3x3_forward, conv3x3_forward_with, ConvAlgo, ConvPlan};
+use vgg16_cpu::tensor::conv::{conv3x3_forward, conv3x3_forward_path, ConvPlan};
 
 fn check(seed: u64, n: usize, h: usize, w: usize, cin: usize, cout: usize, relu: bool) {
     let mut r = rng(seed);
@@ -21,15 +21,16 @@ fn check(seed: u64, n: usize, h: usize, w: usize, cin: usize, cout: usize, relu:
         "conv n={n} h={h} w={w} cin={cin} cout={cout} relu={relu} plan={:?}: error {e}",
         ConvPlan::new(n * h * w, cin, cout)
     );
-    // Every algorithm, whatever Auto picked (Direct is im2col without
-    // AVX-512F; tests/direct.rs covers it on its own).
-    for algo in [ConvAlgo::Im2col, ConvAlgo::Direct] {
+    // Every path this CPU runs, whatever Auto picked (the direct kernel on
+    // each supported ISA, im2col, tap classes for small images); output
+    // pre-filled with NaN, so an unwritten element fails.
+    for path in paths_or_skip("conv::check", h, w) {
         let mut out = Array2::<f32>::from_elem((n * h * w, cout), f32::NAN);
-        conv3x3_forward_with(algo, x.view(), k.view(), Some(b.view()), relu, out.view_mut());
+        conv3x3_forward_path(path, x.view(), k.view(), Some(b.view()), relu, out.view_mut());
         let e = rel_err(out.iter(), want.iter());
         assert!(
-            e <= tol::F32_FORWARD,
-            "{algo:?} n={n} h={h} w={w} cin={cin} cout={cout}: error {e}"
+            e <= forward_tol(path),
+            "{path:?} n={n} h={h} w={w} cin={cin} cout={cout}: error {e}"
         );
     }
 }

@@ -4,7 +4,7 @@
 mod common;
 use common::*;
 use ndarray::Array2;
-use vgg16_cpu::tensor::conv::{conv3x3_backward, conv3x3_forward};
+use vgg16_cpu::tensor::conv::{conv3x3_backward, conv3x3_forward, conv3x3_forward_path};
 use vgg16_cpu::tensor::gemm::{sgemm_with, Backend};
 use vgg16_cpu::tensor::ops::*;
 
@@ -61,4 +61,32 @@ fn conv_and_ops_are_bit_identical_across_thread_counts() {
     let one = in_pool(1, run);
     assert_eq!(one, in_pool(2, run), "1 vs 2 threads");
     assert_eq!(one, in_pool(3, run), "1 vs 3 threads");
+}
+
+/// Every conv path this CPU runs (the direct kernel per ISA, im2col, tap
+/// classes at 2x2 and 4x4 as block5 and block4 see at 32 px), on its own.
+#[test]
+fn every_conv_path_is_bit_identical_across_thread_counts() {
+    let mut r = rng(22);
+    for &(n, hw, cin, cout) in &[
+        (2, 14, 64, 40),
+        (3, 9, 130, 70),
+        (4, 2, 96, 64),
+        (2, 4, 64, 48),
+        (2, 7, 3, 64),
+    ] {
+        let x = rand4(&mut r, (n, hw, hw, cin), -1.0, 1.0);
+        let w = rand4(&mut r, (3, 3, cin, cout), -0.1, 0.1);
+        let bias = rand1(&mut r, cout, -0.1, 0.1);
+        for path in paths_or_skip("every_conv_path_is_bit_identical_across_thread_counts", hw, hw) {
+            let run = || {
+                let mut out = Array2::<f32>::zeros((n * hw * hw, cout));
+                conv3x3_forward_path(path, x.view(), w.view(), Some(bias.view()), true, out.view_mut());
+                bits(out)
+            };
+            let one = in_pool(1, run);
+            assert_eq!(one, in_pool(2, run), "{path:?} {hw}x{hw}: 1 vs 2 threads");
+            assert_eq!(one, in_pool(3, run), "{path:?} {hw}x{hw}: 1 vs 3 threads");
+        }
+    }
 }

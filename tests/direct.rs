@@ -1,61 +1,60 @@
-//! The direct AVX-512 conv kernel against the nested-loop reference, on
-//! shapes that hit its edges: pixel blocks straddling rows and images, the
-//! last partial block, Cout not a multiple of 32, reduction chunks split
-//! inside a tap (Cin > 128), taps dead for a whole block, channel-split
-//! plans, and the RGB layer forced through it. Skipped, saying so, on CPUs
-//! without AVX-512F (the im2col path then serves every shape).
+//! The direct conv kernel, on every ISA this CPU runs (AVX-512, AVX2 + FMA,
+//! portable), against the nested-loop reference, on shapes that hit its
+//! edges: pixel blocks straddling rows and images, the last partial block,
+//! Cout not a multiple of the panel width, reduction chunks split inside a
+//! tap (Cin > 128), taps dead for a whole block, channel-split plans, and the
+//! RGB layer. An ISA the CPU lacks is reported SKIPPED by name.
 
 mod common;
 use common::*;
 use ndarray::Array4;
 use rand::Rng;
-use vgg16_cpu::tensor::conv::{conv3x3_forward, conv3x3_forward_with, ConvAlgo};
-use vgg16_cpu::tensor::direct::{self, DirectPlan, MR, NR};
+use vgg16_cpu::tensor::conv::{conv3x3_forward, conv3x3_forward_path, ConvPath};
+use vgg16_cpu::tensor::direct::{DirectPlan, Geometry};
+use vgg16_cpu::tensor::dispatch::Isa;
 use vgg16_cpu::tensor::ops::{gap_forward, maxpool2x2_forward, maxpool2x2_infer};
 use vgg16_cpu::vgg::{Kind, LAYERS};
 
-fn direct_or_skip(test: &str) -> bool {
-    if direct::available() {
-        return true;
-    }
-    eprintln!("SKIPPED {test}: this CPU has no AVX-512F, so the direct kernel never runs here");
-    false
-}
-
-fn run(algo: ConvAlgo, x: &Array4<f32>, k: &Array4<f32>, b: &ndarray::Array1<f32>, relu: bool) -> Array4<f32> {
+fn run(path: ConvPath, x: &Array4<f32>, k: &Array4<f32>, b: &ndarray::Array1<f32>, relu: bool) -> Array4<f32> {
     let (n, h, w, _) = x.dim();
     let cout = k.dim().3;
     // Pre-filled with NaN: the kernel must write every output, never read.
     let mut out = Array4::<f32>::from_elem((n, h, w, cout), f32::NAN);
     let o2 = out.view_mut().into_shape_with_order((n * h * w, cout)).unwrap();
-    conv3x3_forward_with(algo, x.view(), k.view(), Some(b.view()), relu, o2);
+    conv3x3_forward_path(path, x.view(), k.view(), Some(b.view()), relu, o2);
     out
 }
 
-fn check(seed: u64, (n, h, w, cin, cout): (usize, usize, usize, usize, usize), relu: bool) {
+fn check(isa: Isa, seed: u64, (n, h, w, cin, cout): (usize, usize, usize, usize, usize), relu: bool) {
     let mut r = rng(seed);
     let x = rand4(&mut r, (n, h, w, cin), -1.0, 1.0);
     let k = rand4(&mut r, (3, 3, cin, cout), -0.5, 0.5);
     let b = rand1(&mut r, cout, -0.5, 0.5);
-    let got = run(ConvAlgo::Direct, &x, &k, &b, relu);
+    let got = run(ConvPath::Direct(isa), &x, &k, &b, relu);
     let want = ref_conv(&to64_4(x.view()), &to64_4(k.view()), Some(&b.mapv(|v| v as f64)), relu);
     assert!(got.iter().all(|v| v.is_finite()), "unwritten output left NaN");
     let e = rel_err(got.iter(), want.iter());
     assert!(
         e <= tol::F32_FORWARD,
-        "direct n={n} h={h} w={w} cin={cin} cout={cout} relu={relu} plan={:?}: error {e}",
-        DirectPlan::new(n * h * w, w, cin, cout)
+        "direct {} n={n} h={h} w={w} cin={cin} cout={cout} relu={relu} plan={:?}: error {e}",
+        isa.name(),
+        DirectPlan::new(isa, n * h * w, w, cin, cout)
     );
 }
 
 #[test]
 fn direct_matches_reference_on_edge_shapes() {
-    if !direct_or_skip("direct_matches_reference_on_edge_shapes") {
-        return;
+    for isa in isas_or_skip("direct_matches_reference_on_edge_shapes") {
+        edge_shapes(isa);
     }
+}
+
+fn edge_shapes(isa: Isa) {
     for (i, &shape) in [
         (1, 1, 1, 1, 1),      // one pixel, every tap but the centre dead
         (1, 5, 5, 3, 64),     // the RGB layer's channel count, forced
+        (1, 6, 4, 15, 17),    // gathered rows (Cin < 16), Cout one past a panel
+        (1, 2, 3, 8, 8),      // Cout below one AVX2 vector: every store masked
         (2, 7, 5, 16, 33),    // blocks straddle rows and images; 1-column tail panel
         (1, 12, 1, 20, 32),   // one column: the side taps are dead everywhere
         (1, 1, 13, 17, 31),   // one row: the top and bottom taps dead
@@ -68,16 +67,19 @@ fn direct_matches_reference_on_edge_shapes() {
     .iter()
     .enumerate()
     {
-        check(500 + i as u64, shape, i % 2 == 0);
+        check(isa, 500 + i as u64, shape, i % 2 == 0);
     }
 }
 
 /// 40 random shapes: batch 1-3, sides 1-17, Cin 1-200, Cout 1-100.
 #[test]
 fn direct_matches_reference_on_random_shapes() {
-    if !direct_or_skip("direct_matches_reference_on_random_shapes") {
-        return;
+    for isa in isas_or_skip("direct_matches_reference_on_random_shapes") {
+        random_shapes(isa);
     }
+}
+
+fn random_shapes(isa: Isa) {
     let mut r = rng(51);
     for i in 0..40 {
         let shape = (
@@ -87,44 +89,67 @@ fn direct_matches_reference_on_random_shapes() {
             r.gen_range(1..=200),
             r.gen_range(1..=100),
         );
-        check(600 + i, shape, r.gen_bool(0.5));
+        let relu = r.gen_bool(0.5);
+        check(isa, 600 + i, shape, relu);
     }
 }
 
-/// Plans cover every pixel and channel once, in whole micro-kernel blocks.
+/// Plans cut every layer into whole micro-kernel blocks, and the jobs they
+/// imply (pixel runs x panel runs, as `conv3x3_direct` walks them) cover
+/// every (pixel, panel) pair exactly once.
 #[test]
 fn direct_plans_tile_the_output() {
-    for &(m, w, cin, cout) in &[
-        (1, 1, 1, 1),
-        (196, 14, 512, 512),
-        (65536, 64, 64, 64),
-        (12544, 28, 512, 512),
-    ] {
-        let p = DirectPlan::new(m, w, cin, cout);
-        assert_eq!(p.pixels % MR, 0, "{p:?}");
-        assert!(
-            p.pixels >= MR && p.panels >= 1 && p.panels <= cout.div_ceil(NR),
-            "{p:?}"
-        );
+    for isa in Isa::ALL {
+        let g = Geometry::of(isa);
+        for &(m, w, cin, cout) in &[
+            (1, 1, 1, 1),
+            (196, 14, 512, 512),
+            (65536, 64, 64, 64),
+            (12544, 28, 512, 512),
+            (1000, 10, 3, 64),
+            (50, 5, 200, 33),
+        ] {
+            let p = DirectPlan::new(isa, m, w, cin, cout);
+            assert_eq!(p.pixels % g.mr, 0, "{isa:?} {p:?}");
+            let panels = cout.div_ceil(g.nr);
+            assert!(p.pixels >= g.mr && p.panels >= 1 && p.panels <= panels, "{isa:?} {p:?}");
+            let mut seen = vec![0u8; m * panels];
+            for pj in 0..m.div_ceil(p.pixels) {
+                for cj in 0..panels.div_ceil(p.panels) {
+                    for px in pj * p.pixels..((pj + 1) * p.pixels).min(m) {
+                        for j in cj * p.panels..((cj + 1) * p.panels).min(panels) {
+                            seen[px * panels + j] += 1;
+                        }
+                    }
+                }
+            }
+            assert!(
+                seen.iter().all(|&c| c == 1),
+                "{isa:?} {m} {w} {cin} {cout}: {p:?} does not tile"
+            );
+        }
+        // Few pixels: the channel panels are split between jobs too.
+        assert!(DirectPlan::new(isa, 196, 14, 512, 512).panels < 512 / g.nr, "{isa:?}");
     }
-    // Few pixels: the channel panels are split between jobs too.
-    assert!(DirectPlan::new(196, 14, 512, 512).panels < 16);
 }
 
 #[test]
 fn direct_and_im2col_agree_on_vgg_layers() {
-    if !direct_or_skip("direct_and_im2col_agree_on_vgg_layers") {
-        return;
-    }
+    let isas = isas_or_skip("direct_and_im2col_agree_on_vgg_layers");
     let mut r = rng(52);
     for &(hw, cin, cout) in &[(32, 64, 64), (16, 128, 256), (8, 256, 512), (14, 512, 512)] {
         let x = rand4(&mut r, (2, hw, hw, cin), 0.0, 1.0);
         let k = rand4(&mut r, (3, 3, cin, cout), -0.05, 0.05);
         let b = rand1(&mut r, cout, -0.1, 0.1);
-        let d = run(ConvAlgo::Direct, &x, &k, &b, true);
-        let i = run(ConvAlgo::Im2col, &x, &k, &b, true);
-        let e = rel_err(d.iter(), i.mapv(|v| v as f64).iter());
-        assert!(e <= tol::F32_FORWARD, "{hw}x{hw} {cin}->{cout}: direct vs im2col {e}");
+        let i = run(ConvPath::Im2col, &x, &k, &b, true);
+        for &isa in &isas {
+            let d = run(ConvPath::Direct(isa), &x, &k, &b, true);
+            let e = rel_err(d.iter(), i.mapv(|v| v as f64).iter());
+            assert!(
+                e <= tol::F32_FORWARD,
+                "{hw}x{hw} {cin}->{cout}: direct {isa:?} vs im2col {e}"
+            );
+        }
     }
 }
 

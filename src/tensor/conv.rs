@@ -24,8 +24,12 @@
 //!   conv with the kernel flipped and its channel axes swapped, so dX reuses
 //!   the bounded, tiled forward path instead of a col2im scatter.
 
-use crate::tensor::direct::{self, conv3x3_direct, PackedKernel};
+use crate::tensor::direct::{conv3x3_direct, PackedKernel};
+use crate::tensor::dispatch::Dispatch;
+pub use crate::tensor::dispatch::{ConvAlgo, ConvPath, SMALL_SIDE};
 use crate::tensor::gemm::{sgemm, sgemm_serial, split_tiles, Backend};
+pub use crate::tensor::im2col::im2col;
+use crate::tensor::winograd::{conv3x3_winograd, WinogradKernel};
 use ndarray::{s, Array1, Array2, Array4, ArrayView1, ArrayView2, ArrayView4, ArrayViewMut2, Axis};
 use rayon::prelude::*;
 
@@ -86,42 +90,6 @@ fn dims(x: &ArrayView4<f32>, w: &ArrayView4<f32>) -> (usize, usize, usize, usize
     (n, h, wd, cin, cout)
 }
 
-/// Fills `col` (rows, 9*cin) with the im2col rows of output pixels
-/// `p0 .. p0+rows` (NHWC order) of `x` (n, h, w, cin), zero padding 1.
-pub fn im2col(x: &[f32], h: usize, w: usize, cin: usize, p0: usize, rows: usize, col: &mut [f32]) {
-    let k = 9 * cin;
-    debug_assert!(col.len() >= rows * k);
-    for (r, row) in col[..rows * k].chunks_exact_mut(k).enumerate() {
-        let g = p0 + r;
-        let img = g / (h * w);
-        let rem = g % (h * w);
-        let (y, xx) = (rem / w, rem % w);
-        let base = img * h * w * cin;
-        for ky in 0..3 {
-            let iy = y as isize + ky as isize - 1;
-            for kx in 0..3 {
-                let ix = xx as isize + kx as isize - 1;
-                let dst = &mut row[(ky * 3 + kx) * cin..(ky * 3 + kx + 1) * cin];
-                if iy < 0 || iy >= h as isize || ix < 0 || ix >= w as isize {
-                    dst.fill(0.0);
-                } else {
-                    let src = base + (iy as usize * w + ix as usize) * cin;
-                    let src = &x[src..src + cin];
-                    if cin < 16 {
-                        // A few channels (the RGB input): a plain loop beats
-                        // a memcpy call per tap.
-                        for (d, &v) in dst.iter_mut().zip(src) {
-                            *d = v;
-                        }
-                    } else {
-                        dst.copy_from_slice(src);
-                    }
-                }
-            }
-        }
-    }
-}
-
 /// Forward: `x` (N, H, W, Cin) * `w` (3, 3, Cin, Cout) + `bias` (Cout),
 /// then ReLU when `relu`. Returns (N, H, W, Cout).
 pub fn conv3x3_forward(
@@ -130,9 +98,10 @@ pub fn conv3x3_forward(
     bias: Option<ArrayView1<f32>>,
     relu: bool,
 ) -> Array4<f32> {
-    let (n, h, wd, _cin, cout) = dims(&x, &w);
-    if conv_algo_for(h, wd) == ConvAlgo::Direct {
-        return conv3x3_forward_packed(x, &PackedKernel::from_keras(w), bias, relu);
+    let (n, h, wd, cin, cout) = dims(&x, &w);
+    let path = Dispatch::global().path(ConvAlgo::Auto, h, wd, cin);
+    if let Some(k) = PreparedKernel::new(path, w) {
+        return conv3x3_forward_prepared(x, &k, bias, relu);
     }
     let mut out = Array4::<f32>::zeros((n, h, wd, cout));
     {
@@ -141,70 +110,71 @@ pub fn conv3x3_forward(
             .view_mut()
             .into_shape_with_order((m, cout))
             .expect("fresh array is contiguous");
-        conv3x3_forward_into(x, w, bias, relu, out2);
+        conv3x3_forward_path(path, x, w, bias, relu, out2);
     }
     out
 }
 
-/// [`conv3x3_forward`] on the direct kernel with a kernel packed once
-/// beforehand (see [`crate::vgg::Prepared`]); `x` is (N, H, W, Cin) with
-/// 9*Cin = `packed.k`. Panics unless [`direct::available`].
-pub fn conv3x3_forward_packed(
+/// A layer's kernel transformed once for a path that has a prepared form
+/// (the direct kernel's panels, Winograd's U), reused across batches (see
+/// [`crate::vgg::Prepared`]).
+pub enum PreparedKernel {
+    Direct(PackedKernel),
+    Winograd(WinogradKernel),
+}
+
+impl PreparedKernel {
+    /// The prepared kernel of `w` (3, 3, Cin, Cout) for `path`, or None when
+    /// the path runs from the plain kernel (im2col, tap classes).
+    pub fn new(path: ConvPath, w: ArrayView4<f32>) -> Option<PreparedKernel> {
+        match path {
+            ConvPath::Direct(isa) => Some(PreparedKernel::Direct(PackedKernel::from_keras(isa, w))),
+            ConvPath::Winograd(isa) => Some(PreparedKernel::Winograd(WinogradKernel::from_keras(isa, w))),
+            ConvPath::Im2col | ConvPath::TapClasses => None,
+        }
+    }
+
+    /// The path this kernel runs.
+    pub fn path(&self) -> ConvPath {
+        match self {
+            PreparedKernel::Direct(k) => ConvPath::Direct(k.isa),
+            PreparedKernel::Winograd(k) => ConvPath::Winograd(k.isa),
+        }
+    }
+
+    fn channels(&self) -> (usize, usize) {
+        match self {
+            PreparedKernel::Direct(k) => (k.k / 9, k.cout),
+            PreparedKernel::Winograd(k) => (k.cin, k.cout),
+        }
+    }
+}
+
+/// [`conv3x3_forward`] with a prepared kernel; `x` is (N, H, W, Cin) with
+/// Cin the kernel's, on the path and ISA it was prepared for.
+pub fn conv3x3_forward_prepared(
     x: ArrayView4<f32>,
-    packed: &PackedKernel,
+    kernel: &PreparedKernel,
     bias: Option<ArrayView1<f32>>,
     relu: bool,
 ) -> Array4<f32> {
     let (n, h, wd, cin) = x.dim();
-    let cout = packed.cout;
-    assert_eq!(
-        packed.k,
-        9 * cin,
-        "conv3x3: input has {cin} channels, kernel expects {}",
-        packed.k / 9
-    );
-    // The direct kernel writes every output once: no zero-fill pass (at
-    // 224 px that memset was 3% of a forward pass).
+    let (kcin, cout) = kernel.channels();
+    assert_eq!(kcin, cin, "conv3x3: input has {cin} channels, kernel expects {kcin}");
+    // Both kernels write every output once: no zero-fill pass (at 224 px
+    // that memset was 3% of a forward pass).
     let mut out = Array4::<f32>::uninit((n, h, wd, cout));
     let x = x.as_standard_layout();
     let bias = bias.map(|b| b.to_vec());
     let o = out.as_slice_mut().expect("fresh array is contiguous");
-    conv3x3_direct(
-        x.as_slice().expect("standard layout"),
-        (n, h, wd, cin),
-        packed,
-        bias.as_deref(),
-        relu,
-        o,
-    );
-    // SAFETY: conv3x3_direct wrote every element (it covers each output pixel
-    // and channel exactly once; tests pre-fill with NaN to check).
-    unsafe { out.assume_init() }
-}
-
-/// Which forward algorithm runs a conv layer.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ConvAlgo {
-    /// The fastest available for the shape: tap classes for images up to
-    /// [`SMALL_SIDE`], the direct AVX-512 kernel where the CPU has it,
-    /// im2col + GEMM otherwise.
-    Auto,
-    /// im2col tiles + GEMM (tap classes still serve small images).
-    Im2col,
-    /// The direct kernel ([`crate::tensor::direct`]) at every size; falls
-    /// back to `Im2col` where the CPU lacks AVX-512F or the output given to
-    /// [`conv3x3_forward_with`] is not one contiguous block.
-    Direct,
-}
-
-/// What [`ConvAlgo::Auto`] runs for an `h` x `w` image on this CPU (tap
-/// classes, the small-image path, count as im2col here).
-pub fn conv_algo_for(h: usize, w: usize) -> ConvAlgo {
-    if (h > SMALL_SIDE || w > SMALL_SIDE) && direct::available() {
-        ConvAlgo::Direct
-    } else {
-        ConvAlgo::Im2col
+    let xs = x.as_slice().expect("standard layout");
+    match kernel {
+        PreparedKernel::Direct(k) => conv3x3_direct(xs, (n, h, wd, cin), k, bias.as_deref(), relu, o),
+        PreparedKernel::Winograd(k) => conv3x3_winograd(xs, (n, h, wd, cin), k, bias.as_deref(), relu, o),
     }
+    // SAFETY: both kernels wrote every element (each covers every output
+    // pixel and channel exactly once; tests pre-fill with NaN to check).
+    unsafe { out.assume_init() }
 }
 
 /// [`conv3x3_forward`] into a caller's (N*H*W, Cout) matrix, which is
@@ -219,10 +189,27 @@ pub fn conv3x3_forward_into(
     conv3x3_forward_with(ConvAlgo::Auto, x, w, bias, relu, out)
 }
 
-/// [`conv3x3_forward_into`] with a chosen algorithm (benchmarks and tests
-/// compare them; every algorithm computes the same function).
+/// [`conv3x3_forward_into`] with a chosen algorithm, resolved by the
+/// process's [`Dispatch`] (benchmarks compare them; every algorithm computes
+/// the same function).
 pub fn conv3x3_forward_with(
     algo: ConvAlgo,
+    x: ArrayView4<f32>,
+    w: ArrayView4<f32>,
+    bias: Option<ArrayView1<f32>>,
+    relu: bool,
+    out: ArrayViewMut2<f32>,
+) {
+    let (_, h, wd, cin) = x.dim();
+    conv3x3_forward_path(Dispatch::global().path(algo, h, wd, cin), x, w, bias, relu, out)
+}
+
+/// [`conv3x3_forward_into`] on exactly the given path, whatever the
+/// dispatch would pick (tests run every path this way). Panics when this
+/// CPU cannot run `path`'s ISA, or on `TapClasses` for an image larger than
+/// [`SMALL_SIDE`].
+pub fn conv3x3_forward_path(
+    path: ConvPath,
     x: ArrayView4<f32>,
     w: ArrayView4<f32>,
     bias: Option<ArrayView1<f32>>,
@@ -248,18 +235,51 @@ pub fn conv3x3_forward_with(
         .expect("standard layout");
     let bias = bias.map(|b| b.to_owned());
     let b = bias.as_ref().map(|b| b.as_slice().expect("owned"));
-    let direct_ok = direct::available() && out.is_standard_layout();
-    if direct_ok && (algo == ConvAlgo::Direct || (algo == ConvAlgo::Auto && conv_algo_for(h, wd) == ConvAlgo::Direct)) {
-        let packed = PackedKernel::new(w2);
-        let o = out.as_slice_mut().expect("standard layout");
-        // SAFETY: the kernel only writes initialised f32 values through it.
-        let o = unsafe { &mut *(o as *mut [f32] as *mut [std::mem::MaybeUninit<f32>]) };
-        conv3x3_direct(xs, (n, h, wd, cin), &packed, b, relu, o);
-        return;
-    }
-    if let Some(classes) = tap_classes(h, wd) {
-        conv_small_into(xs, (n, h, wd, cin), Kernel::Forward(w2), b, relu, &classes, out);
-        return;
+    match path {
+        ConvPath::Direct(isa) => {
+            let packed = PackedKernel::new(isa, w2);
+            if out.is_standard_layout() {
+                let o = out.as_slice_mut().expect("standard layout");
+                // SAFETY: the kernel only writes initialised f32 values through it.
+                let o = unsafe { &mut *(o as *mut [f32] as *mut [std::mem::MaybeUninit<f32>]) };
+                conv3x3_direct(xs, (n, h, wd, cin), &packed, b, relu, o);
+            } else {
+                let k = PreparedKernel::Direct(packed);
+                let y = conv3x3_forward_prepared(x.view(), &k, bias.as_ref().map(|b| b.view()), relu);
+                out.assign(
+                    &y.view()
+                        .into_shape_with_order((m, cout))
+                        .expect("fresh array is contiguous"),
+                );
+            }
+            return;
+        }
+        ConvPath::Winograd(isa) => {
+            let k = WinogradKernel::from_keras(isa, w.view());
+            if out.is_standard_layout() {
+                let o = out.as_slice_mut().expect("standard layout");
+                // SAFETY: the kernel only writes initialised f32 values through it.
+                let o = unsafe { &mut *(o as *mut [f32] as *mut [std::mem::MaybeUninit<f32>]) };
+                conv3x3_winograd(xs, (n, h, wd, cin), &k, b, relu, o);
+            } else {
+                let k = PreparedKernel::Winograd(k);
+                let y = conv3x3_forward_prepared(x.view(), &k, bias.as_ref().map(|b| b.view()), relu);
+                out.assign(
+                    &y.view()
+                        .into_shape_with_order((m, cout))
+                        .expect("fresh array is contiguous"),
+                );
+            }
+            return;
+        }
+        ConvPath::TapClasses => {
+            let classes = tap_classes(h, wd).unwrap_or_else(|| {
+                panic!("conv3x3: tap classes serve images up to {SMALL_SIDE}x{SMALL_SIDE}, not {h}x{wd}")
+            });
+            conv_small_into(xs, (n, h, wd, cin), Kernel::Forward(w2), b, relu, &classes, out);
+            return;
+        }
+        ConvPath::Im2col => {}
     }
 
     let plan = ConvPlan::new(m, cin, cout);
@@ -292,9 +312,6 @@ pub fn conv3x3_forward_with(
 // its valid taps, ky-major, so for each valid ky the kx-run of taps is one
 // contiguous column block of the class's col and one contiguous row block of
 // W (9*Cin, Cout). A class's output is the sum over its valid ky of one GEMM.
-
-/// Images with both sides at most this use tap classes.
-pub const SMALL_SIDE: usize = 4;
 
 /// One class of output pixels: rows `ys` x columns `xs`, whose valid taps
 /// are `ky` x `kx`.

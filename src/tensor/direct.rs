@@ -1,118 +1,157 @@
-//! Direct 3x3 "same" convolution for CPUs with AVX-512: no im2col copy.
+//! Direct 3x3 "same" convolution: no im2col copy, one micro-kernel per
+//! instruction set ([`Isa`]): AVX-512F, AVX2 + FMA, and portable Rust.
 //!
 //! The im2col path (`conv.rs`) copies every input pixel nine times into a
 //! scratch tile and then hands the tile to a general GEMM, which packs the
 //! kernel again for every tile. Here the GEMM is written for the
 //! convolution instead:
 //!
-//! - the kernel (9*Cin, Cout) is packed once per call into panels of
-//!   [`NR`] = 32 output channels, each panel (9*Cin, 32) contiguous and
-//!   64-byte aligned (two zmm loads per reduction step);
-//! - the left-hand matrix is never built: for a block of [`MR`] = 12 output
-//!   pixels, each of the 9 taps has 12 row pointers straight into the NHWC
+//! - the kernel (9*Cin, Cout) is packed once into panels of `nr` output
+//!   channels, each panel (9*Cin, nr) contiguous and 64-byte aligned (whole
+//!   vector loads per reduction step);
+//! - the left-hand matrix is never built: for a block of `mr` output
+//!   pixels, each of the 9 taps has `mr` row pointers straight into the NHWC
 //!   input (Cin contiguous floats each), or into a row of zeros where the
-//!   tap falls on the padding; a tap whose 12 pointers all hit the padding
-//!   is skipped;
-//! - the micro-kernel keeps the 12 x 32 output block in 24 zmm registers
-//!   through the 9 taps of a [`KC`]-channel chunk, broadcasting one input
-//!   value per pixel per step for two FMAs; after the last chunk it adds the
-//!   bias, applies ReLU and stores (masked when Cout is not a multiple of
-//!   32), so the output is written once and never zero-filled.
+//!   tap falls on the padding; a tap whose pointers all hit the padding is
+//!   skipped;
+//! - the micro-kernel keeps the `mr` x `nr` output block in registers
+//!   through the 9 taps of a `kc`-channel chunk, broadcasting one input
+//!   value per pixel per step for `nr / lanes` FMAs; after the last chunk it
+//!   adds the bias, applies ReLU and stores (masked when Cout is not a
+//!   multiple of `nr`), so the output is written once and never zero-filled.
+//!
+//! Register blocking ([`Geometry`]): AVX-512 has 32 zmm registers, so 12
+//! pixels x 32 channels = 24 sums + 2 kernel vectors + 1 broadcast; AVX2 has
+//! 16 ymm registers, so 6 x 16 = 12 sums + 2 kernel vectors + 1 broadcast
+//! (per step: 2 kernel loads and 6 broadcasts for 12 FMAs, so the two FMA
+//! pipes, not the loads, set the pace). The portable kernel uses the AVX2
+//! geometry in plain arrays.
 //!
 //! Loop nest of one job (a run of output pixels x a run of channel panels):
 //! ```text
-//! LOOP 1: for each channel panel of the job       (9*Cin x 32 floats, L2)
-//! LOOP 2:   for each chunk of KC input channels   (9*KC x 32 panel rows)
-//! LOOP 3:     for each 12-pixel block of the job  (partial sums: scratch)
+//! LOOP 1: for each channel panel of the job       (9*Cin x nr floats, L2)
+//! LOOP 2:   for each chunk of kc input channels   (9*kc x nr panel rows)
+//! LOOP 3:     for each mr-pixel block of the job  (partial sums: scratch)
 //! LOOP 4:       for each tap with a pixel inside  (the kernel, from here)
-//! LOOP 5:         for ci in the chunk: 12 broadcasts, 24 FMAs
+//! LOOP 5:         for ci in the chunk: mr broadcasts, mr*nr/lanes FMAs
 //! ```
 //! A job's input rows are sized to stay in L2 across its panels; a chunk's
 //! panel rows stay in L2 across the job's pixel blocks, and a block's input
-//! runs for one chunk (12 pixels x 9 taps x KC channels, mostly shared
-//! between taps) in L1. Each output value is one fixed-order sum (chunks,
-//! then taps in (ky, kx) order, then channels), computed by one job, so the
-//! result does not depend on the thread count.
+//! runs for one chunk (mostly shared between taps) in L1. Each output value
+//! is one fixed-order sum (chunks, then taps in (ky, kx) order, then
+//! channels), computed by one job, so the result does not depend on the
+//! thread count.
 
+use super::dispatch::Isa;
 use ndarray::{ArrayView2, ArrayView4};
 use rayon::prelude::*;
 
-/// Output pixels per micro-kernel block.
-pub const MR: usize = 12;
-/// Output channels per micro-kernel block (two zmm vectors).
-pub const NR: usize = 32;
+/// Register blocking and reduction chunk of one ISA's micro-kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Geometry {
+    /// Output pixels per micro-kernel block.
+    pub mr: usize,
+    /// Output channels per block (a whole number of vectors).
+    pub nr: usize,
+    /// Input channels per micro-kernel call (the 9 taps of a chunk run
+    /// with the sums in registers).
+    pub kc: usize,
+}
+
+impl Geometry {
+    pub const fn of(isa: Isa) -> Geometry {
+        match isa {
+            Isa::Avx512 => Geometry {
+                mr: 12,
+                nr: 32,
+                kc: 128,
+            },
+            Isa::Avx2 => Geometry { mr: 6, nr: 16, kc: 128 },
+            Isa::Generic => Geometry { mr: 6, nr: 16, kc: 128 },
+        }
+    }
+}
+
+/// Largest `mr` of any geometry (sizes the per-block pointer table).
+pub const MAX_MR: usize = 12;
 /// Below this many input channels a job gathers its pixels' taps into
 /// rows first (see [`conv3x3_direct`]): with 3 channels (the RGB layer) a
-/// tap is too short a reduction to pay for its 12 row pointers.
+/// tap is too short a reduction to pay for its row pointers.
 pub const MIN_CIN: usize = 16;
 /// Target bytes of input rows one job reads (kept in L2 across panels).
 const JOB_INPUT_BYTES: usize = 512 << 10;
-/// Largest job in pixels (very cheap pixels, e.g. 64 channels).
-const MAX_JOB_PIXELS: usize = MR * 192;
+/// Largest job in 12-pixel units (very cheap pixels, e.g. 64 channels).
+const MAX_JOB_PIXELS: usize = 12 * 192;
 /// Smallest job in pixels when the shape is cut for parallelism.
-const MIN_JOB_PIXELS: usize = MR * 4;
+const MIN_JOB_PIXELS: usize = 48;
 /// Jobs a layer is cut into at least, when its shape allows.
 const TARGET_JOBS: usize = 8;
-/// Channel chunk: input channels per micro-kernel call. A call runs the 9
-/// taps of the chunk with the sums in registers; its 12 x 3 x 3 input runs
-/// of KC channels stay in L1 (about 20 KiB at 128), its 9*KC x 32 panel
-/// rows (144 KiB) stream from L2.
-pub const KC: usize = 128;
 
-/// True when this CPU runs the direct path (x86-64 with AVX-512F).
-pub fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::is_x86_feature_detected!("avx512f")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+/// True when this CPU runs the direct kernel for `isa`.
+pub fn available(isa: Isa) -> bool {
+    isa.supported()
 }
 
-/// The kernel (9*Cin, Cout) as panels of [`NR`] channels: panel j holds
-/// the 9*Cin rows of columns j*NR .. j*NR+NR, zero-padded past Cout, rows
-/// ordered by channel chunk ([`KC`] channels), tap, then channel. 64-byte
-/// aligned.
+/// The kernel (9*Cin, Cout) as panels of `nr` channels for one ISA: panel j
+/// holds the 9*Cin rows of columns j*nr .. j*nr+nr, zero-padded past Cout,
+/// rows ordered by channel chunk (`kc` channels), tap, then channel.
+/// 64-byte aligned.
 pub struct PackedKernel {
     buf: Vec<f32>,
     offset: usize,
+    pub isa: Isa,
+    /// Rows of the matrix (taps * Cin).
     pub k: usize,
     pub cout: usize,
+    /// 9 for a 3x3 conv kernel, 1 for a plain GEMM right-hand matrix.
+    pub taps: usize,
 }
 
 impl PackedKernel {
-    /// Packs a Keras kernel (3, 3, Cin, Cout), any memory layout.
-    pub fn from_keras(w: ArrayView4<f32>) -> PackedKernel {
+    /// Packs a Keras kernel (3, 3, Cin, Cout), any memory layout, for `isa`.
+    pub fn from_keras(isa: Isa, w: ArrayView4<f32>) -> PackedKernel {
         let (kh, kw, cin, cout) = w.dim();
         let w = w.as_standard_layout();
         let w2 = w.view().into_shape_with_order((kh * kw * cin, cout));
-        PackedKernel::new(w2.expect("standard layout"))
+        PackedKernel::new(isa, w2.expect("standard layout"))
     }
 
-    /// Packs the kernel as the GEMM matrix (9*Cin, Cout).
-    pub fn new(w2: ArrayView2<f32>) -> PackedKernel {
+    /// Packs the kernel as the GEMM matrix (9*Cin, Cout) for `isa`.
+    pub fn new(isa: Isa, w2: ArrayView2<f32>) -> PackedKernel {
+        PackedKernel::with_taps(isa, w2, 9)
+    }
+
+    /// Packs a plain GEMM right-hand matrix (K, N) for [`gemm_packed`].
+    pub fn gemm(isa: Isa, b: ArrayView2<f32>) -> PackedKernel {
+        PackedKernel::with_taps(isa, b, 1)
+    }
+
+    fn with_taps(isa: Isa, w2: ArrayView2<f32>, taps: usize) -> PackedKernel {
+        let Geometry { nr, kc, .. } = Geometry::of(isa);
         let (k, cout) = w2.dim();
-        let panels = cout.div_ceil(NR);
-        let len = panels * k * NR;
+        assert!(
+            k % taps == 0,
+            "PackedKernel: {k} rows is not {taps} taps of equal length"
+        );
+        let panels = cout.div_ceil(nr);
+        let len = panels * k * nr;
         let mut buf = vec![0.0f32; len + 16];
         let offset = buf.as_ptr().align_offset(64);
-        // The kernel's aligned loads depend on this (a 4-byte-aligned f32
+        // The kernels' aligned loads depend on this (a 4-byte-aligned f32
         // pointer always reaches 64 within 16 elements).
         assert!(offset < 16, "cannot align the packed kernel");
         let data = &mut buf[offset..offset + len];
-        data.par_chunks_mut(k * NR).enumerate().for_each(|(j, panel)| {
-            let c0 = j * NR;
-            let cols = NR.min(cout - c0);
+        data.par_chunks_mut((k * nr).max(1)).enumerate().for_each(|(j, panel)| {
+            let c0 = j * nr;
+            let cols = nr.min(cout - c0);
             // Panel row order: channel chunk, then tap, then channel in the
             // chunk, so that one kernel call reads one contiguous run.
-            let cin = k / 9;
-            let order = (0..cin).step_by(KC).flat_map(|c0| {
-                let c1 = (c0 + KC).min(cin);
-                (0..9).flat_map(move |t| (c0..c1).map(move |ci| t * cin + ci))
+            let cin = k / taps;
+            let order = (0..cin).step_by(kc).flat_map(|c0| {
+                let c1 = (c0 + kc).min(cin);
+                (0..taps).flat_map(move |t| (c0..c1).map(move |ci| t * cin + ci))
             });
-            for (row, dst) in order.zip(panel.chunks_exact_mut(NR)) {
+            for (row, dst) in order.zip(panel.chunks_exact_mut(nr)) {
                 let src = w2.row(row);
                 let src = src.slice(ndarray::s![c0..c0 + cols]);
                 match src.as_slice() {
@@ -121,21 +160,31 @@ impl PackedKernel {
                 }
             }
         });
-        PackedKernel { buf, offset, k, cout }
+        PackedKernel {
+            buf,
+            offset,
+            isa,
+            k,
+            cout,
+            taps,
+        }
+    }
+
+    /// Panels of `nr` columns.
+    pub fn panels(&self) -> usize {
+        self.cout.div_ceil(Geometry::of(self.isa).nr)
     }
 
     fn panel(&self, j: usize) -> &[f32] {
-        let start = self.offset + j * self.k * NR;
-        &self.buf[start..start + self.k * NR]
-    }
-
-    fn panels(&self) -> usize {
-        self.cout.div_ceil(NR)
+        let nr = Geometry::of(self.isa).nr;
+        let start = self.offset + j * self.k * nr;
+        &self.buf[start..start + self.k * nr]
     }
 }
 
 /// How one layer is cut into jobs: `pixels` output pixels (a multiple of
-/// [`MR`]) by `panels` channel panels. Depends only on the shape.
+/// the geometry's `mr`) by `panels` channel panels. Depends only on the
+/// shape and the ISA, never on the thread count.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DirectPlan {
     pub pixels: usize,
@@ -143,18 +192,19 @@ pub struct DirectPlan {
 }
 
 impl DirectPlan {
-    pub fn new(m: usize, w: usize, cin: usize, cout: usize) -> DirectPlan {
+    pub fn new(isa: Isa, m: usize, w: usize, cin: usize, cout: usize) -> DirectPlan {
+        let Geometry { mr, nr, .. } = Geometry::of(isa);
         let row_bytes = cin.max(1) * std::mem::size_of::<f32>();
         // A job of P pixels reads about P + 2*W + 2 input pixels.
         let fit = (JOB_INPUT_BYTES / row_bytes).saturating_sub(2 * w + 2);
-        let mut pixels = (fit / MR * MR).clamp(MIN_JOB_PIXELS, MAX_JOB_PIXELS);
+        let mut pixels = (fit / mr * mr).clamp(MIN_JOB_PIXELS, MAX_JOB_PIXELS);
         let want = TARGET_JOBS.min(m.div_ceil(MIN_JOB_PIXELS)).max(1);
         if m.div_ceil(pixels) < want {
-            pixels = m.div_ceil(want).div_ceil(MR) * MR;
+            pixels = m.div_ceil(want).div_ceil(mr) * mr;
         }
-        pixels = pixels.max(MR);
+        pixels = pixels.max(mr);
         let jobs = m.div_ceil(pixels);
-        let total = cout.div_ceil(NR).max(1);
+        let total = cout.div_ceil(nr).max(1);
         let mut parts = 1;
         if jobs < TARGET_JOBS {
             parts = TARGET_JOBS.div_ceil(jobs).min(total);
@@ -178,10 +228,11 @@ impl OutPtr {
     }
 }
 
-/// `out` (N*H*W, Cout) = conv3x3(x, kernel) + bias, then ReLU when `relu`.
-/// `x` is NHWC (n, h, w, cin) as a flat slice; every element of `out` is
-/// written once and none is read, so it may start uninitialised. Panics
-/// unless [`available`] (callers check).
+/// `out` (N*H*W, Cout) = conv3x3(x, kernel) + bias, then ReLU when `relu`,
+/// on the kernel's ISA. `x` is NHWC (n, h, w, cin) as a flat slice; every
+/// element of `out` is written once and none is read, so it may start
+/// uninitialised. Panics when this CPU cannot run the kernel's ISA (the
+/// dispatch never asks for one it cannot).
 pub fn conv3x3_direct(
     x: &[f32],
     (n, h, w, cin): (usize, usize, usize, usize),
@@ -190,7 +241,13 @@ pub fn conv3x3_direct(
     relu: bool,
     out: &mut [std::mem::MaybeUninit<f32>],
 ) {
-    assert!(available(), "conv3x3_direct needs AVX-512F");
+    let isa = kernel.isa;
+    assert!(
+        isa.supported(),
+        "conv3x3_direct: this CPU cannot run the {} kernel",
+        isa.name()
+    );
+    let Geometry { mr, nr, kc: kc_max } = Geometry::of(isa);
     let cout = kernel.cout;
     let m = n * h * w;
     assert_eq!(x.len(), m * cin, "conv3x3_direct: input is not (n, h, w, cin)");
@@ -214,12 +271,12 @@ pub fn conv3x3_direct(
         return;
     }
     // Bias padded to whole panels (zeros when there is none).
-    let mut bias_pad = vec![0.0f32; kernel.panels() * NR];
+    let mut bias_pad = vec![0.0f32; kernel.panels() * nr];
     if let Some(b) = bias {
         bias_pad[..cout].copy_from_slice(b);
     }
     let zeros = vec![0.0f32; cin];
-    let plan = DirectPlan::new(m, w, cin, cout);
+    let plan = DirectPlan::new(isa, m, w, cin, cout);
     let pixel_jobs = m.div_ceil(plan.pixels);
     let panel_jobs = kernel.panels().div_ceil(plan.panels);
     let out_ptr = OutPtr(out.as_mut_ptr().cast::<f32>());
@@ -228,6 +285,7 @@ pub fn conv3x3_direct(
     // kernel runs each row as a single tap of 9*cin channels; 9*cin fits one
     // chunk, so the panel rows are in the plain order that this reads.
     let gathered = cin < MIN_CIN;
+    debug_assert!(!gathered || 9 * cin <= kc_max);
     let taps = if gathered { 1 } else { 9 };
     (0..pixel_jobs * panel_jobs).into_par_iter().for_each_init(
         || (Vec::<*const f32>::new(), Vec::<f32>::new(), Vec::<f32>::new()),
@@ -235,15 +293,15 @@ pub fn conv3x3_direct(
             let (pj, cj) = (job / panel_jobs, job % panel_jobs);
             let p0 = pj * plan.pixels;
             let p1 = (p0 + plan.pixels).min(m);
-            let blocks = (p1 - p0).div_ceil(MR);
-            // Row pointers (taps x MR a block) and live-tap masks.
+            let blocks = (p1 - p0).div_ceil(mr);
+            // Row pointers (taps x mr a block) and live-tap masks.
             ptrs.clear();
-            ptrs.resize(blocks * taps * MR, zeros.as_ptr());
+            ptrs.resize(blocks * taps * mr, zeros.as_ptr());
             let mut masks = vec![0u16; blocks];
             if gathered {
                 let k = 9 * cin;
-                col.resize(blocks * MR * k, 0.0);
-                super::conv::im2col(x, h, w, cin, p0, p1 - p0, col);
+                col.resize(blocks * mr * k, 0.0);
+                super::im2col::im2col(x, h, w, cin, p0, p1 - p0, col);
                 col[(p1 - p0) * k..].fill(0.0);
                 for (i, p) in ptrs.iter_mut().enumerate() {
                     *p = col[i * k..].as_ptr();
@@ -253,14 +311,14 @@ pub fn conv3x3_direct(
             // Output pixel (img, y, xx) of p0, then stepped along.
             let (mut img, mut y, mut xx) = (p0 / (h * w), (p0 % (h * w)) / w, p0 % w);
             for i in 0..if gathered { 0 } else { p1 - p0 } {
-                let (blk, r) = (i / MR, i % MR);
-                let table = &mut ptrs[blk * 9 * MR..(blk + 1) * 9 * MR];
+                let (blk, r) = (i / mr, i % mr);
+                let table = &mut ptrs[blk * 9 * mr..(blk + 1) * 9 * mr];
                 for t in 0..9 {
                     // Input pixel (y + dy - 1, xx + dx - 1), if inside.
                     let (iy, ix) = (y + t / 3, xx + t % 3);
                     if iy >= 1 && iy <= h && ix >= 1 && ix <= w {
                         let idx = ((img * h + iy - 1) * w + ix - 1) * cin;
-                        table[t * MR + r] = x[idx..idx + cin].as_ptr();
+                        table[t * mr + r] = x[idx..idx + cin].as_ptr();
                         masks[blk] |= 1 << t;
                     }
                 }
@@ -278,53 +336,51 @@ pub fn conv3x3_direct(
             let j1 = (j0 + plan.panels).min(kernel.panels());
             // Scratch reused across jobs: every block's first chunk
             // overwrites its sums, so stale values are never read.
-            if acc.len() < blocks * MR * NR + 16 {
-                acc.resize(blocks * MR * NR + 16, 0.0);
+            if acc.len() < blocks * mr * nr + 16 {
+                acc.resize(blocks * mr * nr + 16, 0.0);
             }
             let a0 = acc.as_ptr().align_offset(64);
             assert!(a0 < 16, "cannot align the partial sums");
-            let accs = &mut acc[a0..a0 + blocks * MR * NR];
+            let accs = &mut acc[a0..a0 + blocks * mr * nr];
             for j in j0..j1 {
                 let panel = kernel.panel(j);
                 let tail = Tail {
-                    bias: bias_pad[j * NR..].as_ptr(),
+                    bias: bias_pad[j * nr..].as_ptr(),
                     relu,
                     ldo: cout,
-                    cols: NR.min(cout - j * NR),
+                    cols: nr.min(cout - j * nr),
                 };
                 // LOOP 2: channel chunks (9*kc panel rows, contiguous).
                 let mut c0 = 0;
                 while c0 < cin {
-                    let kc = if gathered { 9 * cin } else { KC.min(cin - c0) };
-                    let bchunk = panel[9 * c0 * NR..].as_ptr();
+                    let kc = if gathered { 9 * cin } else { kc_max.min(cin - c0) };
+                    let bchunk = panel[9 * c0 * nr..].as_ptr();
                     let (first, last) = (c0 == 0, c0 + kc >= cin);
                     // LOOP 3: the job's pixel blocks; LOOP 4 (taps) and 5
                     // (channels) run in the kernel.
                     for (blk, &mask) in masks.iter().enumerate() {
-                        let g0 = p0 + blk * MR;
-                        // SAFETY: AVX-512F checked above; each pointer
+                        let g0 = p0 + blk * mr;
+                        let call = Call {
+                            ptrs: ptrs[blk * taps * mr..].as_ptr(),
+                            taps,
+                            mask,
+                            c0,
+                            kc,
+                            b: bchunk,
+                            acc: accs[blk * mr * nr..].as_mut_ptr(),
+                            first,
+                            // SAFETY (of the add): g0 < m, j*nr < cout.
+                            out: last.then(|| (unsafe { out_ptr.get().add(g0 * cout + j * nr) }, mr.min(p1 - g0))),
+                        };
+                        // SAFETY: the ISA was checked above; each pointer
                         // addresses `cin` floats (an input row or `zeros`),
-                        // so c0..c0+kc is in bounds; the chunk holds
-                        // 9*kc*NR floats of the panel; the block's partial
-                        // sums are MR*NR floats, 64-byte aligned; the last
-                        // chunk writes rows g0..g0+rows, columns
-                        // j*NR..j*NR+cols of `out`, which only this job
-                        // writes.
-                        #[cfg(target_arch = "x86_64")]
-                        unsafe {
-                            kernel_12x32(
-                                ptrs[blk * taps * MR..].as_ptr(),
-                                taps,
-                                mask,
-                                c0,
-                                kc,
-                                bchunk,
-                                accs[blk * MR * NR..].as_mut_ptr(),
-                                first,
-                                last.then(|| (out_ptr.get().add(g0 * cout + j * NR), MR.min(p1 - g0))),
-                                &tail,
-                            );
-                        }
+                        // or 9*cin gathered floats, so c0..c0+kc is in
+                        // bounds; the chunk holds taps*kc*nr floats of the
+                        // panel; the block's partial sums are mr*nr floats,
+                        // 64-byte aligned; the last chunk writes rows
+                        // g0..g0+rows, columns j*nr..j*nr+cols of `out`,
+                        // which only this job writes.
+                        unsafe { run_kernel(isa, &call, &tail) };
                     }
                     c0 += kc;
                 }
@@ -333,28 +389,109 @@ pub fn conv3x3_direct(
     );
 }
 
-/// How the last reduction chunk of a block leaves the kernel: plus the bias
-/// (padded to [`NR`]), ReLU or not, into `out` rows of stride `ldo`, the
-/// first `cols` columns.
-struct Tail {
-    bias: *const f32,
-    relu: bool,
+/// `out` (m, Cout) rows of stride `ldo` = `a` (m, K) rows of stride `lda`
+/// x `b` (K, Cout), one thread, on `b`'s ISA: the direct kernel's
+/// micro-kernel as a plain GEMM (one tap, row pointers into `a`). Columns
+/// of panels `panels` only. `scratch` is reused across calls. Each output is
+/// one fixed-order sum (chunks of K in order), whoever calls.
+///
+/// # Safety
+/// `out` addresses `m` rows of stride `ldo` with the panels' columns
+/// writable and not read or written by anyone else meanwhile.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_packed(
+    a: &[f32],
+    lda: usize,
+    m: usize,
+    b: &PackedKernel,
+    panels: std::ops::Range<usize>,
+    out: *mut f32,
     ldo: usize,
-    cols: usize,
+    scratch: &mut GemmScratch,
+) {
+    let isa = b.isa;
+    assert!(
+        isa.supported(),
+        "gemm_packed: this CPU cannot run the {} kernel",
+        isa.name()
+    );
+    assert_eq!(b.taps, 1, "gemm_packed: the matrix was packed as a conv kernel");
+    let Geometry { mr, nr, kc: kc_max } = Geometry::of(isa);
+    let k = b.k;
+    if m == 0 || k == 0 {
+        return;
+    }
+    assert!(
+        lda >= k && a.len() >= (m - 1) * lda + k,
+        "gemm_packed: A is not ({m}, {k})"
+    );
+    assert!(panels.end <= b.panels(), "gemm_packed: panel range past the matrix");
+    let blocks = m.div_ceil(mr);
+    // Row pointers; rows past m repeat the last row (their sums are never
+    // stored).
+    scratch.ptrs.clear();
+    scratch
+        .ptrs
+        .extend((0..blocks * mr).map(|r| a[r.min(m - 1) * lda..].as_ptr()));
+    if scratch.acc.len() < blocks * mr * nr + 16 {
+        scratch.acc.resize(blocks * mr * nr + 16, 0.0);
+    }
+    if scratch.zero_bias.len() < nr {
+        scratch.zero_bias.resize(nr, 0.0);
+    }
+    let a0 = scratch.acc.as_ptr().align_offset(64);
+    assert!(a0 < 16, "cannot align the partial sums");
+    let accs = &mut scratch.acc[a0..a0 + blocks * mr * nr];
+    for j in panels {
+        let panel = b.panel(j);
+        let tail = Tail {
+            bias: scratch.zero_bias.as_ptr(),
+            relu: false,
+            ldo,
+            cols: nr.min(b.cout - j * nr),
+        };
+        let mut c0 = 0;
+        while c0 < k {
+            let kc = kc_max.min(k - c0);
+            let (first, last) = (c0 == 0, c0 + kc >= k);
+            for blk in 0..blocks {
+                let g0 = blk * mr;
+                let call = Call {
+                    ptrs: scratch.ptrs[blk * mr..].as_ptr(),
+                    taps: 1,
+                    mask: 1,
+                    c0,
+                    kc,
+                    b: panel[c0 * nr..].as_ptr(),
+                    acc: accs[blk * mr * nr..].as_mut_ptr(),
+                    first,
+                    out: last.then(|| (out.add(g0 * ldo + j * nr), mr.min(m - g0))),
+                };
+                run_kernel(isa, &call, &tail);
+            }
+            c0 += kc;
+        }
+    }
 }
 
-/// The micro-kernel: adds one channel chunk to an [`MR`] x [`NR`] block.
+/// Scratch of [`gemm_packed`], kept by each worker across calls.
+#[derive(Default)]
+pub(crate) struct GemmScratch {
+    ptrs: Vec<*const f32>,
+    acc: Vec<f32>,
+    zero_bias: Vec<f32>,
+}
+
+/// One micro-kernel call: adds one channel chunk to an `mr` x `nr` block.
 ///
-/// `ptrs` holds the block's `taps` x MR row pointers (tap-major; 9 taps, or
-/// 1 for gathered rows); taps whose bit is clear in `mask` are skipped. The chunk covers channels c0..c0+kc of
-/// every tap; `b` is the panel's matching 9 x kc x NR rows (tap-major).
-/// `acc` holds the block's MR x NR partial sums (64-byte aligned): read
-/// unless `first`, written back unless `out` is given; then (the last chunk)
-/// bias and ReLU are applied and `rows` rows go to `out` instead.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn kernel_12x32(
+/// `ptrs` holds the block's `taps` x mr row pointers (tap-major; 9 taps, or
+/// 1 for gathered rows); taps whose bit is clear in `mask` are skipped. The
+/// chunk covers channels c0..c0+kc of every tap; `b` is the panel's
+/// matching taps x kc x nr rows (tap-major). `acc` holds the block's mr x nr
+/// partial sums (64-byte aligned): read unless `first`, written back unless
+/// `out` is given; then (the last chunk) bias and ReLU are applied and
+/// `rows` rows go to `out` instead.
+struct Call {
     ptrs: *const *const f32,
     taps: usize,
     mask: u16,
@@ -364,24 +501,57 @@ unsafe fn kernel_12x32(
     acc: *mut f32,
     first: bool,
     out: Option<(*mut f32, usize)>,
-    tail: &Tail,
-) {
+}
+
+/// How the last reduction chunk of a block leaves the kernel: plus the bias
+/// (padded to `nr`), ReLU or not, into `out` rows of stride `ldo`, the
+/// first `cols` columns.
+struct Tail {
+    bias: *const f32,
+    relu: bool,
+    ldo: usize,
+    cols: usize,
+}
+
+/// Runs `call` on the micro-kernel of `isa`.
+///
+/// # Safety
+/// The CPU supports `isa`, and the pointers of `call` and `tail` are valid
+/// as [`Call`] describes for that ISA's [`Geometry`].
+unsafe fn run_kernel(isa: Isa, call: &Call, tail: &Tail) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => kernel_avx512(call, tail),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => kernel_avx2(call, tail),
+        #[cfg(not(target_arch = "x86_64"))]
+        Isa::Avx512 | Isa::Avx2 => unreachable!("x86 kernels are checked as unsupported here"),
+        Isa::Generic => kernel_generic(call, tail),
+    }
+}
+
+/// AVX-512F: 12 pixels x 32 channels, 24 zmm sums.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn kernel_avx512(c: &Call, tail: &Tail) {
     use std::arch::x86_64::*;
+    const MR: usize = 12;
+    const NR: usize = 32;
     let mut s0 = [_mm512_setzero_ps(); MR];
     let mut s1 = [_mm512_setzero_ps(); MR];
-    if !first {
+    if !c.first {
         for r in 0..MR {
-            s0[r] = _mm512_load_ps(acc.add(r * NR));
-            s1[r] = _mm512_load_ps(acc.add(r * NR + 16));
+            s0[r] = _mm512_load_ps(c.acc.add(r * NR));
+            s1[r] = _mm512_load_ps(c.acc.add(r * NR + 16));
         }
     }
-    for t in 0..taps {
-        if mask & (1 << t) == 0 {
+    for t in 0..c.taps {
+        if c.mask & (1 << t) == 0 {
             continue;
         }
-        let a: [*const f32; MR] = std::array::from_fn(|r| (*ptrs.add(t * MR + r)).add(c0));
-        let mut bp = b.add(t * kc * NR);
-        for ci in 0..kc {
+        let a: [*const f32; MR] = std::array::from_fn(|r| (*c.ptrs.add(t * MR + r)).add(c.c0));
+        let mut bp = c.b.add(t * c.kc * NR);
+        for ci in 0..c.kc {
             let b0 = _mm512_load_ps(bp);
             let b1 = _mm512_load_ps(bp.add(16));
             for r in 0..MR {
@@ -392,10 +562,10 @@ unsafe fn kernel_12x32(
             bp = bp.add(NR);
         }
     }
-    let Some((out, rows)) = out else {
+    let Some((out, rows)) = c.out else {
         for r in 0..MR {
-            _mm512_store_ps(acc.add(r * NR), s0[r]);
-            _mm512_store_ps(acc.add(r * NR + 16), s1[r]);
+            _mm512_store_ps(c.acc.add(r * NR), s0[r]);
+            _mm512_store_ps(c.acc.add(r * NR + 16), s1[r]);
         }
         return;
     };
@@ -424,5 +594,115 @@ unsafe fn kernel_12x32(
         let o = out.add(r * tail.ldo);
         _mm512_mask_storeu_ps(o, m0, v0);
         _mm512_mask_storeu_ps(o.add(16), m1, v1);
+    }
+}
+
+/// AVX2 + FMA: 6 pixels x 16 channels, 12 ymm sums (16 ymm registers: 12
+/// sums, 2 kernel vectors, 1 broadcast).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn kernel_avx2(c: &Call, tail: &Tail) {
+    use std::arch::x86_64::*;
+    const MR: usize = 6;
+    const NR: usize = 16;
+    let mut s0 = [_mm256_setzero_ps(); MR];
+    let mut s1 = [_mm256_setzero_ps(); MR];
+    if !c.first {
+        for r in 0..MR {
+            s0[r] = _mm256_load_ps(c.acc.add(r * NR));
+            s1[r] = _mm256_load_ps(c.acc.add(r * NR + 8));
+        }
+    }
+    for t in 0..c.taps {
+        if c.mask & (1 << t) == 0 {
+            continue;
+        }
+        let a: [*const f32; MR] = std::array::from_fn(|r| (*c.ptrs.add(t * MR + r)).add(c.c0));
+        let mut bp = c.b.add(t * c.kc * NR);
+        for ci in 0..c.kc {
+            let b0 = _mm256_load_ps(bp);
+            let b1 = _mm256_load_ps(bp.add(8));
+            for r in 0..MR {
+                let av = _mm256_broadcast_ss(&*a[r].add(ci));
+                s0[r] = _mm256_fmadd_ps(av, b0, s0[r]);
+                s1[r] = _mm256_fmadd_ps(av, b1, s1[r]);
+            }
+            bp = bp.add(NR);
+        }
+    }
+    let Some((out, rows)) = c.out else {
+        for r in 0..MR {
+            _mm256_store_ps(c.acc.add(r * NR), s0[r]);
+            _mm256_store_ps(c.acc.add(r * NR + 8), s1[r]);
+        }
+        return;
+    };
+    let bias0 = _mm256_loadu_ps(tail.bias);
+    let bias1 = _mm256_loadu_ps(tail.bias.add(8));
+    let zero = _mm256_setzero_ps();
+    let cols = tail.cols;
+    // Lane i of a mask is stored when its sign bit is set.
+    let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    let m0 = _mm256_cmpgt_epi32(_mm256_set1_epi32(cols.min(8) as i32), lane);
+    let m1 = _mm256_cmpgt_epi32(_mm256_set1_epi32(cols.saturating_sub(8).min(8) as i32), lane);
+    for r in 0..rows.min(MR) {
+        let mut v0 = _mm256_add_ps(s0[r], bias0);
+        let mut v1 = _mm256_add_ps(s1[r], bias1);
+        if tail.relu {
+            // max(v, 0) with 0 second returns 0 for NaN, as f32::max does.
+            v0 = _mm256_max_ps(v0, zero);
+            v1 = _mm256_max_ps(v1, zero);
+        }
+        let o = out.add(r * tail.ldo);
+        if cols >= NR {
+            _mm256_storeu_ps(o, v0);
+            _mm256_storeu_ps(o.add(8), v1);
+        } else {
+            _mm256_maskstore_ps(o, m0, v0);
+            _mm256_maskstore_ps(o.add(8), m1, v1);
+        }
+    }
+}
+
+/// Portable Rust, the AVX2 geometry (6 x 16) in plain arrays: runs on any
+/// target, and is the reference the SIMD kernels are compared with.
+unsafe fn kernel_generic(c: &Call, tail: &Tail) {
+    const MR: usize = 6;
+    const NR: usize = 16;
+    let mut s = [[0.0f32; NR]; MR];
+    if !c.first {
+        for (r, row) in s.iter_mut().enumerate() {
+            row.copy_from_slice(std::slice::from_raw_parts(c.acc.add(r * NR), NR));
+        }
+    }
+    for t in 0..c.taps {
+        if c.mask & (1 << t) == 0 {
+            continue;
+        }
+        let a: [&[f32]; MR] =
+            std::array::from_fn(|r| std::slice::from_raw_parts((*c.ptrs.add(t * MR + r)).add(c.c0), c.kc));
+        let b = std::slice::from_raw_parts(c.b.add(t * c.kc * NR), c.kc * NR);
+        for (ci, brow) in b.chunks_exact(NR).enumerate() {
+            for r in 0..MR {
+                let av = a[r][ci];
+                for (sv, &bv) in s[r].iter_mut().zip(brow) {
+                    *sv += av * bv;
+                }
+            }
+        }
+    }
+    let Some((out, rows)) = c.out else {
+        for (r, row) in s.iter().enumerate() {
+            std::slice::from_raw_parts_mut(c.acc.add(r * NR), NR).copy_from_slice(row);
+        }
+        return;
+    };
+    let bias = std::slice::from_raw_parts(tail.bias, NR);
+    for (r, row) in s.iter().enumerate().take(rows.min(MR)) {
+        let o = std::slice::from_raw_parts_mut(out.add(r * tail.ldo), tail.cols);
+        for ((ov, &sv), &bv) in o.iter_mut().zip(row).zip(bias) {
+            let v = sv + bv;
+            *ov = if tail.relu { v.max(0.0) } else { v };
+        }
     }
 }

@@ -2,5 +2,8 @@
 
 pub mod conv;
 pub mod direct;
+pub mod dispatch;
 pub mod gemm;
+pub mod im2col;
 pub mod ops;
+pub mod winograd;

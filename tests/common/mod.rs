@@ -15,6 +15,10 @@ pub mod tol {
     /// f32 forward (GEMM, conv) against the f64 reference, relative to the
     /// largest reference value: k up to a few thousand terms of f32 rounding.
     pub const F32_FORWARD: f64 = 1e-5;
+    /// Winograd F(4x4, 3x3) forward against the f64 reference, same measure:
+    /// the input and output transforms multiply values by up to 8 and the
+    /// kernel transform by fractions down to 1/24 before rounding.
+    pub const WINOGRAD_FORWARD: f64 = 5e-5;
     /// Analytic f32 gradient against a central finite difference of the f64
     /// reference forward, as ggml's normalised error
     /// |a - n| / max(|a|, |n|, floor), floor below.
@@ -215,4 +219,43 @@ pub fn vgg16(args: &[&str]) -> std::process::Output {
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
         .expect("the vgg16 binary runs")
+}
+
+/// The ISAs of the direct kernel this CPU can run; each one it cannot is
+/// reported SKIPPED for `test` on stderr (never passed silently). The
+/// portable kernel always runs.
+pub fn isas_or_skip(test: &str) -> Vec<vgg16_cpu::tensor::dispatch::Isa> {
+    use vgg16_cpu::tensor::dispatch::{cpu_features, Isa};
+    let (run, skip): (Vec<Isa>, Vec<Isa>) = Isa::ALL.into_iter().partition(|i| i.supported());
+    for i in skip {
+        eprintln!(
+            "SKIPPED {test} on {}: this CPU ({}) cannot run that kernel",
+            i.name(),
+            cpu_features()
+        );
+    }
+    run
+}
+
+/// The forward tolerance of a conv path against the f64 reference.
+pub fn forward_tol(path: vgg16_cpu::tensor::conv::ConvPath) -> f64 {
+    match path {
+        vgg16_cpu::tensor::conv::ConvPath::Winograd(_) => tol::WINOGRAD_FORWARD,
+        _ => tol::F32_FORWARD,
+    }
+}
+
+/// Every conv path this CPU can run for an h x w image: im2col, the direct
+/// kernel and Winograd on each supported ISA, and tap classes for small
+/// images.
+pub fn paths_or_skip(test: &str, h: usize, w: usize) -> Vec<vgg16_cpu::tensor::conv::ConvPath> {
+    use vgg16_cpu::tensor::conv::{ConvPath, SMALL_SIDE};
+    let mut v = vec![ConvPath::Im2col];
+    for isa in isas_or_skip(test) {
+        v.extend([ConvPath::Direct(isa), ConvPath::Winograd(isa)]);
+    }
+    if h <= SMALL_SIDE && w <= SMALL_SIDE {
+        v.push(ConvPath::TapClasses);
+    }
+    v
 }

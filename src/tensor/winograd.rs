@@ -1,0 +1,545 @@
+//! Winograd F(4x4, 3x3) for the stride-1 3x3 "same" convolutions.
+//!
+//! A 4x4 block of outputs needs 4*4*9 = 144 multiplies per (input, output)
+//! channel pair done directly; Winograd's minimal filtering (Lavin & Gray,
+//! *Fast Algorithms for Convolutional Neural Networks*, 2015) needs 36:
+//!
+//! ```text
+//! Y (4x4) = A^T [ U (6x6) .* V (6x6) ] A,   U = G g G^T,   V = B^T d B
+//! ```
+//! with g the 3x3 kernel, d the 6x6 input tile (rows ty*4-1 .. ty*4+4 and the
+//! same columns, zeros off the image) and the matrices below (interpolation
+//! points 0, 1, -1, 2, -2, infinity). Summed over input channels, the
+//! elementwise products become 36 independent GEMMs, one per tile position
+//! xi = (i, j):
+//!
+//! ```text
+//! M[xi] (tiles, Cout) = V[xi] (tiles, Cin) x U[xi] (Cin, Cout)
+//! ```
+//! which run on the direct kernel's micro-kernels ([`super::direct`], one
+//! tap, packed panels). So a layer is three passes over a chunk of tiles,
+//! each parallel over fixed partitions:
+//!
+//! 1. input transform: tile -> V[xi][tile][c], vectorised over channels;
+//! 2. 36 GEMMs, jobs = (xi, run of tiles, run of panels);
+//! 3. output transform: M -> Y, plus the bias, ReLU, clipped at the image
+//!    edge (a side that is not a multiple of 4 computes a padded tile).
+//!
+//! Chunks of tiles are sized so V and M of a chunk stay in the last-level
+//! cache ([`CHUNK_BYTES`]), whatever the batch and image size, unless the
+//! layer's U is larger (block4/5: 36 MB), which is re-read once per chunk
+//! (see [`chunk_tiles`]). The kernel
+//! transform U is computed once per layer (in f64, then rounded) and packed
+//! (see [`WinogradKernel`]; `Vgg16::prepare` keeps it for all batches).
+//!
+//! Accuracy: the transforms add rounding; measured errors are in
+//! BENCHMARKS.md and bounded by `tol::WINOGRAD_FORWARD` in the tests (the
+//! VGG-16 parity test holds them to the fixtures' 1e-4 bound).
+//!
+//! Every output is one fixed-order sum (chunks of Cin in order inside a GEMM,
+//! then the fixed output transform) computed by one job, so results do not
+//! depend on the thread count.
+
+use super::direct::{gemm_packed, GemmScratch, Geometry, PackedKernel};
+use super::dispatch::Isa;
+use ndarray::{Array2, ArrayView4};
+use rayon::prelude::*;
+
+/// Output tile side.
+pub const M: usize = 4;
+/// Input tile side (M + 3 - 1).
+pub const T: usize = 6;
+/// Tile positions: GEMMs per chunk.
+pub const XI: usize = T * T;
+/// Target bytes of one chunk's V and M together (kept in L3).
+pub const CHUNK_BYTES: usize = 12 << 20;
+/// Fewest input channels worth the transforms (the RGB layer is not).
+pub const MIN_CIN: usize = 16;
+/// Target bytes of one GEMM job's rows of V (kept in L2 across panels).
+const JOB_ROWS_BYTES: usize = 192 << 10;
+
+/// G (6x3): the kernel transform.
+const G: [[f64; 3]; T] = [
+    [1.0 / 4.0, 0.0, 0.0],
+    [-1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0],
+    [-1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0],
+    [1.0 / 24.0, 1.0 / 12.0, 1.0 / 6.0],
+    [1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0],
+    [0.0, 0.0, 1.0],
+];
+
+/// The kernel transformed and packed once: U[xi] (Cin, Cout) for the 36
+/// positions, each packed as a GEMM right-hand matrix for `isa`.
+pub struct WinogradKernel {
+    pub isa: Isa,
+    pub cin: usize,
+    pub cout: usize,
+    u: Vec<PackedKernel>,
+}
+
+impl WinogradKernel {
+    /// Transforms a Keras kernel (3, 3, Cin, Cout): U = G g G^T per channel
+    /// pair, in f64.
+    pub fn from_keras(isa: Isa, w: ArrayView4<f32>) -> WinogradKernel {
+        let (kh, kw, cin, cout) = w.dim();
+        assert_eq!((kh, kw), (3, 3), "winograd: kernel must be 3x3, is {kh}x{kw}");
+        let w = w.as_standard_layout();
+        let ws = w.as_slice().expect("standard layout");
+        let u: Vec<PackedKernel> = (0..XI)
+            .into_par_iter()
+            .map(|xi| {
+                let (i, j) = (xi / T, xi % T);
+                // U[i][j] = sum_{a,b} G[i][a] g[a][b] G[j][b], summed in f64
+                // a row of Cout at a time (contiguous in the Keras layout).
+                let mut ux = Array2::<f32>::zeros((cin, cout));
+                let mut acc = vec![0.0f64; cout];
+                for ci in 0..cin {
+                    acc.fill(0.0);
+                    for t in 0..9 {
+                        let c = G[i][t / 3] * G[j][t % 3];
+                        if c != 0.0 {
+                            let row = &ws[(t * cin + ci) * cout..(t * cin + ci + 1) * cout];
+                            acc.iter_mut().zip(row).for_each(|(a, &g)| *a += c * g as f64);
+                        }
+                    }
+                    ux.row_mut(ci).iter_mut().zip(&acc).for_each(|(u, &a)| *u = a as f32);
+                }
+                PackedKernel::gemm(isa, ux.view())
+            })
+            .collect();
+        WinogradKernel { isa, cin, cout, u }
+    }
+}
+
+/// Tiles per chunk for `tiles` tiles of these channel counts: the chunks
+/// are as few as [`CHUNK_BYTES`] of V and M allow, but never so small that
+/// re-reading U (36 * Cin * Cout floats, once per chunk) costs more than
+/// the chunk's own V and M traffic; then balanced, so no chunk is a sliver.
+/// A multiple of `mr`.
+pub fn chunk_tiles(tiles: usize, cin: usize, cout: usize, mr: usize) -> usize {
+    let per_tile = (XI * (cin + cout) * std::mem::size_of::<f32>()).max(1);
+    let u_bytes = XI * cin * cout * std::mem::size_of::<f32>();
+    let max_tiles = (CHUNK_BYTES.max(u_bytes) / per_tile).max(mr);
+    let chunks = tiles.div_ceil(max_tiles).max(1);
+    tiles.div_ceil(chunks).div_ceil(mr) * mr
+}
+
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: jobs write disjoint parts of the buffer behind it.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// `out` (N*H*W, Cout) = conv3x3(x, kernel) + bias, then ReLU when `relu`.
+/// `x` is NHWC (n, h, w, cin) as a flat slice; every element of `out` is
+/// written once and none is read.
+pub fn conv3x3_winograd(
+    x: &[f32],
+    (n, h, w, cin): (usize, usize, usize, usize),
+    kernel: &WinogradKernel,
+    bias: Option<&[f32]>,
+    relu: bool,
+    out: &mut [std::mem::MaybeUninit<f32>],
+) {
+    let isa = kernel.isa;
+    assert!(
+        isa.supported(),
+        "conv3x3_winograd: this CPU cannot run the {} kernel",
+        isa.name()
+    );
+    let cout = kernel.cout;
+    assert_eq!(
+        kernel.cin, cin,
+        "conv3x3_winograd: input has {cin} channels, kernel expects {}",
+        kernel.cin
+    );
+    assert_eq!(
+        x.len(),
+        n * h * w * cin,
+        "conv3x3_winograd: input is not (n, h, w, cin)"
+    );
+    assert_eq!(
+        out.len(),
+        n * h * w * cout,
+        "conv3x3_winograd: output is not (n*h*w, cout)"
+    );
+    if let Some(b) = bias {
+        assert_eq!(
+            b.len(),
+            cout,
+            "conv3x3_winograd: bias has {} entries, expected {cout}",
+            b.len()
+        );
+    }
+    if n * h * w == 0 || cout == 0 {
+        return;
+    }
+    let zero_bias = vec![0.0f32; cout];
+    let bias = bias.unwrap_or(&zero_bias);
+    let g = Geometry::of(isa);
+    let (ty, tx) = (h.div_ceil(M), w.div_ceil(M));
+    let tiles = n * ty * tx;
+    let chunk = chunk_tiles(tiles, cin, cout, g.mr);
+    // V: (XI, chunk, cin); M: (XI, chunk, cout). Reused across chunks.
+    // Never read before written (the transforms fill whole rows of V, the
+    // GEMMs whole rows of M), but zeroed: cheap next to the GEMMs.
+    let mut v = vec![0.0f32; XI * chunk * cin];
+    let mut mm = vec![0.0f32; XI * chunk * cout];
+    let out_ptr = SendPtr(out.as_mut_ptr().cast::<f32>());
+    let geom = (n, h, w, ty, tx);
+    // Rows of V a GEMM job takes, and the panel runs that share a row run.
+    let job_rows = ((JOB_ROWS_BYTES / (cin * 4)).max(g.mr) / g.mr * g.mr).min(chunk);
+    let panels = cout.div_ceil(g.nr);
+    for t0 in (0..tiles).step_by(chunk) {
+        let nt = chunk.min(tiles - t0);
+        // 1. Input transform, one job per run of tiles.
+        {
+            let vp = SendPtr(v.as_mut_ptr());
+            (0..nt.div_ceil(16)).into_par_iter().for_each(|b| {
+                for t in b * 16..((b + 1) * 16).min(nt) {
+                    // SAFETY: tile t writes V[.][t][..] only.
+                    unsafe { input_tile(isa, x, geom, cin, t0 + t, vp.get(), t, chunk) };
+                }
+            });
+        }
+        // 2. The 36 GEMMs: M[xi] (nt, cout) = V[xi] (nt, cin) x U[xi].
+        {
+            let row_jobs = nt.div_ceil(job_rows);
+            // Few row runs (small chunk): split the panels too.
+            let panel_parts = (8usize.div_ceil(XI * row_jobs)).clamp(1, panels);
+            let panel_run = panels.div_ceil(panel_parts);
+            let panel_jobs = panels.div_ceil(panel_run);
+            let mp = SendPtr(mm.as_mut_ptr());
+            let v = &v;
+            (0..XI * row_jobs * panel_jobs)
+                .into_par_iter()
+                .for_each_init(GemmScratch::default, |scratch, job| {
+                    let (xi, rest) = (job / (row_jobs * panel_jobs), job % (row_jobs * panel_jobs));
+                    let (rj, pj) = (rest / panel_jobs, rest % panel_jobs);
+                    let r0 = rj * job_rows;
+                    let rows = job_rows.min(nt - r0);
+                    let a = &v[(xi * chunk + r0) * cin..(xi * chunk + r0 + rows) * cin];
+                    let p0 = pj * panel_run;
+                    let p1 = (p0 + panel_run).min(panels);
+                    // SAFETY: this job alone writes rows r0..r0+rows, panels
+                    // p0..p1 of M[xi].
+                    unsafe {
+                        let o = mp.get().add((xi * chunk + r0) * cout);
+                        gemm_packed(a, cin, rows, &kernel.u[xi], p0..p1, o, cout, scratch);
+                    }
+                });
+        }
+        // 3. Output transform + bias + ReLU into `out`.
+        {
+            let mm = &mm;
+            (0..nt.div_ceil(16)).into_par_iter().for_each(|b| {
+                for t in b * 16..((b + 1) * 16).min(nt) {
+                    // SAFETY: tile t0+t writes its own output pixels only.
+                    unsafe { output_tile(isa, mm, geom, cout, t, chunk, t0 + t, bias, relu, out_ptr.get()) };
+                }
+            });
+        }
+    }
+}
+
+/// Lanes of channels the transforms work on together: a SIMD vector for
+/// AVX2 (8 channels), one f32 for the portable code and channel tails. The
+/// transforms are written once over this trait.
+trait Lanes: Copy {
+    const W: usize;
+    fn zero() -> Self;
+    unsafe fn load(p: *const f32) -> Self;
+    unsafe fn store(self, p: *mut f32);
+    fn add(self, o: Self) -> Self;
+    fn sub(self, o: Self) -> Self;
+    fn scale(self, c: f32) -> Self;
+    /// max(self, 0), 0 for NaN as f32::max.
+    fn relu(self) -> Self;
+}
+
+impl Lanes for f32 {
+    const W: usize = 1;
+    fn zero() -> f32 {
+        0.0
+    }
+    unsafe fn load(p: *const f32) -> f32 {
+        *p
+    }
+    unsafe fn store(self, p: *mut f32) {
+        *p = self
+    }
+    fn add(self, o: f32) -> f32 {
+        self + o
+    }
+    fn sub(self, o: f32) -> f32 {
+        self - o
+    }
+    fn scale(self, c: f32) -> f32 {
+        self * c
+    }
+    fn relu(self) -> f32 {
+        self.max(0.0)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+struct Ymm(std::arch::x86_64::__m256);
+
+#[cfg(target_arch = "x86_64")]
+impl Lanes for Ymm {
+    const W: usize = 8;
+    #[inline(always)]
+    fn zero() -> Ymm {
+        // SAFETY: only reached from avx2-enabled functions.
+        Ymm(unsafe { std::arch::x86_64::_mm256_setzero_ps() })
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Ymm {
+        Ymm(std::arch::x86_64::_mm256_loadu_ps(p))
+    }
+    #[inline(always)]
+    unsafe fn store(self, p: *mut f32) {
+        std::arch::x86_64::_mm256_storeu_ps(p, self.0)
+    }
+    #[inline(always)]
+    fn add(self, o: Ymm) -> Ymm {
+        Ymm(unsafe { std::arch::x86_64::_mm256_add_ps(self.0, o.0) })
+    }
+    #[inline(always)]
+    fn sub(self, o: Ymm) -> Ymm {
+        Ymm(unsafe { std::arch::x86_64::_mm256_sub_ps(self.0, o.0) })
+    }
+    #[inline(always)]
+    fn scale(self, c: f32) -> Ymm {
+        use std::arch::x86_64::*;
+        Ymm(unsafe { _mm256_mul_ps(self.0, _mm256_set1_ps(c)) })
+    }
+    #[inline(always)]
+    fn relu(self) -> Ymm {
+        use std::arch::x86_64::*;
+        // max(v, 0) with 0 second returns 0 for NaN.
+        Ymm(unsafe { _mm256_max_ps(self.0, _mm256_setzero_ps()) })
+    }
+}
+
+/// B^T (6x6) applied to six vectors d0..d5:
+/// ```text
+/// B^T = [ 4  0 -5  0  1  0 ]
+///       [ 0 -4 -4  1  1  0 ]
+///       [ 0  4 -4 -1  1  0 ]
+///       [ 0 -2 -1  2  1  0 ]
+///       [ 0  2 -1 -2  1  0 ]
+///       [ 0  4  0 -5  0  1 ]
+/// ```
+#[inline(always)]
+fn bt<L: Lanes>(d: [L; T]) -> [L; T] {
+    let [d0, d1, d2, d3, d4, d5] = d;
+    let (s12, d12) = (d1.add(d2), d1.sub(d2));
+    let (s34, d34) = (d3.add(d4), d4.sub(d3));
+    let (d42, d31) = (d4.sub(d2), d3.sub(d1));
+    [
+        d0.scale(4.0).sub(d2.scale(5.0)).add(d4),
+        s34.sub(s12.scale(4.0)),
+        d12.scale(4.0).add(d34),
+        d31.scale(2.0).add(d42),
+        d42.sub(d31.scale(2.0)),
+        d1.scale(4.0).sub(d3.scale(5.0)).add(d5),
+    ]
+}
+
+/// A^T (4x6) applied to six vectors m0..m5:
+/// ```text
+/// A^T = [ 1  1  1  1  1  0 ]
+///       [ 0  1 -1  2 -2  0 ]
+///       [ 0  1  1  4  4  0 ]
+///       [ 0  1 -1  8 -8  1 ]
+/// ```
+#[inline(always)]
+fn at<L: Lanes>(m: [L; T]) -> [L; M] {
+    let [m0, m1, m2, m3, m4, m5] = m;
+    let (s12, d12, s34, d34) = (m1.add(m2), m1.sub(m2), m3.add(m4), m3.sub(m4));
+    [
+        m0.add(s12).add(s34),
+        d12.add(d34.scale(2.0)),
+        s12.add(s34.scale(4.0)),
+        d12.add(d34.scale(8.0)).add(m5),
+    ]
+}
+
+/// Where tile `tile` sits: (image, first row, first column) of its 4x4
+/// outputs.
+fn tile_origin(tile: usize, ty: usize, tx: usize) -> (usize, usize, usize) {
+    let (img, rem) = (tile / (ty * tx), tile % (ty * tx));
+    (img, rem / tx * M, rem % tx * M)
+}
+
+/// V[xi][t][c0..c0+W] = B^T d B for channels c0.. of one tile; `src` holds
+/// the 36 input offsets (None off the image).
+#[inline(always)]
+unsafe fn input_lanes<L: Lanes>(x: *const f32, src: &[Option<usize>; XI], c0: usize, dst: *mut f32, stride: usize) {
+    let mut e = [L::zero(); XI];
+    // Rows: e[r][c] = (d B)[r][c] = sum_k B^T[c][k] d[r][k].
+    for r in 0..T {
+        let d: [L; T] = std::array::from_fn(|k| match src[r * T + k] {
+            Some(s) => L::load(x.add(s + c0)),
+            None => L::zero(),
+        });
+        let o = bt(d);
+        e[r * T..r * T + T].copy_from_slice(&o);
+    }
+    // Columns: V[r][c] = sum_k B^T[r][k] e[k][c].
+    for c in 0..T {
+        let o = bt(std::array::from_fn(|k| e[k * T + c]));
+        for (r, v) in o.into_iter().enumerate() {
+            v.store(dst.add((r * T + c) * stride + c0));
+        }
+    }
+}
+
+/// V[.][t][..] for one tile, all channels.
+///
+/// # Safety
+/// `v` points at a (XI, chunk, cin) buffer; row t of every xi is this
+/// call's alone.
+#[allow(clippy::too_many_arguments)]
+unsafe fn input_tile(
+    isa: Isa,
+    x: &[f32],
+    geom: (usize, usize, usize, usize, usize),
+    cin: usize,
+    tile: usize,
+    v: *mut f32,
+    t: usize,
+    chunk: usize,
+) {
+    let (_n, h, w, ty, tx) = geom;
+    let (img, oy, ox) = tile_origin(tile, ty, tx);
+    let mut src: [Option<usize>; XI] = [None; XI];
+    for r in 0..T {
+        for c in 0..T {
+            let (iy, ix) = ((oy + r) as isize - 1, (ox + c) as isize - 1);
+            if iy >= 0 && (iy as usize) < h && ix >= 0 && (ix as usize) < w {
+                src[r * T + c] = Some(((img * h + iy as usize) * w + ix as usize) * cin);
+            }
+        }
+    }
+    let dst = v.add(t * cin);
+    let stride = chunk * cin;
+    let mut c0 = 0;
+    #[cfg(target_arch = "x86_64")]
+    if isa != Isa::Generic {
+        c0 = input_avx2(x.as_ptr(), &src, cin, dst, stride);
+    }
+    let _ = isa;
+    for c in c0..cin {
+        input_lanes::<f32>(x.as_ptr(), &src, c, dst, stride);
+    }
+}
+
+/// The whole 8-channel groups of [`input_tile`]; returns the channels done.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn input_avx2(x: *const f32, src: &[Option<usize>; XI], cin: usize, dst: *mut f32, stride: usize) -> usize {
+    let mut c0 = 0;
+    while c0 + Ymm::W <= cin {
+        input_lanes::<Ymm>(x, src, c0, dst, stride);
+        c0 += Ymm::W;
+    }
+    c0
+}
+
+/// Y = A^T M A + bias, ReLU, for channels c0.. of one tile: `m` points at
+/// M[0][t][0] (position stride `stride`), `out` at the tile's first output
+/// pixel (row stride `ldo` pixels of `cout`), `rows` x `cols` kept.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn output_lanes<L: Lanes>(
+    m: *const f32,
+    stride: usize,
+    c0: usize,
+    bias: *const f32,
+    relu: bool,
+    out: *mut f32,
+    (cout, ldo, rows, cols): (usize, usize, usize, usize),
+) {
+    // Rows: e[r][c] = sum_k A^T[r][k] m[k][c], r < 4.
+    let mut e = [L::zero(); M * T];
+    for c in 0..T {
+        let o = at::<L>(std::array::from_fn(|k| L::load(m.add((k * T + c) * stride + c0))));
+        for (r, v) in o.into_iter().enumerate() {
+            e[r * T + c] = v;
+        }
+    }
+    // Columns: Y[r][c] = sum_k A^T[c][k] e[r][k].
+    let b = L::load(bias.add(c0));
+    for r in 0..rows {
+        let y = at::<L>(std::array::from_fn(|k| e[r * T + k]));
+        for (c, v) in y.into_iter().enumerate().take(cols) {
+            let v = v.add(b);
+            let v = if relu { v.relu() } else { v };
+            v.store(out.add((r * ldo + c) * cout + c0));
+        }
+    }
+}
+
+/// Y = A^T M A for tile `t` of the chunk (global index `tile`), plus bias,
+/// ReLU, into the output pixels inside the image.
+///
+/// # Safety
+/// `out` points at the (N*H*W, Cout) output; tile `tile`'s pixels are this
+/// call's alone.
+#[allow(clippy::too_many_arguments)]
+unsafe fn output_tile(
+    isa: Isa,
+    mm: &[f32],
+    geom: (usize, usize, usize, usize, usize),
+    cout: usize,
+    t: usize,
+    chunk: usize,
+    tile: usize,
+    bias: &[f32],
+    relu: bool,
+    out: *mut f32,
+) {
+    let (_n, h, w, ty, tx) = geom;
+    let (img, oy, ox) = tile_origin(tile, ty, tx);
+    let dims = (cout, w, M.min(h - oy), M.min(w - ox));
+    let m = mm.as_ptr().add(t * cout);
+    let o = out.add(((img * h + oy) * w + ox) * cout);
+    let stride = chunk * cout;
+    let mut c0 = 0;
+    #[cfg(target_arch = "x86_64")]
+    if isa != Isa::Generic {
+        c0 = output_avx2(m, stride, bias.as_ptr(), relu, o, dims);
+    }
+    let _ = isa;
+    for c in c0..cout {
+        output_lanes::<f32>(m, stride, c, bias.as_ptr(), relu, o, dims);
+    }
+}
+
+/// The whole 8-channel groups of [`output_tile`]; returns the channels done.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn output_avx2(
+    m: *const f32,
+    stride: usize,
+    bias: *const f32,
+    relu: bool,
+    out: *mut f32,
+    dims: (usize, usize, usize, usize),
+) -> usize {
+    let mut c0 = 0;
+    while c0 + Ymm::W <= dims.0 {
+        output_lanes::<Ymm>(m, stride, c0, bias, relu, out, dims);
+        c0 += Ymm::W;
+    }
+    c0
+}

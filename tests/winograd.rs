@@ -1,0 +1,134 @@
+//! Winograd F(4x4, 3x3) on every ISA this CPU runs, against the nested-loop
+//! f64 reference: sides that are and are not multiples of 4 (partial tiles
+//! clipped at the edge), one-pixel images, many tiles over several chunks,
+//! Cin over one reduction chunk, Cout not a multiple of the panel width,
+//! with and without bias and ReLU; outputs pre-filled with NaN so an
+//! unwritten element fails. An ISA the CPU lacks is reported SKIPPED.
+
+mod common;
+use common::*;
+use ndarray::{Array1, Array2};
+use rand::Rng;
+use vgg16_cpu::tensor::conv::{conv3x3_forward_path, conv3x3_forward_prepared, ConvPath, PreparedKernel};
+use vgg16_cpu::tensor::dispatch::Isa;
+use vgg16_cpu::tensor::winograd::{chunk_tiles, CHUNK_BYTES};
+
+fn check(isa: Isa, seed: u64, (n, h, w, cin, cout): (usize, usize, usize, usize, usize), relu: bool) -> f64 {
+    let mut r = rng(seed);
+    let x = rand4(&mut r, (n, h, w, cin), -1.0, 1.0);
+    let k = rand4(&mut r, (3, 3, cin, cout), -0.5, 0.5);
+    let b = rand1(&mut r, cout, -0.5, 0.5);
+    let want = ref_conv(&to64_4(x.view()), &to64_4(k.view()), Some(&b.mapv(|v| v as f64)), relu);
+    let mut out = Array2::<f32>::from_elem((n * h * w, cout), f32::NAN);
+    conv3x3_forward_path(
+        ConvPath::Winograd(isa),
+        x.view(),
+        k.view(),
+        Some(b.view()),
+        relu,
+        out.view_mut(),
+    );
+    let e = rel_err(out.iter(), want.iter());
+    assert!(
+        e <= tol::WINOGRAD_FORWARD,
+        "winograd {} n={n} h={h} w={w} cin={cin} cout={cout} relu={relu}: error {e}",
+        isa.name()
+    );
+    e
+}
+
+#[test]
+fn winograd_matches_reference_on_edge_shapes() {
+    for isa in isas_or_skip("winograd_matches_reference_on_edge_shapes") {
+        let mut worst = 0.0f64;
+        for (i, &shape) in [
+            (1, 1, 1, 16, 1),     // one pixel: a tile that is almost all padding
+            (1, 5, 5, 16, 16),    // 2x2 tiles, the second ones clipped to one pixel
+            (2, 8, 8, 32, 33),    // whole tiles; a 1-column tail panel
+            (1, 14, 14, 64, 64),  // block5 at 224 px: 4x4 tiles, the last clipped to 2
+            (3, 7, 9, 130, 70),   // Cin over one reduction chunk (128 + 2)
+            (1, 6, 13, 20, 5),    // Cout below one vector
+            (2, 12, 4, 17, 48),   // one side exactly one tile wide
+            (1, 28, 28, 256, 40), // many tiles, a wide reduction
+        ]
+        .iter()
+        .enumerate()
+        {
+            worst = worst.max(check(isa, 700 + i as u64, shape, i % 2 == 0));
+        }
+        eprintln!("winograd {}: worst relative error {worst:.2e}", isa.name());
+    }
+}
+
+/// 25 random shapes: batch 1-3, sides 1-20, Cin 16-150, Cout 1-80.
+#[test]
+fn winograd_matches_reference_on_random_shapes() {
+    for isa in isas_or_skip("winograd_matches_reference_on_random_shapes") {
+        let mut r = rng(71);
+        for i in 0..25 {
+            let shape = (
+                r.gen_range(1..=3),
+                r.gen_range(1..=20),
+                r.gen_range(1..=20),
+                r.gen_range(16..=150),
+                r.gen_range(1..=80),
+            );
+            let relu = r.gen_bool(0.5);
+            check(isa, 800 + i, shape, relu);
+        }
+    }
+}
+
+/// More tiles than one chunk holds: the chunk loop, and bias-free calls.
+#[test]
+fn winograd_spans_several_chunks() {
+    for isa in isas_or_skip("winograd_spans_several_chunks") {
+        let (cin, cout) = (64, 64);
+        // Tiles of one chunk at this width, then a batch that needs ~2.5.
+        let per_chunk = CHUNK_BYTES / (36 * (cin + cout) * 4);
+        let n = (per_chunk * 5 / 2).div_ceil(16); // 16 tiles an image at 16x16
+        let chunk = chunk_tiles(n * 16, cin, cout, 6);
+        assert!(
+            n * 16 > 2 * chunk,
+            "{n} images make {} tiles, chunks of {chunk}",
+            n * 16
+        );
+        let mut r = rng(72);
+        let x = rand4(&mut r, (n, 16, 16, cin), -1.0, 1.0);
+        let k = rand4(&mut r, (3, 3, cin, cout), -0.5, 0.5);
+        let want = ref_conv(&to64_4(x.view()), &to64_4(k.view()), None, false);
+        let p = PreparedKernel::new(ConvPath::Winograd(isa), k.view()).unwrap();
+        assert_eq!(p.path(), ConvPath::Winograd(isa));
+        let got = conv3x3_forward_prepared(x.view(), &p, None, false);
+        let e = rel_err(got.iter(), want.iter());
+        assert!(e <= tol::WINOGRAD_FORWARD, "{} n={n}: error {e}", isa.name());
+        // The same kernel again gives the same bits (prepared once, reused).
+        let again = conv3x3_forward_prepared(x.view(), &p, Some(Array1::zeros(cout).view()), false);
+        assert!(got.iter().zip(again.iter()).all(|(a, b)| a.to_bits() == b.to_bits()));
+    }
+}
+
+/// Chunks cover all tiles in balanced, mr-aligned pieces.
+#[test]
+fn winograd_chunks_are_balanced() {
+    for &(tiles, cin, cout) in &[
+        (1, 16, 16),
+        (256, 512, 512),
+        (50176, 64, 64),
+        (12544, 256, 256),
+        (7, 3000, 20),
+    ] {
+        for mr in [6, 12] {
+            let c = chunk_tiles(tiles, cin, cout, mr);
+            let n = tiles.div_ceil(c);
+            assert_eq!(c % mr, 0);
+            // The last chunk is within mr of the others (per chunk, before alignment).
+            assert!(
+                tiles - (n - 1) * c + mr * n >= c.saturating_sub(mr * n),
+                "{tiles} {cin} {cout}: {c}"
+            );
+        }
+    }
+    // block5 at 224 px, batch 16: one chunk, U read once.
+    assert_eq!(chunk_tiles(256, 512, 512, 6), 258);
+}
