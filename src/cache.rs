@@ -304,11 +304,9 @@ fn build(dir: &Path, key: &CacheKey, model: &Vgg16, data: &Dataset, batch: usize
     let remaining = n - meta.done;
     let need = total_bytes.saturating_sub(std::fs::metadata(&b4_p).map(|m| m.len()).unwrap_or(0));
     let free = free_bytes(dir);
-    // ~200 GFLOP/s on two cores, scaled by the pool.
     let gflop = 30.7 * (key.image_size as f64 / 224.0).powi(2) * remaining as f64;
-    let eta = gflop / (100.0 * rayon::current_num_threads() as f64);
     eprintln!(
-        "cache: building {} ({} {} records at {}x{}{}): {:.2} GB on disk, {} free; about {} ({:.1} TFLOP)",
+        "cache: building {} ({} {} records at {}x{}{}): {:.2} GB on disk, {} free; {:.1} TFLOP, time estimated after the first batch",
         dir.display(),
         remaining,
         key.split,
@@ -321,7 +319,6 @@ fn build(dir: &Path, key: &CacheKey, model: &Vgg16, data: &Dataset, batch: usize
         },
         total_bytes as f64 / 1e9,
         free.map_or("unknown".into(), |f| format!("{:.2} GB", f as f64 / 1e9)),
-        human_secs(eta),
         gflop / 1000.0
     );
     if let Some(f) = free {
@@ -388,6 +385,19 @@ fn build(dir: &Path, key: &CacheKey, model: &Vgg16, data: &Dataset, batch: usize
             gap.write_all_at(&bytes, (gap_header.len() + s * 2048) as u64)?;
             lab.write_all_at(&data.labels[s..e], (lab_header.len() + s) as u64)?;
             progress.inc((e - s) as u64, "");
+            if s == resumed_at {
+                // The estimate comes from this CPU and these kernels, measured
+                // on the first batch (which also prepares the kernels, so it
+                // errs long).
+                let per = start.elapsed().as_secs_f64() / (e - s) as f64;
+                progress.println(&format!(
+                    "cache: first batch of {} at {:.1} img/s: about {} for the {} records",
+                    e - s,
+                    1.0 / per,
+                    human_secs(per * remaining as f64),
+                    remaining
+                ));
+            }
         }
         for f in [&b4, &gap, &lab] {
             f.sync_data().context("cannot sync the cache to disk")?;

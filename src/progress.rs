@@ -92,6 +92,14 @@ impl Progress {
         }
     }
 
+    /// A line above the bar (or a plain line without one).
+    pub fn println(&self, line: &str) {
+        match &self.bar {
+            Some(b) => b.println(line),
+            None => eprintln!("{line}"),
+        }
+    }
+
     pub fn finish(self) -> f64 {
         if let Some(b) = &self.bar {
             b.finish();

@@ -1,4 +1,12 @@
-//! 3x3, stride 1, "same" convolution over NHWC tensors: im2col tiles + SGEMM.
+//! 3x3, stride 1, "same" convolution over NHWC tensors: the entry points
+//! every caller uses, the im2col tiles + SGEMM path, tap classes for small
+//! images, and the backward pass.
+//!
+//! Which path runs a layer (Winograd, the direct kernel, im2col, tap
+//! classes) and on which ISA is decided in one place,
+//! [`crate::tensor::dispatch`]; [`conv3x3_forward_path`] runs a named path
+//! (tests and benchmarks compare them), [`PreparedKernel`] keeps a layer's
+//! packed or transformed kernel for many batches.
 //!
 //! Layouts:
 //! - input `x` (N, H, W, Cin), output (N, H, W, Cout);
@@ -7,7 +15,7 @@
 //! - an im2col row for output pixel (n, y, x) is 9 runs of Cin channels, the
 //!   input pixels (y+ky-1, x+kx-1) in (ky, kx) order, zeros off the edge.
 //!
-//! Forward: out (P, Cout) = col (P, 9*Cin) x W (9*Cin, Cout), then bias and
+//! im2col forward: out (P, Cout) = col (P, 9*Cin) x W (9*Cin, Cout), then bias and
 //! ReLU fused on the tile while it is still in cache. The P output pixels of
 //! a tile are consecutive in NHWC order, so the tile is a row block of the
 //! output matrix (N*H*W, Cout). Tiles are sized from the shape alone, each
@@ -142,6 +150,22 @@ impl PreparedKernel {
         }
     }
 
+    /// `out` (N*H*W, Cout) = conv3x3(x) + bias, ReLU when `relu`; every
+    /// element written once, none read.
+    fn run(
+        &self,
+        x: &[f32],
+        dims: (usize, usize, usize, usize),
+        bias: Option<&[f32]>,
+        relu: bool,
+        out: &mut [std::mem::MaybeUninit<f32>],
+    ) {
+        match self {
+            PreparedKernel::Direct(k) => conv3x3_direct(x, dims, k, bias, relu, out),
+            PreparedKernel::Winograd(k) => conv3x3_winograd(x, dims, k, bias, relu, out),
+        }
+    }
+
     fn channels(&self) -> (usize, usize) {
         match self {
             PreparedKernel::Direct(k) => (k.k / 9, k.cout),
@@ -168,10 +192,7 @@ pub fn conv3x3_forward_prepared(
     let bias = bias.map(|b| b.to_vec());
     let o = out.as_slice_mut().expect("fresh array is contiguous");
     let xs = x.as_slice().expect("standard layout");
-    match kernel {
-        PreparedKernel::Direct(k) => conv3x3_direct(xs, (n, h, wd, cin), k, bias.as_deref(), relu, o),
-        PreparedKernel::Winograd(k) => conv3x3_winograd(xs, (n, h, wd, cin), k, bias.as_deref(), relu, o),
-    }
+    kernel.run(xs, (n, h, wd, cin), bias.as_deref(), relu, o);
     // SAFETY: both kernels wrote every element (each covers every output
     // pixel and channel exactly once; tests pre-fill with NaN to check).
     unsafe { out.assume_init() }
@@ -236,33 +257,14 @@ pub fn conv3x3_forward_path(
     let bias = bias.map(|b| b.to_owned());
     let b = bias.as_ref().map(|b| b.as_slice().expect("owned"));
     match path {
-        ConvPath::Direct(isa) => {
-            let packed = PackedKernel::new(isa, w2);
+        ConvPath::Direct(_) | ConvPath::Winograd(_) => {
+            let k = PreparedKernel::new(path, w.view()).expect("direct and Winograd have a prepared form");
             if out.is_standard_layout() {
                 let o = out.as_slice_mut().expect("standard layout");
-                // SAFETY: the kernel only writes initialised f32 values through it.
+                // SAFETY: the kernels only write initialised f32 values through it.
                 let o = unsafe { &mut *(o as *mut [f32] as *mut [std::mem::MaybeUninit<f32>]) };
-                conv3x3_direct(xs, (n, h, wd, cin), &packed, b, relu, o);
+                k.run(xs, (n, h, wd, cin), b, relu, o);
             } else {
-                let k = PreparedKernel::Direct(packed);
-                let y = conv3x3_forward_prepared(x.view(), &k, bias.as_ref().map(|b| b.view()), relu);
-                out.assign(
-                    &y.view()
-                        .into_shape_with_order((m, cout))
-                        .expect("fresh array is contiguous"),
-                );
-            }
-            return;
-        }
-        ConvPath::Winograd(isa) => {
-            let k = WinogradKernel::from_keras(isa, w.view());
-            if out.is_standard_layout() {
-                let o = out.as_slice_mut().expect("standard layout");
-                // SAFETY: the kernel only writes initialised f32 values through it.
-                let o = unsafe { &mut *(o as *mut [f32] as *mut [std::mem::MaybeUninit<f32>]) };
-                conv3x3_winograd(xs, (n, h, wd, cin), &k, b, relu, o);
-            } else {
-                let k = PreparedKernel::Winograd(k);
                 let y = conv3x3_forward_prepared(x.view(), &k, bias.as_ref().map(|b| b.view()), relu);
                 out.assign(
                     &y.view()

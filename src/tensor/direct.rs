@@ -216,14 +216,16 @@ impl DirectPlan {
     }
 }
 
+/// A pointer that parallel jobs share to write disjoint parts of one
+/// buffer (output blocks here, tiles in `winograd.rs`).
 #[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: jobs write disjoint (pixel, channel) blocks of the output.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
+pub(crate) struct SendPtr(pub(crate) *mut f32);
+// SAFETY: every user writes through it only to parts no other job touches.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
 
-impl OutPtr {
-    fn get(self) -> *mut f32 {
+impl SendPtr {
+    pub(crate) fn get(self) -> *mut f32 {
         self.0
     }
 }
@@ -279,7 +281,7 @@ pub fn conv3x3_direct(
     let plan = DirectPlan::new(isa, m, w, cin, cout);
     let pixel_jobs = m.div_ceil(plan.pixels);
     let panel_jobs = kernel.panels().div_ceil(plan.panels);
-    let out_ptr = OutPtr(out.as_mut_ptr().cast::<f32>());
+    let out_ptr = SendPtr(out.as_mut_ptr().cast::<f32>());
     // Few input channels (the RGB layer): a job first gathers its pixels'
     // 9*cin taps into rows (im2col, 27 floats a pixel at cin = 3), and the
     // kernel runs each row as a single tap of 9*cin channels; 9*cin fits one
@@ -586,12 +588,12 @@ unsafe fn kernel_avx512(c: &Call, tail: &Tail) {
     for r in 0..rows.min(MR) {
         let mut v0 = _mm512_add_ps(s0[r], bias0);
         let mut v1 = _mm512_add_ps(s1[r], bias1);
+        let o = out.add(r * tail.ldo);
         if tail.relu {
             // max(v, 0) returns 0 for NaN, as f32::max does.
             v0 = _mm512_max_ps(v0, zero);
             v1 = _mm512_max_ps(v1, zero);
         }
-        let o = out.add(r * tail.ldo);
         _mm512_mask_storeu_ps(o, m0, v0);
         _mm512_mask_storeu_ps(o.add(16), m1, v1);
     }
@@ -648,12 +650,12 @@ unsafe fn kernel_avx2(c: &Call, tail: &Tail) {
     for r in 0..rows.min(MR) {
         let mut v0 = _mm256_add_ps(s0[r], bias0);
         let mut v1 = _mm256_add_ps(s1[r], bias1);
+        let o = out.add(r * tail.ldo);
         if tail.relu {
             // max(v, 0) with 0 second returns 0 for NaN, as f32::max does.
             v0 = _mm256_max_ps(v0, zero);
             v1 = _mm256_max_ps(v1, zero);
         }
-        let o = out.add(r * tail.ldo);
         if cols >= NR {
             _mm256_storeu_ps(o, v0);
             _mm256_storeu_ps(o.add(8), v1);

@@ -40,7 +40,7 @@
 //! then the fixed output transform) computed by one job, so results do not
 //! depend on the thread count.
 
-use super::direct::{gemm_packed, GemmScratch, Geometry, PackedKernel};
+use super::direct::{gemm_packed, GemmScratch, Geometry, PackedKernel, SendPtr};
 use super::dispatch::Isa;
 use ndarray::{Array2, ArrayView4};
 use rayon::prelude::*;
@@ -122,18 +122,6 @@ pub fn chunk_tiles(tiles: usize, cin: usize, cout: usize, mr: usize) -> usize {
     let max_tiles = (CHUNK_BYTES.max(u_bytes) / per_tile).max(mr);
     let chunks = tiles.div_ceil(max_tiles).max(1);
     tiles.div_ceil(chunks).div_ceil(mr) * mr
-}
-
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: jobs write disjoint parts of the buffer behind it.
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-
-impl SendPtr {
-    fn get(self) -> *mut f32 {
-        self.0
-    }
 }
 
 /// `out` (N*H*W, Cout) = conv3x3(x, kernel) + bias, then ReLU when `relu`.
