@@ -11,7 +11,7 @@ use ndarray::{Array1, Array2};
 use rand::Rng;
 use vgg16_cpu::tensor::conv::{conv3x3_forward_path, conv3x3_forward_prepared, ConvPath, PreparedKernel};
 use vgg16_cpu::tensor::dispatch::Isa;
-use vgg16_cpu::tensor::winograd::{chunk_tiles, CHUNK_BYTES};
+use vgg16_cpu::tensor::winograd::{chunk_tiles, conv3x3_winograd_dw, CHUNK_BYTES};
 
 fn check(isa: Isa, seed: u64, (n, h, w, cin, cout): (usize, usize, usize, usize, usize), relu: bool) -> f64 {
     let mut r = rng(seed);
@@ -131,4 +131,58 @@ fn winograd_chunks_are_balanced() {
     }
     // block5 at 224 px, batch 16: one chunk, U read once.
     assert_eq!(chunk_tiles(256, 512, 512, 6), 258);
+}
+
+/// dW by F(4,3) against the f64 sum over pixels of x (shifted by the tap)
+/// times dz, on edge shapes: partial tiles, several chunks, channel tails.
+#[test]
+fn winograd_weight_gradient_matches_reference() {
+    for isa in isas_or_skip("winograd_weight_gradient_matches_reference") {
+        for (i, &(n, h, w, cin, cout)) in [
+            (1, 5, 5, 16, 8),
+            (2, 14, 14, 24, 17),
+            (3, 7, 9, 9, 33),
+            (1, 1, 3, 16, 16),
+            (2, 16, 12, 64, 40),
+            // 430 images of 16 tiles: more than two chunks at 16 -> 16.
+            (430, 16, 16, 16, 16),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let mut r = rng(900 + i as u64);
+            let x = rand4(&mut r, (n, h, w, cin), -1.0, 1.0);
+            let dz = rand4(&mut r, (n, h, w, cout), -1.0, 1.0);
+            let got = conv3x3_winograd_dw(isa, x.as_slice().unwrap(), (n, h, w, cin), dz.as_slice().unwrap(), cout);
+            let mut want = vec![0.0f64; 9 * cin * cout];
+            for img in 0..n {
+                for y in 0..h {
+                    for xx in 0..w {
+                        for t in 0..9 {
+                            let (iy, ix) = (y as isize + t as isize / 3 - 1, xx as isize + t as isize % 3 - 1);
+                            if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
+                                continue;
+                            }
+                            for ci in 0..cin {
+                                let xv = x[[img, iy as usize, ix as usize, ci]] as f64;
+                                for co in 0..cout {
+                                    want[(t * cin + ci) * cout + co] += xv * dz[[img, y, xx, co]] as f64;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            if n == 430 {
+                assert!(n * 16 > 2 * chunk_tiles(n * 16, cin, cout, 1), "one chunk only");
+            }
+            let e = rel_err(got.iter(), want.iter());
+            assert!(
+                e <= tol::WINOGRAD_FORWARD,
+                "winograd dW {} {:?}: error {e}",
+                isa.name(),
+                (n, h, w, cin, cout)
+            );
+        }
+    }
 }

@@ -37,7 +37,7 @@ use crate::tensor::dispatch::Dispatch;
 pub use crate::tensor::dispatch::{ConvAlgo, ConvPath, SMALL_SIDE};
 use crate::tensor::gemm::{sgemm, sgemm_serial, split_tiles, Backend};
 pub use crate::tensor::im2col::im2col;
-use crate::tensor::winograd::{conv3x3_winograd, WinogradKernel};
+use crate::tensor::winograd::{conv3x3_winograd, conv3x3_winograd_dw, WinogradKernel};
 use ndarray::{s, Array1, Array2, Array4, ArrayView1, ArrayView2, ArrayView4, ArrayViewMut2, Axis};
 use rayon::prelude::*;
 
@@ -607,7 +607,12 @@ pub fn conv3x3_backward(x: ArrayView4<f32>, w: ArrayView4<f32>, dz: ArrayView4<f
     // dW (9*Cin, Cout) = sum over pixel chunks of col^T (9*Cin, Pc) x dZ (Pc, Cout).
     let mut dw2 = Array2::<f32>::zeros((k, cout));
     let small = tap_classes(h, wd);
-    if let (Some(classes), true) = (&small, m > 0 && k > 0) {
+    let dzs = dz_std.as_slice().expect("standard layout");
+    if let ConvPath::Winograd(isa) = Dispatch::global().path(ConvAlgo::Auto, h, wd, cin) {
+        // The same algebra backwards: 36 GEMMs on transformed tiles.
+        let v = conv3x3_winograd_dw(isa, xs, (n, h, wd, cin), dzs, cout);
+        dw2 = Array2::from_shape_vec((k, cout), v).expect("(9*Cin, Cout)");
+    } else if let (Some(classes), true) = (&small, m > 0 && k > 0) {
         dw_small(xs, (n, h, wd, cin), dz2, classes, &mut dw2);
     } else if m > 0 && k > 0 {
         let chunk_rows = (DW_CHUNK_BYTES / (k * std::mem::size_of::<f32>())).max(1).min(m);
@@ -636,7 +641,6 @@ pub fn conv3x3_backward(x: ArrayView4<f32>, w: ArrayView4<f32>, dz: ArrayView4<f
                 .view_mut()
                 .into_shape_with_order((m, cin))
                 .expect("fresh array is contiguous");
-            let dzs = dz_std.as_slice().expect("standard layout");
             conv_small_into(dzs, (n, h, wd, cout), Kernel::Transposed(w2), None, false, classes, out);
             dx
         }

@@ -36,6 +36,11 @@
 //! BENCHMARKS.md and bounded by `tol::WINOGRAD_FORWARD` in the tests (the
 //! VGG-16 parity test holds them to the fixtures' 1e-4 bound).
 //!
+//! The weight gradient of a layer uses the same algebra backwards
+//! ([`conv3x3_winograd_dw`]): with dM = A dY A^T for each 4x4 tile of the
+//! output gradient, dU[xi] (Cin, Cout) = sum over tiles V[xi]^T dM[xi] (36
+//! GEMMs, 4x fewer multiplies than im2col's dW), then dW = G^T dU G.
+//!
 //! Every output is one fixed-order sum (chunks of Cin in order inside a GEMM,
 //! then the fixed output transform) computed by one job, so results do not
 //! depend on the thread count.
@@ -530,4 +535,171 @@ unsafe fn output_avx2(
         c0 += Ymm::W;
     }
     c0
+}
+
+/// A (6x4) applied to four vectors y0..y3 (the transpose of A^T above):
+/// rows (1 0 0 0), (1 1 1 1), (1 -1 1 -1), (1 2 4 8), (1 -2 4 -8), (0 0 0 1).
+#[inline(always)]
+fn a6<L: Lanes>(y: [L; M]) -> [L; T] {
+    let [y0, y1, y2, y3] = y;
+    let (s02, s13) = (y0.add(y2), y1.add(y3));
+    let (q02, q13) = (y0.add(y2.scale(4.0)), y1.scale(2.0).add(y3.scale(8.0)));
+    [y0, s02.add(s13), s02.sub(s13), q02.add(q13), q02.sub(q13), y3]
+}
+
+/// dM[xi][t][c0..c0+W] = (A dY A^T)[xi] for channels c0.. of one tile of
+/// the output gradient; `src` holds the 16 pixel offsets (None off the
+/// image: zero gradient there).
+#[inline(always)]
+unsafe fn grad_lanes<L: Lanes>(dz: *const f32, src: &[Option<usize>; M * M], c0: usize, dst: *mut f32, stride: usize) {
+    // Rows: e[r][j] = sum_c dY[r][c] A[j][c], r < 4.
+    let mut e = [L::zero(); M * T];
+    for r in 0..M {
+        let y: [L; M] = std::array::from_fn(|c| match src[r * M + c] {
+            Some(s) => L::load(dz.add(s + c0)),
+            None => L::zero(),
+        });
+        e[r * T..r * T + T].copy_from_slice(&a6(y));
+    }
+    // Columns: dM[i][j] = sum_r A[i][r] e[r][j].
+    for j in 0..T {
+        let o = a6::<L>(std::array::from_fn(|r| e[r * T + j]));
+        for (i, v) in o.into_iter().enumerate() {
+            v.store(dst.add((i * T + j) * stride + c0));
+        }
+    }
+}
+
+/// dM[.][t][..] for tile `tile` (global index) of the output gradient `dz`
+/// (N*H*W, Cout), all channels.
+///
+/// # Safety
+/// `dm` points at a (XI, chunk, cout) buffer; row t of every xi is this
+/// call's alone.
+#[allow(clippy::too_many_arguments)]
+unsafe fn grad_tile(
+    isa: Isa,
+    dz: &[f32],
+    (_n, h, w, ty, tx): (usize, usize, usize, usize, usize),
+    cout: usize,
+    tile: usize,
+    dm: *mut f32,
+    t: usize,
+    chunk: usize,
+) {
+    let (img, oy, ox) = tile_origin(tile, ty, tx);
+    let mut src: [Option<usize>; M * M] = [None; M * M];
+    for r in 0..M {
+        for c in 0..M {
+            if oy + r < h && ox + c < w {
+                src[r * M + c] = Some(((img * h + oy + r) * w + ox + c) * cout);
+            }
+        }
+    }
+    let dst = dm.add(t * cout);
+    let stride = chunk * cout;
+    let mut c0 = 0;
+    #[cfg(target_arch = "x86_64")]
+    if isa != Isa::Generic {
+        c0 = grad_avx2(dz.as_ptr(), &src, cout, dst, stride);
+    }
+    let _ = isa;
+    for c in c0..cout {
+        grad_lanes::<f32>(dz.as_ptr(), &src, c, dst, stride);
+    }
+}
+
+/// The whole 8-channel groups of [`grad_tile`]; returns the channels done.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn grad_avx2(dz: *const f32, src: &[Option<usize>; M * M], cout: usize, dst: *mut f32, stride: usize) -> usize {
+    let mut c0 = 0;
+    while c0 + Ymm::W <= cout {
+        grad_lanes::<Ymm>(dz, src, c0, dst, stride);
+        c0 += Ymm::W;
+    }
+    c0
+}
+
+/// The weight gradient of a 3x3 "same" conv by F(4x4, 3x3): `x` (N, H, W,
+/// Cin) and `dz` (N, H, W, Cout) (the gradient at the pre-activation output)
+/// as flat NHWC slices; returns dW as (9*Cin, Cout), Keras order
+/// ((ky*3 + kx)*Cin + ci, co). The transforms run on `isa`, the 36 GEMMs
+/// on the `gemm` crate (one per job, jobs over xi).
+///
+/// ```text
+/// dU[xi] (Cin, Cout) += V[xi]^T (Cin, tiles) x dM[xi] (tiles, Cout)   per chunk, in order
+/// dW[a][b] = sum_{i,j} G[i][a] dU[(i,j)] G[j][b]
+/// ```
+pub fn conv3x3_winograd_dw(
+    isa: Isa,
+    x: &[f32],
+    (n, h, w, cin): (usize, usize, usize, usize),
+    dz: &[f32],
+    cout: usize,
+) -> Vec<f32> {
+    use super::gemm::{sgemm_serial, Backend};
+    use ndarray::ArrayView2;
+    assert!(
+        isa.supported(),
+        "conv3x3_winograd_dw: this CPU cannot run the {} transforms",
+        isa.name()
+    );
+    assert_eq!(x.len(), n * h * w * cin, "conv3x3_winograd_dw: x is not (n, h, w, cin)");
+    assert_eq!(
+        dz.len(),
+        n * h * w * cout,
+        "conv3x3_winograd_dw: dz is not (n, h, w, cout)"
+    );
+    let mut du = vec![0.0f32; XI * cin * cout];
+    let mut dw = vec![0.0f32; 9 * cin * cout];
+    if n * h * w == 0 || cin == 0 || cout == 0 {
+        return dw;
+    }
+    let (ty, tx) = (h.div_ceil(M), w.div_ceil(M));
+    let tiles = n * ty * tx;
+    let chunk = chunk_tiles(tiles, cin, cout, 1);
+    let geom = (n, h, w, ty, tx);
+    let mut v = vec![0.0f32; XI * chunk * cin];
+    let mut dm = vec![0.0f32; XI * chunk * cout];
+    for (ci, t0) in (0..tiles).step_by(chunk).enumerate() {
+        let nt = chunk.min(tiles - t0);
+        {
+            let (vp, mp) = (SendPtr(v.as_mut_ptr()), SendPtr(dm.as_mut_ptr()));
+            (0..nt.div_ceil(16)).into_par_iter().for_each(|b| {
+                for t in b * 16..((b + 1) * 16).min(nt) {
+                    // SAFETY: tile t writes row t of V and of dM only.
+                    unsafe {
+                        input_tile(isa, x, geom, cin, t0 + t, vp.get(), t, chunk);
+                        grad_tile(isa, dz, geom, cout, t0 + t, mp.get(), t, chunk);
+                    }
+                }
+            });
+        }
+        let (v, dm) = (&v, &dm);
+        du.par_chunks_mut(cin * cout).enumerate().for_each(|(xi, d)| {
+            let a = ArrayView2::from_shape((nt, cin), &v[xi * chunk * cin..(xi * chunk + nt) * cin]).expect("sized");
+            let b =
+                ArrayView2::from_shape((nt, cout), &dm[xi * chunk * cout..(xi * chunk + nt) * cout]).expect("sized");
+            let c = ndarray::ArrayViewMut2::from_shape((cin, cout), d).expect("sized");
+            // (Cin, Cout) (+)= (Cin, nt) x (nt, Cout)
+            sgemm_serial(Backend::DEFAULT, a.t(), b, c, ci > 0);
+        });
+    }
+    // dW[a][b] = sum_{i,j} G[i][a] G[j][b] dU[(i,j)], a row of Cout at a
+    // time, summed in f64.
+    dw.par_chunks_mut(cout).enumerate().for_each(|(row, out)| {
+        let (tap, ci) = (row / cin, row % cin);
+        let (a, b) = (tap / 3, tap % 3);
+        let mut acc = vec![0.0f64; cout];
+        for xi in 0..XI {
+            let c = G[xi / T][a] * G[xi % T][b];
+            if c != 0.0 {
+                let src = &du[(xi * cin + ci) * cout..(xi * cin + ci + 1) * cout];
+                acc.iter_mut().zip(src).for_each(|(s, &u)| *s += c * u as f64);
+            }
+        }
+        out.iter_mut().zip(&acc).for_each(|(o, &s)| *o = s as f32);
+    });
+    dw
 }
