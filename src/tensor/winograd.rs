@@ -425,13 +425,19 @@ unsafe fn input_tile(
     }
     let dst = v.add(t * cin);
     let stride = chunk * cin;
-    let mut c0 = 0;
+    // Whole vectors on x86 with AVX2, then single channels.
     #[cfg(target_arch = "x86_64")]
-    if isa != Isa::Generic {
-        c0 = input_avx2(x.as_ptr(), &src, cin, dst, stride);
-    }
-    let _ = isa;
-    for c in c0..cin {
+    let c0 = if isa != Isa::Generic {
+        input_avx2(x.as_ptr(), &src, cin, dst, stride)
+    } else {
+        0
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let c0 = {
+        let _ = isa;
+        0
+    };
+    for c in (c0..cin).step_by(f32::W) {
         input_lanes::<f32>(x.as_ptr(), &src, c, dst, stride);
     }
 }
@@ -507,13 +513,19 @@ unsafe fn output_tile(
     let m = mm.as_ptr().add(t * cout);
     let o = out.add(((img * h + oy) * w + ox) * cout);
     let stride = chunk * cout;
-    let mut c0 = 0;
+    // Whole vectors on x86 with AVX2, then single channels.
     #[cfg(target_arch = "x86_64")]
-    if isa != Isa::Generic {
-        c0 = output_avx2(m, stride, bias.as_ptr(), relu, o, dims);
-    }
-    let _ = isa;
-    for c in c0..cout {
+    let c0 = if isa != Isa::Generic {
+        output_avx2(m, stride, bias.as_ptr(), relu, o, dims)
+    } else {
+        0
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let c0 = {
+        let _ = isa;
+        0
+    };
+    for c in (c0..cout).step_by(f32::W) {
         output_lanes::<f32>(m, stride, c, bias.as_ptr(), relu, o, dims);
     }
 }
@@ -598,13 +610,19 @@ unsafe fn grad_tile(
     }
     let dst = dm.add(t * cout);
     let stride = chunk * cout;
-    let mut c0 = 0;
+    // Whole vectors on x86 with AVX2, then single channels.
     #[cfg(target_arch = "x86_64")]
-    if isa != Isa::Generic {
-        c0 = grad_avx2(dz.as_ptr(), &src, cout, dst, stride);
-    }
-    let _ = isa;
-    for c in c0..cout {
+    let c0 = if isa != Isa::Generic {
+        grad_avx2(dz.as_ptr(), &src, cout, dst, stride)
+    } else {
+        0
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let c0 = {
+        let _ = isa;
+        0
+    };
+    for c in (c0..cout).step_by(f32::W) {
         grad_lanes::<f32>(dz.as_ptr(), &src, c, dst, stride);
     }
 }
