@@ -196,10 +196,12 @@ impl Dispatch {
     /// asked for.
     ///
     /// Auto: tap classes up to [`SMALL_SIDE`]; above it Winograd F(4,3)
-    /// where there are enough input channels, else the direct kernel, on
-    /// AVX-512 or AVX2 (each measured faster than the next at VGG-16's
-    /// layers, BENCHMARKS.md); im2col + GEMM on the portable ISA (the `gemm`
-    /// crate has tuned kernels for more targets than ours).
+    /// where there are enough input channels, on AVX-512 or AVX2 (measured
+    /// faster than the direct kernel at every VGG-16 layer from
+    /// block1_conv2 on, BENCHMARKS.md); the RGB layer on the direct kernel
+    /// with AVX-512, on im2col + GEMM with AVX2 (measured faster there);
+    /// im2col + GEMM for everything on the portable ISA (the `gemm` crate
+    /// has tuned kernels for more targets than ours).
     pub fn path(&self, algo: ConvAlgo, h: usize, w: usize, cin: usize) -> ConvPath {
         if h <= SMALL_SIDE && w <= SMALL_SIDE {
             return ConvPath::TapClasses;
@@ -213,8 +215,10 @@ impl Dispatch {
             ConvAlgo::Winograd => ConvPath::Direct(self.isa),
             ConvAlgo::Auto => match self.isa {
                 Isa::Avx512 | Isa::Avx2 if winograd_ok => ConvPath::Winograd(self.isa),
-                Isa::Avx512 | Isa::Avx2 => ConvPath::Direct(self.isa),
-                Isa::Generic => ConvPath::Im2col,
+                Isa::Avx512 => ConvPath::Direct(self.isa),
+                // The RGB layer: the 6x16 kernel on 27-long gathered rows
+                // measured 0.7x of im2col + GEMM (BENCHMARKS.md section 7).
+                Isa::Avx2 | Isa::Generic => ConvPath::Im2col,
             },
         }
     }
@@ -341,7 +345,8 @@ mod tests {
             let (auto, rgb) = (d.path(ConvAlgo::Auto, 14, 14, 512), d.path(ConvAlgo::Auto, 224, 224, 3));
             match isa {
                 Isa::Generic => assert_eq!((auto, rgb), (ConvPath::Im2col, ConvPath::Im2col)),
-                _ => assert_eq!((auto, rgb), (ConvPath::Winograd(isa), ConvPath::Direct(isa))),
+                Isa::Avx2 => assert_eq!((auto, rgb), (ConvPath::Winograd(isa), ConvPath::Im2col)),
+                Isa::Avx512 => assert_eq!((auto, rgb), (ConvPath::Winograd(isa), ConvPath::Direct(isa))),
             }
             // A forced algorithm is what Auto resolves to.
             let f = Dispatch {

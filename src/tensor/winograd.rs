@@ -47,7 +47,7 @@
 
 use super::direct::{gemm_packed, GemmScratch, Geometry, PackedKernel, SendPtr};
 use super::dispatch::Isa;
-use ndarray::{Array2, ArrayView4};
+use ndarray::ArrayView4;
 use rayon::prelude::*;
 
 /// Output tile side.
@@ -84,33 +84,53 @@ pub struct WinogradKernel {
 
 impl WinogradKernel {
     /// Transforms a Keras kernel (3, 3, Cin, Cout): U = G g G^T per channel
-    /// pair, in f64.
+    /// pair, as (G g) then (G g) G^T, a row of Cout at a time (contiguous in
+    /// the Keras layout), in parallel over input channels; then packs the 36
+    /// matrices. Stage 2 re-transforms block5 after every SGD step, so this
+    /// is kept cheap (~10 ms for 512 x 512 on 2 cores).
     pub fn from_keras(isa: Isa, w: ArrayView4<f32>) -> WinogradKernel {
         let (kh, kw, cin, cout) = w.dim();
         assert_eq!((kh, kw), (3, 3), "winograd: kernel must be 3x3, is {kh}x{kw}");
         let w = w.as_standard_layout();
         let ws = w.as_slice().expect("standard layout");
-        let u: Vec<PackedKernel> = (0..XI)
-            .into_par_iter()
-            .map(|xi| {
-                let (i, j) = (xi / T, xi % T);
-                // U[i][j] = sum_{a,b} G[i][a] g[a][b] G[j][b], summed in f64
-                // a row of Cout at a time (contiguous in the Keras layout).
-                let mut ux = Array2::<f32>::zeros((cin, cout));
-                let mut acc = vec![0.0f64; cout];
-                for ci in 0..cin {
-                    acc.fill(0.0);
-                    for t in 0..9 {
-                        let c = G[i][t / 3] * G[j][t % 3];
-                        if c != 0.0 {
-                            let row = &ws[(t * cin + ci) * cout..(t * cin + ci + 1) * cout];
-                            acc.iter_mut().zip(row).for_each(|(a, &g)| *a += c * g as f64);
+        // (Cin, XI, Cout): row ci holds U[xi][ci][..] for every xi.
+        let mut ux = vec![0.0f32; cin * XI * cout];
+        ux.par_chunks_mut((XI * cout).max(1))
+            .enumerate()
+            .for_each_init(Vec::new, |w1, (ci, u)| {
+                let g = |t: usize| &ws[(t * cin + ci) * cout..(t * cin + ci + 1) * cout];
+                // w1[i][b] = sum_a G[i][a] g[a][b]
+                w1.clear();
+                w1.resize(T * 3 * cout, 0.0f32);
+                for (i, gi) in G.iter().enumerate() {
+                    for b in 0..3 {
+                        let dst = &mut w1[(i * 3 + b) * cout..(i * 3 + b + 1) * cout];
+                        for (a, &c) in gi.iter().enumerate() {
+                            let c = c as f32;
+                            if c != 0.0 {
+                                dst.iter_mut().zip(g(a * 3 + b)).for_each(|(d, &v)| *d += c * v);
+                            }
                         }
                     }
-                    ux.row_mut(ci).iter_mut().zip(&acc).for_each(|(u, &a)| *u = a as f32);
                 }
-                PackedKernel::gemm(isa, ux.view())
-            })
+                // U[i][j] = sum_b w1[i][b] G[j][b]
+                for i in 0..T {
+                    for (j, gj) in G.iter().enumerate() {
+                        let dst = &mut u[(i * T + j) * cout..(i * T + j + 1) * cout];
+                        for (b, &c) in gj.iter().enumerate() {
+                            let c = c as f32;
+                            if c != 0.0 {
+                                let src = &w1[(i * 3 + b) * cout..(i * 3 + b + 1) * cout];
+                                dst.iter_mut().zip(src).for_each(|(d, &v)| *d += c * v);
+                            }
+                        }
+                    }
+                }
+            });
+        let ux = ndarray::ArrayView3::from_shape((cin, XI, cout), &ux).expect("sized");
+        let u = (0..XI)
+            .into_par_iter()
+            .map(|xi| PackedKernel::gemm(isa, ux.index_axis(ndarray::Axis(1), xi)))
             .collect();
         WinogradKernel { isa, cin, cout, u }
     }
