@@ -476,6 +476,132 @@ pub(crate) unsafe fn gemm_packed(
     }
 }
 
+/// As [`gemm_packed`] on AVX2, with A already in micro-panels: rows in
+/// blocks of 6 (block `row / 6` at `(row / 6) * 6 * k`), each block's K in
+/// groups of 8, a group 6 rows x 8 lanes contiguous (element (row, c) at
+/// `(c / 8) * 48 + (row % 6) * 8 + c % 8` within its block). The 6
+/// broadcasts of a step then read one 192-byte run instead of 6 rows far
+/// apart. `a` starts at the first block; `k` (the
+/// packed matrix's rows) is a multiple of 8; `m` rows (blocks beyond are
+/// not read).
+///
+/// # Safety
+/// As [`gemm_packed`]; `a` holds `m.div_ceil(6) * 6 * k` floats.
+#[cfg(target_arch = "x86_64")]
+pub(crate) unsafe fn gemm_packed_a(
+    a: &[f32],
+    m: usize,
+    b: &PackedKernel,
+    panels: std::ops::Range<usize>,
+    out: *mut f32,
+    ldo: usize,
+    scratch: &mut GemmScratch,
+) {
+    assert_eq!(b.isa, Isa::Avx2, "gemm_packed_a: the micro-panel kernel is AVX2's");
+    assert!(Isa::Avx2.supported(), "gemm_packed_a: this CPU has no AVX2");
+    assert_eq!(b.taps, 1, "gemm_packed_a: the matrix was packed as a conv kernel");
+    const MR: usize = 6;
+    const NR: usize = 16;
+    let k = b.k;
+    assert!(k.is_multiple_of(8), "gemm_packed_a: K = {k} is not a multiple of 8");
+    let blocks = m.div_ceil(MR);
+    assert!(
+        a.len() >= blocks * MR * k,
+        "gemm_packed_a: A is not {blocks} blocks of {k}"
+    );
+    assert!(panels.end <= b.panels(), "gemm_packed_a: panel range past the matrix");
+    if m == 0 || k == 0 {
+        return;
+    }
+    if scratch.acc.len() < blocks * MR * NR + 16 {
+        scratch.acc.resize(blocks * MR * NR + 16, 0.0);
+    }
+    if scratch.zero_bias.len() < NR {
+        scratch.zero_bias.resize(NR, 0.0);
+    }
+    let a0 = scratch.acc.as_ptr().align_offset(64);
+    assert!(a0 < 16, "cannot align the partial sums");
+    let accs = &mut scratch.acc[a0..a0 + blocks * MR * NR];
+    let kc_max = Geometry::of(Isa::Avx2).kc;
+    for j in panels {
+        let panel = b.panel(j);
+        let tail = Tail {
+            bias: scratch.zero_bias.as_ptr(),
+            relu: false,
+            ldo,
+            cols: NR.min(b.cout - j * NR),
+        };
+        let mut c0 = 0;
+        while c0 < k {
+            let kc = kc_max.min(k - c0);
+            let (first, last) = (c0 == 0, c0 + kc >= k);
+            for blk in 0..blocks {
+                let g0 = blk * MR;
+                kernel_avx2_pa(
+                    a[blk * MR * k + c0 * MR..].as_ptr(),
+                    kc,
+                    panel[c0 * NR..].as_ptr(),
+                    accs[blk * MR * NR..].as_mut_ptr(),
+                    first,
+                    last.then(|| (out.add(g0 * ldo + j * NR), MR.min(m - g0))),
+                    &tail,
+                );
+            }
+            c0 += kc;
+        }
+    }
+}
+
+/// The AVX2 6 x 16 micro-kernel reading A from a micro-panel (see
+/// [`gemm_packed_a`]); `kc` a multiple of 8. Same sums, same order, as
+/// `kernel_avx2` with one tap.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn kernel_avx2_pa(
+    a: *const f32,
+    kc: usize,
+    b: *const f32,
+    acc: *mut f32,
+    first: bool,
+    out: Option<(*mut f32, usize)>,
+    tail: &Tail,
+) {
+    use std::arch::x86_64::*;
+    const MR: usize = 6;
+    const NR: usize = 16;
+    let mut s0 = [_mm256_setzero_ps(); MR];
+    let mut s1 = [_mm256_setzero_ps(); MR];
+    if !first {
+        for r in 0..MR {
+            s0[r] = _mm256_load_ps(acc.add(r * NR));
+            s1[r] = _mm256_load_ps(acc.add(r * NR + 8));
+        }
+    }
+    let mut bp = b;
+    let mut ap = a;
+    for _ in 0..kc / 8 {
+        for l in 0..8 {
+            let b0 = _mm256_load_ps(bp);
+            let b1 = _mm256_load_ps(bp.add(8));
+            for r in 0..MR {
+                let av = _mm256_broadcast_ss(&*ap.add(r * 8 + l));
+                s0[r] = _mm256_fmadd_ps(av, b0, s0[r]);
+                s1[r] = _mm256_fmadd_ps(av, b1, s1[r]);
+            }
+            bp = bp.add(NR);
+        }
+        ap = ap.add(MR * 8);
+    }
+    let Some((out, rows)) = out else {
+        for r in 0..MR {
+            _mm256_store_ps(acc.add(r * NR), s0[r]);
+            _mm256_store_ps(acc.add(r * NR + 8), s1[r]);
+        }
+        return;
+    };
+    store_avx2(&s0, &s1, out, rows, tail);
+}
+
 /// Scratch of [`gemm_packed`], kept by each worker across calls.
 #[derive(Default)]
 pub(crate) struct GemmScratch {
@@ -639,6 +765,22 @@ unsafe fn kernel_avx2(c: &Call, tail: &Tail) {
         }
         return;
     };
+    store_avx2(&s0, &s1, out, rows, tail);
+}
+
+/// The AVX2 kernels' last step: bias, ReLU, masked store of `rows` rows.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn store_avx2(
+    s0: &[std::arch::x86_64::__m256; 6],
+    s1: &[std::arch::x86_64::__m256; 6],
+    out: *mut f32,
+    rows: usize,
+    tail: &Tail,
+) {
+    use std::arch::x86_64::*;
+    const MR: usize = 6;
+    const NR: usize = 16;
     let bias0 = _mm256_loadu_ps(tail.bias);
     let bias1 = _mm256_loadu_ps(tail.bias.add(8));
     let zero = _mm256_setzero_ps();
