@@ -87,11 +87,6 @@ const MIN_JOB_PIXELS: usize = 48;
 /// Jobs a layer is cut into at least, when its shape allows.
 const TARGET_JOBS: usize = 8;
 
-/// True when this CPU runs the direct kernel for `isa`.
-pub fn available(isa: Isa) -> bool {
-    isa.supported()
-}
-
 /// The kernel (9*Cin, Cout) as panels of `nr` channels for one ISA: panel j
 /// holds the 9*Cin rows of columns j*nr .. j*nr+nr, zero-padded past Cout,
 /// rows ordered by channel chunk (`kc` channels), tap, then channel.
