@@ -252,3 +252,74 @@ fn train_run_directory_cache_commands_and_resume() {
     let ls = vgg16(&["cache", "ls", "--cache-dir", cache.to_str().unwrap()]);
     assert!(String::from_utf8_lossy(&ls.stdout).contains("no caches"));
 }
+
+/// `VGG16_ISA` / `VGG16_CONV` force a path: the run says which it used, an
+/// unknown or unsupported value is refused with the reason, and every
+/// forced path gives the same features as the default within rounding.
+#[test]
+fn forced_conv_paths_are_announced_refused_or_equal() {
+    use vgg16_cpu::tensor::dispatch::Isa;
+    let tmp = tempfile::tempdir().unwrap();
+    let w = weights(tmp.path());
+    let data = sample();
+    let run = |env: &[(&str, &str)], out: &Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_vgg16"))
+            .args([
+                "extract",
+                "--data",
+                data.to_str().unwrap(),
+                "--weights",
+                w.to_str().unwrap(),
+                "--image-size",
+                "64",
+                "--limit",
+                "6",
+                "--layers",
+                "gap",
+                "--out",
+                out.to_str().unwrap(),
+            ])
+            .envs(env.iter().copied())
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .unwrap()
+    };
+    let gap = |p: &Path| -> Array2<f32> {
+        NpzReader::new(std::fs::File::open(p).unwrap())
+            .unwrap()
+            .by_name("gap")
+            .unwrap()
+    };
+    let base = tmp.path().join("auto.npz");
+    let r = run(&[], &base);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert!(
+        String::from_utf8_lossy(&r.stderr).starts_with("conv: "),
+        "no dispatch line"
+    );
+    let want = gap(&base);
+    let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    for conv in ["direct", "im2col", "winograd"] {
+        for isa in Isa::supported_all() {
+            let out = tmp.path().join(format!("{conv}-{}.npz", isa.name()));
+            let r = run(&[("VGG16_CONV", conv), ("VGG16_ISA", isa.name())], &out);
+            let err = String::from_utf8_lossy(&r.stderr);
+            assert!(r.status.success(), "{conv} {}: {err}", isa.name());
+            assert!(err.contains(&format!("VGG16_CONV={conv}")), "{err}");
+            let got = gap(&out);
+            let diff = got
+                .iter()
+                .zip(want.iter())
+                .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(diff <= 2e-5 * scale, "{conv} {}: {diff} of {scale}", isa.name());
+        }
+    }
+    let bad = run(&[("VGG16_CONV", "fft")], &tmp.path().join("x.npz"));
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("VGG16_CONV=\"fft\" is not one of"));
+    for isa in Isa::ALL.into_iter().filter(|i| !i.supported()) {
+        let r = run(&[("VGG16_ISA", isa.name())], &tmp.path().join("y.npz"));
+        assert!(!r.status.success(), "{} accepted on a CPU without it", isa.name());
+        assert!(String::from_utf8_lossy(&r.stderr).contains("this CPU does not have"));
+    }
+}
