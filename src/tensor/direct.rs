@@ -564,14 +564,7 @@ unsafe fn kernel_avx2_pa(
     use std::arch::x86_64::*;
     const MR: usize = 6;
     const NR: usize = 16;
-    let mut s0 = [_mm256_setzero_ps(); MR];
-    let mut s1 = [_mm256_setzero_ps(); MR];
-    if !first {
-        for r in 0..MR {
-            s0[r] = _mm256_load_ps(acc.add(r * NR));
-            s1[r] = _mm256_load_ps(acc.add(r * NR + 8));
-        }
-    }
+    let (mut s0, mut s1) = load_avx2(acc, first);
     let mut bp = b;
     let mut ap = a;
     for _ in 0..kc / 8 {
@@ -587,14 +580,7 @@ unsafe fn kernel_avx2_pa(
         }
         ap = ap.add(MR * 8);
     }
-    let Some((out, rows)) = out else {
-        for r in 0..MR {
-            _mm256_store_ps(acc.add(r * NR), s0[r]);
-            _mm256_store_ps(acc.add(r * NR + 8), s1[r]);
-        }
-        return;
-    };
-    store_avx2(&s0, &s1, out, rows, tail);
+    finish_avx2(&s0, &s1, acc, out, tail);
 }
 
 /// Scratch of [`gemm_packed`], kept by each worker across calls.
@@ -728,14 +714,7 @@ unsafe fn kernel_avx2(c: &Call, tail: &Tail) {
     use std::arch::x86_64::*;
     const MR: usize = 6;
     const NR: usize = 16;
-    let mut s0 = [_mm256_setzero_ps(); MR];
-    let mut s1 = [_mm256_setzero_ps(); MR];
-    if !c.first {
-        for r in 0..MR {
-            s0[r] = _mm256_load_ps(c.acc.add(r * NR));
-            s1[r] = _mm256_load_ps(c.acc.add(r * NR + 8));
-        }
-    }
+    let (mut s0, mut s1) = load_avx2(c.acc, c.first);
     for t in 0..c.taps {
         if c.mask & (1 << t) == 0 {
             continue;
@@ -753,14 +732,47 @@ unsafe fn kernel_avx2(c: &Call, tail: &Tail) {
             bp = bp.add(NR);
         }
     }
-    let Some((out, rows)) = c.out else {
-        for r in 0..MR {
-            _mm256_store_ps(c.acc.add(r * NR), s0[r]);
-            _mm256_store_ps(c.acc.add(r * NR + 8), s1[r]);
+    finish_avx2(&s0, &s1, c.acc, c.out, tail);
+}
+
+/// The AVX2 kernels' 12 sums: zeros on the first chunk, else the partial
+/// sums in `acc` (64-byte aligned, 6 x 16).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn load_avx2(acc: *const f32, first: bool) -> ([std::arch::x86_64::__m256; 6], [std::arch::x86_64::__m256; 6]) {
+    use std::arch::x86_64::*;
+    let mut s0 = [_mm256_setzero_ps(); 6];
+    let mut s1 = [_mm256_setzero_ps(); 6];
+    if !first {
+        for r in 0..6 {
+            s0[r] = _mm256_load_ps(acc.add(r * 16));
+            s1[r] = _mm256_load_ps(acc.add(r * 16 + 8));
         }
-        return;
-    };
-    store_avx2(&s0, &s1, out, rows, tail);
+    }
+    (s0, s1)
+}
+
+/// The AVX2 kernels' end of a chunk: the sums back to `acc`, or (the last
+/// chunk, `out` given) out through [`store_avx2`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn finish_avx2(
+    s0: &[std::arch::x86_64::__m256; 6],
+    s1: &[std::arch::x86_64::__m256; 6],
+    acc: *mut f32,
+    out: Option<(*mut f32, usize)>,
+    tail: &Tail,
+) {
+    use std::arch::x86_64::*;
+    match out {
+        Some((out, rows)) => store_avx2(s0, s1, out, rows, tail),
+        None => {
+            for r in 0..6 {
+                _mm256_store_ps(acc.add(r * 16), s0[r]);
+                _mm256_store_ps(acc.add(r * 16 + 8), s1[r]);
+            }
+        }
+    }
 }
 
 /// The AVX2 kernels' last step: bias, ReLU, masked store of `rows` rows.
