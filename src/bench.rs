@@ -1,6 +1,14 @@
 //! The workload shapes benchmarks use (shared by `cargo bench` and the
-//! `vgg16 bench` command) and a small median timer.
+//! `vgg16 bench` command), a small median timer, and the `vgg16 bench`
+//! measurements themselves (one JSON object per measured case).
 
+use crate::tensor::conv::{
+    conv3x3_backward, conv3x3_forward_path, conv3x3_forward_prepared, forward_flops, ConvAlgo, ConvPath, PreparedKernel,
+};
+use crate::tensor::dispatch::{cpu_model, Dispatch};
+use crate::tensor::gemm::{flops, sgemm_with, Backend};
+use ndarray::{Array1, Array2, Array4};
+use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 
 /// One GEMM shape from VGG-16's im2col: m = output pixels x batch,
@@ -97,4 +105,117 @@ pub fn median_seconds(min_runs: usize, min_time: Duration, mut f: impl FnMut()) 
     }
     times.sort_by(f64::total_cmp);
     times[times.len() / 2]
+}
+
+/// `vgg16 bench gemm`: SGEMM GFLOP/s at [`GEMM_SHAPES`] for each backend
+/// in `backends`; `each` gets one JSON object per shape and backend.
+pub fn bench_gemm(backends: &[Backend], min_time: Duration, mut each: impl FnMut(Value)) {
+    let threads = rayon::current_num_threads();
+    let cpu = cpu_model();
+    for s in GEMM_SHAPES {
+        let a = Array2::from_shape_fn((s.m, s.k), |(i, j)| ((i * 7 + j * 3) % 17) as f32 * 0.01);
+        let b = Array2::from_shape_fn((s.k, s.n), |(i, j)| ((i * 5 + j * 11) % 13) as f32 * 0.01);
+        let mut c = Array2::<f32>::zeros((s.m, s.n));
+        for &backend in backends {
+            let sec = median_seconds(3, min_time, || {
+                sgemm_with(backend, a.view(), b.view(), c.view_mut(), false)
+            });
+            let gf = flops(s.m, s.k, s.n) / sec / 1e9;
+            each(
+                json!({"name": s.name, "m": s.m, "k": s.k, "n": s.n, "threads": threads, "cpu": cpu,
+                       "backend": backend.name(), "gflops": (gf * 10.0).round() / 10.0}),
+            );
+        }
+    }
+}
+
+fn filled(d: (usize, usize, usize, usize), scale: f32) -> Array4<f32> {
+    Array4::from_shape_fn(d, |(a, b, c, e)| {
+        (((a * 31 + b * 17 + c * 7 + e * 3) % 23) as f32 - 11.0) * scale
+    })
+}
+
+/// `vgg16 bench conv`: each VGG-16 conv layer's forward at input size
+/// `size` and batch `batch` (the dispatch's path, and im2col and direct
+/// beside it where it picks another), against the bare GEMM of the same
+/// shape; then block5's backward. `each` gets one JSON object per line.
+pub fn bench_conv(size: usize, batch: usize, min_time: Duration, mut each: impl FnMut(Value)) -> crate::Result<()> {
+    if !size.is_multiple_of(16) || size == 0 || batch == 0 {
+        crate::config_bail!("--image-size must be a positive multiple of 16 and --batch positive");
+    }
+    let threads = rayon::current_num_threads();
+    let (cpu, isa) = (cpu_model(), Dispatch::global().isa.name());
+    for &(name, cin, cout, div) in VGG_CONVS {
+        let hw = size / div;
+        let x = filled((batch, hw, hw, cin), 0.05);
+        let w = filled((3, 3, cin, cout), 0.01);
+        let b = Array1::<f32>::zeros(cout);
+        let m = batch * hw * hw;
+        let mut out = Array2::<f32>::zeros((m, cout));
+        // As a forward pass over many batches runs them: the kernel packed
+        // or transformed once (`Vgg16::prepare`), outside the timing.
+        let mut time_path = |path| {
+            let prepared = PreparedKernel::new(path, w.view());
+            median_seconds(3, min_time, || match &prepared {
+                Some(k) => drop(conv3x3_forward_prepared(x.view(), k, Some(b.view()), true)),
+                None => conv3x3_forward_path(path, x.view(), w.view(), Some(b.view()), true, out.view_mut()),
+            })
+        };
+        let d = Dispatch::global();
+        let path = d.path(ConvAlgo::Auto, hw, hw, cin);
+        let sec = time_path(path);
+        // The other paths too, side by side, where Auto picks another.
+        let big = path != ConvPath::TapClasses;
+        let im2col = (big && path != ConvPath::Im2col).then(|| time_path(ConvPath::Im2col));
+        let direct = (big && path != ConvPath::Direct(d.isa)).then(|| time_path(ConvPath::Direct(d.isa)));
+        let gf = forward_flops(batch, hw, hw, cin, cout) / sec / 1e9;
+        // The bare GEMM of the same shape, measured in the same run.
+        let a = Array2::from_shape_fn((m, 9 * cin), |(i, j)| ((i + j) % 7) as f32 * 0.01);
+        let w2 = w
+            .view()
+            .into_shape_with_order((9 * cin, cout))
+            .expect("contiguous")
+            .to_owned();
+        let mut c = Array2::<f32>::zeros((m, cout));
+        let gsec = median_seconds(3, min_time, || {
+            sgemm_with(Backend::DEFAULT, a.view(), w2.view(), c.view_mut(), false)
+        });
+        let ggf = flops(m, 9 * cin, cout) / gsec / 1e9;
+        each(
+            json!({"layer": name, "pass": "forward", "size": hw, "batch": batch, "threads": threads,
+                   "cpu": cpu, "isa": isa, "algo": path.name(),
+                   "gflops": (gf * 10.0).round() / 10.0, "gemm_gflops": (ggf * 10.0).round() / 10.0,
+                   "im2col_gflops": im2col.map(|t| (forward_flops(batch, hw, hw, cin, cout) / t / 1e8).round() / 10.0),
+                   "direct_gflops": direct.map(|t| (forward_flops(batch, hw, hw, cin, cout) / t / 1e8).round() / 10.0),
+                   "ratio": (gf / ggf * 100.0).round() / 100.0, "ms": (sec * 1e4).round() / 10.0}),
+        );
+    }
+    // block5 backward (dW + dX) at size/16, against the two bare GEMMs.
+    let hw = size / 16;
+    let (cin, cout) = (512, 512);
+    let x = filled((batch, hw, hw, cin), 0.05);
+    let w = filled((3, 3, cin, cout), 0.01);
+    let dz = filled((batch, hw, hw, cout), 0.02);
+    let sec = median_seconds(3, min_time, || {
+        conv3x3_backward(x.view(), w.view(), dz.view(), true);
+    });
+    let m = batch * hw * hw;
+    let gf = 2.0 * forward_flops(batch, hw, hw, cin, cout) / sec / 1e9;
+    let a = Array2::from_shape_fn((m, 9 * cin), |(i, j)| ((i + j) % 7) as f32 * 0.01);
+    let d = Array2::from_shape_fn((m, cout), |(i, j)| ((i + 2 * j) % 5) as f32 * 0.01);
+    let w2 = Array2::from_shape_fn((9 * cout, cin), |(i, j)| ((i + j) % 3) as f32 * 0.01);
+    let mut dw = Array2::<f32>::zeros((9 * cin, cout));
+    let mut dx = Array2::<f32>::zeros((m, cin));
+    let gsec = median_seconds(3, min_time, || {
+        sgemm_with(Backend::DEFAULT, a.t(), d.view(), dw.view_mut(), false);
+        sgemm_with(Backend::DEFAULT, a.view(), w2.view(), dx.view_mut(), false);
+    });
+    let ggf = 2.0 * flops(m, 9 * cin, cout) / gsec / 1e9;
+    each(
+        json!({"layer": "block5_conv2", "pass": "backward_dw_dx", "size": hw, "batch": batch, "threads": threads,
+               "cpu": cpu, "isa": isa, "algo": Dispatch::global().path(ConvAlgo::Auto, hw, hw, cin).name(),
+               "gflops": (gf * 10.0).round() / 10.0, "gemm_gflops": (ggf * 10.0).round() / 10.0,
+               "ratio": (gf / ggf * 100.0).round() / 100.0, "ms": (sec * 1e4).round() / 10.0}),
+    );
+    Ok(())
 }

@@ -1,25 +1,45 @@
 //! vgg16-cpu: VGG-16 transfer learning on plain multicore CPUs.
 //!
-//! The numeric core is an im2col + SGEMM convolution engine over NHWC `f32`
-//! ndarrays ([`tensor`]), parallelised with rayon over fixed partitions so
-//! results do not depend on the thread count.
+//! The job, as data flowing through, one module a step:
+//!
+//! | step | where |
+//! | --- | --- |
+//! | bytes: CIFAR-10 records | [`data::cifar`] |
+//! | preprocess (BGR, minus means) and resize | [`data::image`] |
+//! | blocks 1-4 (frozen), batched | [`model::vgg`], [`features::BatchedForward`] |
+//! | activation cache | [`features::cache`] |
+//! | block5 | [`model::block5`] |
+//! | head (GAP -> Dense) | [`model::head`] |
+//! | loss | [`tensor::ops`] (softmax cross-entropy) |
+//! | SGD | [`train::optim`], the epoch loop in [`train::recipe`] |
+//! | report | [`report`] |
+//!
+//! [`TrainJob`] runs all of it (what `vgg16 train` calls); [`EvaluateJob`]
+//! and [`PredictJob`] use a saved model; [`features::extract::extract`]
+//! writes activations. Jobs never print: they report to an [`Observer`].
+//! The numeric core is [`tensor`]: convolution behind one dispatch
+//! (Winograd, direct kernels per ISA, im2col + SGEMM, tap classes),
+//! parallelised with rayon over fixed partitions so results do not depend
+//! on the thread count.
 
 pub mod bench;
-pub mod cache;
+pub mod config;
 pub mod data;
-pub mod extract;
-pub mod metrics;
+pub mod error;
+pub mod features;
+pub mod infer;
 pub mod model;
 pub mod npy;
-pub mod onnx_import;
-pub mod optim;
-pub mod progress;
+pub mod observer;
 pub mod report;
-pub mod saved;
-pub mod summary;
 pub mod tensor;
 pub mod train;
-pub mod vgg;
+
+pub use config::{StageConfig, TrainConfig};
+pub use error::{Error, Result};
+pub use infer::{EvaluateJob, PredictJob};
+pub use observer::{Observer, Silent};
+pub use train::{TrainJob, TrainOutcome};
 
 use std::path::Path;
 

@@ -4,9 +4,9 @@
 mod common;
 use common::*;
 use std::path::Path;
-use vgg16_cpu::cache::{self, CacheKey, Dtype, Meta, Outcome};
 use vgg16_cpu::data::cifar::{self, Dataset, Split};
-use vgg16_cpu::vgg::Vgg16;
+use vgg16_cpu::features::cache::{self, CacheKey, Dtype, Meta, Outcome};
+use vgg16_cpu::model::vgg::Vgg16;
 
 fn setup() -> (Vgg16, Dataset) {
     let src = cifar::locate(&sample_dir()).unwrap();
@@ -29,14 +29,14 @@ fn second_open_is_a_hit_and_a_prefix_is_served() {
     let (model, data) = setup();
     let tmp = tempfile::tempdir().unwrap();
     let k = CacheKey::new(&model.digest(), 32, &data, 100, Dtype::F32);
-    let (c, o) = cache::open_or_build(tmp.path(), &k, &model, &data, 32).unwrap();
+    let (c, o) = cache::open_or_build(tmp.path(), &k, &model, &data, 32, &mut vgg16_cpu::Silent).unwrap();
     assert!(matches!(o, Outcome::Built { resumed_at: 0, .. }));
     let before = c.block4(&[7, 99]);
-    let (_, o) = cache::open_or_build(tmp.path(), &k, &model, &data, 32).unwrap();
+    let (_, o) = cache::open_or_build(tmp.path(), &k, &model, &data, 32, &mut vgg16_cpu::Silent).unwrap();
     assert_eq!(o, Outcome::Hit);
     // Records 0..40 are served by the 100-record cache, no new build.
     let k40 = CacheKey::new(&model.digest(), 32, &data, 40, Dtype::F32);
-    let (c40, o) = cache::open_or_build(tmp.path(), &k40, &model, &data, 32).unwrap();
+    let (c40, o) = cache::open_or_build(tmp.path(), &k40, &model, &data, 32, &mut vgg16_cpu::Silent).unwrap();
     assert_eq!(o, Outcome::Hit);
     assert_eq!(c40.block4(&[7]), before.slice(ndarray::s![0..1, .., .., ..]));
     assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 1);
@@ -49,7 +49,7 @@ fn build_with_no_finished_chunk_is_redone_whole() {
     let k = CacheKey::new(&model.digest(), 32, &data, 100, Dtype::F32);
     // cache::CHUNK is 256 > 100, so make the "interruption" by hand: a cache
     // that claims no finished chunk and holds garbage must be rebuilt whole.
-    let (c, _) = cache::open_or_build(tmp.path(), &k, &model, &data, 32).unwrap();
+    let (c, _) = cache::open_or_build(tmp.path(), &k, &model, &data, 32, &mut vgg16_cpu::Silent).unwrap();
     let full = c.block4(&(0..100).collect::<Vec<_>>());
     drop(c);
     let dir = only_dir(tmp.path());
@@ -64,7 +64,7 @@ fn build_with_no_finished_chunk_is_redone_whole() {
         .open(dir.join("block4_pool.npy"))
         .unwrap();
     std::os::unix::fs::FileExt::write_all_at(&f, &[0xAB; 4096], 200).unwrap();
-    let (c, o) = cache::open_or_build(tmp.path(), &k, &model, &data, 32).unwrap();
+    let (c, o) = cache::open_or_build(tmp.path(), &k, &model, &data, 32, &mut vgg16_cpu::Silent).unwrap();
     assert!(matches!(o, Outcome::Built { resumed_at: 0, .. }), "{o:?}");
     assert_eq!(c.block4(&(0..100).collect::<Vec<_>>()), full);
 }
@@ -77,7 +77,7 @@ fn resume_keeps_finished_chunks() {
     let model = fake_vgg(10);
     let tmp = tempfile::tempdir().unwrap();
     let k = CacheKey::new(&model.digest(), 32, &data, 300, Dtype::F16);
-    let (c, _) = cache::open_or_build(tmp.path(), &k, &model, &data, 64).unwrap();
+    let (c, _) = cache::open_or_build(tmp.path(), &k, &model, &data, 64, &mut vgg16_cpu::Silent).unwrap();
     let full = c.block4(&(0..300).collect::<Vec<_>>());
     drop(c);
     let dir = only_dir(tmp.path());
@@ -88,7 +88,7 @@ fn resume_keeps_finished_chunks() {
     meta.done = cache::CHUNK;
     meta.chunk_digests.truncate(1);
     std::fs::write(&mp, serde_json::to_string(&meta).unwrap()).unwrap();
-    let (c, o) = cache::open_or_build(tmp.path(), &k, &model, &data, 64).unwrap();
+    let (c, o) = cache::open_or_build(tmp.path(), &k, &model, &data, 64, &mut vgg16_cpu::Silent).unwrap();
     assert!(matches!(o, Outcome::Built { resumed_at: 256, .. }), "{o:?}");
     assert_eq!(c.block4(&(0..300).collect::<Vec<_>>()), full);
 }
@@ -99,7 +99,7 @@ fn damaged_or_truncated_cache_is_rebuilt_never_used() {
     for damage in ["flip", "truncate", "meta"] {
         let tmp = tempfile::tempdir().unwrap();
         let k = CacheKey::new(&model.digest(), 32, &data, 60, Dtype::F32);
-        let (c, _) = cache::open_or_build(tmp.path(), &k, &model, &data, 32).unwrap();
+        let (c, _) = cache::open_or_build(tmp.path(), &k, &model, &data, 32, &mut vgg16_cpu::Silent).unwrap();
         let good = c.block4(&[59]);
         drop(c);
         let dir = only_dir(tmp.path());
@@ -122,7 +122,7 @@ fn damaged_or_truncated_cache_is_rebuilt_never_used() {
             cache::open(&dir, &data).is_err() || damage == "meta",
             "{damage}: damage not detected"
         );
-        let (c, o) = cache::open_or_build(tmp.path(), &k, &model, &data, 32).unwrap();
+        let (c, o) = cache::open_or_build(tmp.path(), &k, &model, &data, 32, &mut vgg16_cpu::Silent).unwrap();
         assert!(matches!(o, Outcome::Built { .. }), "{damage}: {o:?}");
         assert_eq!(c.block4(&[59]), good, "{damage}");
     }
@@ -138,11 +138,11 @@ fn different_weights_or_size_never_share_a_cache() {
     let k3 = CacheKey::new(&model.digest(), 64, &data, 20, Dtype::F32);
     assert_ne!(k1.id(), k2.id());
     assert_ne!(k1.id(), k3.id());
-    let (c1, _) = cache::open_or_build(tmp.path(), &k1, &model, &data, 32).unwrap();
-    let (c2, o2) = cache::open_or_build(tmp.path(), &k2, &other, &data, 32).unwrap();
+    let (c1, _) = cache::open_or_build(tmp.path(), &k1, &model, &data, 32, &mut vgg16_cpu::Silent).unwrap();
+    let (c2, o2) = cache::open_or_build(tmp.path(), &k2, &other, &data, 32, &mut vgg16_cpu::Silent).unwrap();
     assert!(matches!(o2, Outcome::Built { .. }));
     assert_ne!(c1.block4(&[0]), c2.block4(&[0]));
-    let (c3, _) = cache::open_or_build(tmp.path(), &k3, &model, &data, 32).unwrap();
+    let (c3, _) = cache::open_or_build(tmp.path(), &k3, &model, &data, 32, &mut vgg16_cpu::Silent).unwrap();
     assert_eq!(c3.block4(&[0]).dim(), (1, 4, 4, 512));
 }
 
@@ -152,8 +152,8 @@ fn f16_cache_is_close_to_f32() {
     let tmp = tempfile::tempdir().unwrap();
     let k32 = CacheKey::new(&model.digest(), 32, &data, 30, Dtype::F32);
     let k16 = CacheKey::new(&model.digest(), 32, &data, 30, Dtype::F16);
-    let (a, _) = cache::open_or_build(tmp.path(), &k32, &model, &data, 32).unwrap();
-    let (b, _) = cache::open_or_build(tmp.path(), &k16, &model, &data, 32).unwrap();
+    let (a, _) = cache::open_or_build(tmp.path(), &k32, &model, &data, 32, &mut vgg16_cpu::Silent).unwrap();
+    let (b, _) = cache::open_or_build(tmp.path(), &k16, &model, &data, 32, &mut vgg16_cpu::Silent).unwrap();
     let idx: Vec<usize> = (0..30).collect();
     let (x, y) = (a.block4(&idx), b.block4(&idx));
     let e = rel_err(y.iter(), x.mapv(|v| v as f64).iter());

@@ -8,7 +8,7 @@ use ndarray_npy::NpzReader;
 use std::path::{Path, PathBuf};
 use vgg16_cpu::data::cifar::{self, Split};
 use vgg16_cpu::data::image::preprocess_batch;
-use vgg16_cpu::vgg::Vgg16;
+use vgg16_cpu::model::vgg::Vgg16;
 
 fn sample() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("data/sample")

@@ -4,8 +4,10 @@
 mod common;
 use common::*;
 use std::path::{Path, PathBuf};
-use vgg16_cpu::saved::{ModelMeta, SavedModel, FORMAT, FORMAT_VERSION};
-use vgg16_cpu::train::{EpochRecord, StageConfig, StageResult, State, TrainConfig};
+use vgg16_cpu::model::saved::{ModelMeta, SavedModel, FORMAT, FORMAT_VERSION};
+use vgg16_cpu::report::history::{EpochRecord, StageResult};
+use vgg16_cpu::train::State;
+use vgg16_cpu::{StageConfig, TrainConfig};
 
 fn names() -> Vec<String> {
     [
@@ -224,7 +226,7 @@ fn history_plot_and_comparison() {
         })
         .collect();
     let p = tmp.path().join("history.png");
-    vgg16_cpu::report::plot_history(&h, &p).unwrap();
+    vgg16_cpu::report::plots::plot_history(&h, &p).unwrap();
     check_png(&p, (1400, 560));
     let stages = [
         StageResult {
@@ -244,7 +246,7 @@ fn history_plot_and_comparison() {
             images_per_second: 1000.0,
         },
     ];
-    let (md, js) = vgg16_cpu::report::comparison(180.0, true, &stages, 490.0);
+    let (md, js) = vgg16_cpu::report::comparison::comparison(180.0, true, &stages, 490.0);
     assert!(
         md.contains("| stage 2: fine-tuning (block5 + head) | 0.7440 | 0.7800 | 5 |"),
         "{md}"

@@ -9,11 +9,11 @@ mod common;
 use common::*;
 use ndarray::Array4;
 use rand::Rng;
+use vgg16_cpu::model::vgg::{Kind, LAYERS};
 use vgg16_cpu::tensor::conv::{conv3x3_forward, conv3x3_forward_path, ConvPath};
 use vgg16_cpu::tensor::direct::{DirectPlan, Geometry};
 use vgg16_cpu::tensor::dispatch::Isa;
 use vgg16_cpu::tensor::ops::{gap_forward, maxpool2x2_forward, maxpool2x2_infer};
-use vgg16_cpu::vgg::{Kind, LAYERS};
 
 fn run(path: ConvPath, x: &Array4<f32>, k: &Array4<f32>, b: &ndarray::Array1<f32>, relu: bool) -> Array4<f32> {
     let (n, h, w, _) = x.dim();

@@ -12,9 +12,9 @@ use ndarray_npy::NpzReader;
 use std::fs::File;
 use vgg16_cpu::data::cifar::{self, Split};
 use vgg16_cpu::data::image::{preprocess_batch, preprocess_planar, resize_bilinear};
+use vgg16_cpu::model::vgg::{layer_index, Vgg16, LAYERS};
 use vgg16_cpu::tensor::dispatch::{ConvAlgo, Dispatch};
 use vgg16_cpu::tensor::ops::gap_forward;
-use vgg16_cpu::vgg::{layer_index, Vgg16, LAYERS};
 
 /// The fixture README's bound, relative to the array's largest magnitude.
 const PARITY_REL: f32 = 1e-4;

@@ -6,12 +6,14 @@ mod common;
 use common::*;
 use ndarray::{Array1, Array2, Array4};
 use rand::Rng;
-use vgg16_cpu::cache::{self, CacheKey, Dtype};
 use vgg16_cpu::data::cifar::{self, Split};
+use vgg16_cpu::features::cache::{self, CacheKey, Dtype};
+use vgg16_cpu::features::{Cached, Features, Live};
+use vgg16_cpu::model::vgg::ConvParams;
 use vgg16_cpu::model::*;
 use vgg16_cpu::tensor::ops::softmax_cross_entropy;
-use vgg16_cpu::train::{self as tr, Cached, Features, Inputs, Live, StageConfig, State, TrainConfig};
-use vgg16_cpu::vgg::ConvParams;
+use vgg16_cpu::train::{self as tr, Inputs, State};
+use vgg16_cpu::{Silent, StageConfig, TrainConfig};
 
 // ------------------------------------------------------------ gradient
 
@@ -211,21 +213,11 @@ fn cached_and_live_paths_give_the_same_numbers() {
     let (n_train, n_test) = (48, 20);
     let kt = CacheKey::new(&model.digest(), 32, &train, n_train, Dtype::F32);
     let ke = CacheKey::new(&model.digest(), 32, &test, n_test, Dtype::F32);
-    let (ct, _) = cache::open_or_build(tmp.path(), &kt, &model, &train, 7).unwrap();
-    let (ce, _) = cache::open_or_build(tmp.path(), &ke, &model, &test, 7).unwrap();
+    let (ct, _) = cache::open_or_build(tmp.path(), &kt, &model, &train, 7, &mut Silent).unwrap();
+    let (ce, _) = cache::open_or_build(tmp.path(), &ke, &model, &test, 7, &mut Silent).unwrap();
     let (cached_tr, cached_te) = (Cached(&ct), Cached(&ce));
-    let live_tr = Live {
-        model: &model,
-        data: &train,
-        size: 32,
-        records: n_train,
-    };
-    let live_te = Live {
-        model: &model,
-        data: &test,
-        size: 32,
-        records: n_test,
-    };
+    let live_tr = Live::new(&model, &train, 32, n_train);
+    let live_te = Live::new(&model, &test, 32, n_test);
 
     // Features: the same records in another batch make-up.
     let idx = [5usize, 40, 3, 17, 0];
@@ -249,7 +241,7 @@ fn cached_and_live_paths_give_the_same_numbers() {
             val_idx: &eidx,
             test: None,
         };
-        tr::run(&cfg, &inputs, &mut s, &mut |_| Ok(())).unwrap();
+        tr::run(&cfg, &inputs, &mut s, &mut |_| Ok(()), &mut Silent).unwrap();
         s
     };
     let sc = run(&cached_tr, &cached_te);
@@ -278,18 +270,8 @@ fn resumed_run_ends_with_the_same_numbers() {
     let src = cifar::locate(&sample_dir()).unwrap();
     let train = cifar::load_split(&src, Split::Train).unwrap();
     let test = cifar::load_split(&src, Split::Test).unwrap();
-    let live_tr = Live {
-        model: &model,
-        data: &train,
-        size: 32,
-        records: 40,
-    };
-    let live_te = Live {
-        model: &model,
-        data: &test,
-        size: 32,
-        records: 10,
-    };
+    let live_tr = Live::new(&model, &train, 32, 40);
+    let live_te = Live::new(&model, &test, 32, 10);
     let mut cfg = config(5);
     cfg.hidden = Some(16);
     cfg.dropout = 0.25;
@@ -304,26 +286,32 @@ fn resumed_run_ends_with_the_same_numbers() {
     };
 
     let mut whole = State::new(&model, &cfg);
-    tr::run(&cfg, &inputs, &mut whole, &mut |_| Ok(())).unwrap();
+    tr::run(&cfg, &inputs, &mut whole, &mut |_| Ok(()), &mut Silent).unwrap();
 
     // Interrupted after stage 2's first epoch (checkpoint 4: s1e1, s1 end,
     // s2e1), then resumed from the files.
     let dir = tempfile::tempdir().unwrap();
     let mut first = State::new(&model, &cfg);
     let mut calls = 0;
-    let r = tr::run(&cfg, &inputs, &mut first, &mut |s| {
-        tr::save_checkpoint(dir.path(), &cfg, s)?;
-        calls += 1;
-        if calls == 3 {
-            anyhow::bail!("simulated interruption");
-        }
-        Ok(())
-    });
+    let r = tr::run(
+        &cfg,
+        &inputs,
+        &mut first,
+        &mut |s| {
+            tr::save_checkpoint(dir.path(), &cfg, s)?;
+            calls += 1;
+            if calls == 3 {
+                return Err(vgg16_cpu::Error::config("simulated interruption"));
+            }
+            Ok(())
+        },
+        &mut Silent,
+    );
     assert!(r.is_err());
     let (cfg2, mut resumed) = tr::load_checkpoint(dir.path()).unwrap();
     assert_eq!(cfg2, cfg);
     assert_eq!((resumed.stage, resumed.epochs_done), (2, 1));
-    tr::run(&cfg2, &inputs, &mut resumed, &mut |_| Ok(())).unwrap();
+    tr::run(&cfg2, &inputs, &mut resumed, &mut |_| Ok(()), &mut Silent).unwrap();
 
     let strip = |s: &State| {
         s.history
@@ -355,15 +343,15 @@ fn small_real_run_learns() {
     let Some(shared) = shared_or_skip("small_real_run_learns") else {
         return;
     };
-    let model = vgg16_cpu::vgg::Vgg16::load_npz(&shared.join("weights/vgg16_imagenet_notop.npz")).unwrap();
+    let model = vgg16_cpu::model::vgg::Vgg16::load_npz(&shared.join("weights/vgg16_imagenet_notop.npz")).unwrap();
     let src = cifar::locate(&sample_dir()).unwrap();
     let train = cifar::load_split(&src, Split::Train).unwrap();
     let test = cifar::load_split(&src, Split::Test).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let kt = CacheKey::new(&model.digest(), 32, &train, 500, Dtype::F16);
     let ke = CacheKey::new(&model.digest(), 32, &test, 100, Dtype::F16);
-    let (ct, _) = cache::open_or_build(tmp.path(), &kt, &model, &train, 64).unwrap();
-    let (ce, _) = cache::open_or_build(tmp.path(), &ke, &model, &test, 64).unwrap();
+    let (ct, _) = cache::open_or_build(tmp.path(), &kt, &model, &train, 64, &mut Silent).unwrap();
+    let (ce, _) = cache::open_or_build(tmp.path(), &ke, &model, &test, 64, &mut Silent).unwrap();
     let mut cfg = config(1);
     cfg.stage1 = StageConfig {
         lr: 0.01,
@@ -387,7 +375,7 @@ fn small_real_run_learns() {
         test: None,
     };
     let mut s = State::new(&model, &cfg);
-    tr::run(&cfg, &inputs, &mut s, &mut |_| Ok(())).unwrap();
+    tr::run(&cfg, &inputs, &mut s, &mut |_| Ok(()), &mut Silent).unwrap();
     let s1 = &s.stage_results[0];
     let s2 = &s.stage_results[1];
     eprintln!(

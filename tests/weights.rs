@@ -6,9 +6,9 @@ use ndarray::{Array1, Array4};
 use ndarray_npy::NpzWriter;
 use prost::Message;
 use std::path::Path;
-use vgg16_cpu::onnx_import::proto::{GraphProto, ModelProto, TensorProto, FLOAT};
-use vgg16_cpu::onnx_import::weights_from_onnx;
-use vgg16_cpu::vgg::{convs, ConvParams, Vgg16, WeightsError};
+use vgg16_cpu::model::onnx_import::proto::{GraphProto, ModelProto, TensorProto, FLOAT};
+use vgg16_cpu::model::onnx_import::weights_from_onnx;
+use vgg16_cpu::model::vgg::{convs, ConvParams, Vgg16, WeightsError};
 
 /// Small-valued deterministic weights of the right shapes.
 fn model() -> Vgg16 {

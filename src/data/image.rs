@@ -90,14 +90,14 @@ pub fn preprocess_batch(records: &[&[u8]], size: usize) -> Array4<f32> {
 /// resized to 32x32 (image's triangle filter, which averages when
 /// shrinking), as 3,072 planar bytes. The model then resizes 32 -> S like
 /// its training images, so photos go through the same pipeline as CIFAR.
-pub fn load_as_cifar(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
-    use anyhow::Context;
+pub fn load_as_cifar(path: &std::path::Path) -> crate::Result<Vec<u8>> {
+    use crate::error::{Error, IoContext};
     let img = image::ImageReader::open(path)
-        .with_context(|| format!("{}: cannot open", path.display()))?
+        .at("cannot open", path)?
         .with_guessed_format()
-        .with_context(|| format!("{}: cannot read", path.display()))?
+        .at("cannot read", path)?
         .decode()
-        .with_context(|| format!("{}: not a readable PNG, JPEG or BMP image", path.display()))?
+        .map_err(|e| Error::invalid(path, format!("not a readable PNG, JPEG or BMP image ({e})")))?
         .to_rgb8();
     let side = crate::data::cifar::SIDE as u32;
     let small = if img.dimensions() == (side, side) {

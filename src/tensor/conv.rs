@@ -125,7 +125,7 @@ pub fn conv3x3_forward(
 
 /// A layer's kernel transformed once for a path that has a prepared form
 /// (the direct kernel's panels, Winograd's U), reused across batches (see
-/// [`crate::vgg::Prepared`]).
+/// [`crate::model::vgg::Prepared`]).
 pub enum PreparedKernel {
     Direct(PackedKernel),
     Winograd(WinogradKernel),
@@ -199,33 +199,7 @@ pub fn conv3x3_forward_prepared(
 }
 
 /// [`conv3x3_forward`] into a caller's (N*H*W, Cout) matrix, which is
-/// overwritten (never read).
-pub fn conv3x3_forward_into(
-    x: ArrayView4<f32>,
-    w: ArrayView4<f32>,
-    bias: Option<ArrayView1<f32>>,
-    relu: bool,
-    out: ArrayViewMut2<f32>,
-) {
-    conv3x3_forward_with(ConvAlgo::Auto, x, w, bias, relu, out)
-}
-
-/// [`conv3x3_forward_into`] with a chosen algorithm, resolved by the
-/// process's [`Dispatch`] (benchmarks compare them; every algorithm computes
-/// the same function).
-pub fn conv3x3_forward_with(
-    algo: ConvAlgo,
-    x: ArrayView4<f32>,
-    w: ArrayView4<f32>,
-    bias: Option<ArrayView1<f32>>,
-    relu: bool,
-    out: ArrayViewMut2<f32>,
-) {
-    let (_, h, wd, cin) = x.dim();
-    conv3x3_forward_path(Dispatch::global().path(algo, h, wd, cin), x, w, bias, relu, out)
-}
-
-/// [`conv3x3_forward_into`] on exactly the given path, whatever the
+/// overwritten (never read), on exactly the given path, whatever the
 /// dispatch would pick (tests run every path this way). Panics when this
 /// CPU cannot run `path`'s ISA, or on `TapClasses` for an image larger than
 /// [`SMALL_SIDE`].

@@ -257,3 +257,14 @@ pub fn cross_entropy_per_sample(logits: ArrayView2<f32>, labels: &[u8]) -> Array
         (mx as f64 + sum.ln() - row[t as usize] as f64) as f32
     }))
 }
+
+/// Index of the largest value (the first on ties): the predicted class.
+pub fn argmax(v: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best
+}

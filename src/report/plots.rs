@@ -1,17 +1,15 @@
-//! Run outputs a person reads: the training curves and the confusion matrix
-//! as PNG (plotters on an in-memory bitmap, with an embedded DejaVu Sans,
-//! so they render on a headless server with no fonts installed), and the
-//! stage comparison as Markdown and JSON.
+//! The training curves and the confusion matrix as PNG (plotters on an
+//! in-memory bitmap, with an embedded DejaVu Sans, so they render on a
+//! headless server with no fonts installed).
 
-use crate::train::{EpochRecord, StageResult};
-use anyhow::{Context, Result};
+use crate::error::{Error, IoContext, Result};
+use crate::report::history::EpochRecord;
 use plotters::prelude::*;
 use plotters::style::FontStyle;
-use serde_json::json;
 use std::path::Path;
 use std::sync::Once;
 
-static FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
+static FONT: &[u8] = include_bytes!("../../assets/DejaVuSans.ttf");
 static REGISTER: Once = Once::new();
 
 fn font() {
@@ -34,16 +32,15 @@ fn png(
         let root = BitMapBackend::with_buffer(&mut buf, (w, h)).into_drawing_area();
         draw(root)?;
     }
-    let img = image::RgbImage::from_raw(w, h, buf).context("canvas size")?;
+    let img = image::RgbImage::from_raw(w, h, buf).ok_or_else(|| Error::invalid(path, "canvas size"))?;
     let mut bytes = Vec::new();
     img.write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)
-        .context("PNG encoding")?;
-    crate::atomic_write(path, |f| std::io::Write::write_all(f, &bytes))
-        .with_context(|| format!("cannot write {}", path.display()))
+        .map_err(|e| Error::invalid(path, format!("PNG encoding: {e}")))?;
+    crate::atomic_write(path, |f| std::io::Write::write_all(f, &bytes)).at("cannot write", path)
 }
 
-fn err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
-    anyhow::anyhow!("plotting: {e:?}")
+fn err<E: std::fmt::Debug>(e: E) -> Error {
+    Error::Plot(format!("{e:?}"))
 }
 
 /// Loss and accuracy per epoch, train vs validation, both stages on one
@@ -223,37 +220,4 @@ pub fn plot_confusion(cm: &[Vec<usize>], names: &[String], title: &str, path: &P
         }
         Ok(())
     })
-}
-
-/// The stage comparison: Markdown table and JSON, as the recipe's last step.
-pub fn comparison(
-    cache_seconds: f64,
-    cached: bool,
-    stages: &[StageResult],
-    total_seconds: f64,
-) -> (String, serde_json::Value) {
-    let mut md = String::from("| | test accuracy | test loss | epochs | wall time (s) | train images/s |\n| --- | --- | --- | --- | --- | --- |\n");
-    md.push_str(&format!(
-        "| {} | | | | {cache_seconds:.1} | |\n",
-        if cached {
-            "activation cache (blocks 1-4, once)"
-        } else {
-            "no cache (--no-cache)"
-        }
-    ));
-    for r in stages {
-        let name = if r.stage == 1 {
-            "stage 1: feature extraction (head)"
-        } else {
-            "stage 2: fine-tuning (block5 + head)"
-        };
-        md.push_str(&format!(
-            "| {name} | {:.4} | {:.4} | {} | {:.1} | {:.0} |\n",
-            r.test_accuracy, r.test_loss, r.epochs, r.seconds, r.images_per_second
-        ));
-    }
-    md.push_str(&format!("| total | | | | {total_seconds:.1} | |\n"));
-    let js =
-        json!({"cache_seconds": cache_seconds, "cached": cached, "stages": stages, "total_seconds": total_seconds});
-    (md, js)
 }

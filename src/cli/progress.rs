@@ -1,9 +1,12 @@
 //! Progress output: an indicatif bar on a terminal, plain log lines (about
-//! every 10% or 10 s) when stderr is not one (CI logs, redirected runs).
+//! every 25% or 10 s) when stderr is not one (CI logs, redirected runs),
+//! and the observer that shows a library job's events with them.
 
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
+use vgg16_cpu::report::history::{EpochRecord, StageResult};
+use vgg16_cpu::Observer;
 
 pub struct Progress {
     bar: Option<ProgressBar>,
@@ -105,5 +108,56 @@ impl Progress {
             b.finish();
         }
         self.start.elapsed().as_secs_f64()
+    }
+}
+
+/// The command line's [`Observer`]: a progress bar (or plain log lines) per
+/// phase, status lines above it, one line per epoch and per stage.
+#[derive(Default)]
+pub struct CliObserver {
+    bar: Option<Progress>,
+}
+
+impl Observer for CliObserver {
+    fn info(&mut self, line: &str) {
+        match &self.bar {
+            Some(p) => p.println(line),
+            None => eprintln!("{line}"),
+        }
+    }
+    fn begin(&mut self, task: &str, total: u64, unit: &'static str) {
+        if let Some(p) = self.bar.take() {
+            p.finish();
+        }
+        self.bar = Some(Progress::new(task, total, unit));
+    }
+    fn advance(&mut self, n: u64, msg: &str) {
+        if let Some(p) = &mut self.bar {
+            p.inc(n, msg);
+        }
+    }
+    fn end(&mut self) {
+        if let Some(p) = self.bar.take() {
+            p.finish();
+        }
+    }
+    fn epoch(&mut self, r: &EpochRecord, epochs: usize) {
+        self.info(&format!(
+            "stage {} epoch {}/{epochs}: loss {:.4} acc {:.4} | val_loss {:.4} val_acc {:.4} | {:.1} s, {:.0} img/s",
+            r.stage,
+            r.epoch,
+            r.train_loss,
+            r.train_accuracy,
+            r.val_loss,
+            r.val_accuracy,
+            r.seconds,
+            r.images_per_second
+        ));
+    }
+    fn stage_done(&mut self, r: &StageResult) {
+        self.info(&format!(
+            "stage {} done: test accuracy {:.4}, test loss {:.4}",
+            r.stage, r.test_accuracy, r.test_loss
+        ));
     }
 }

@@ -20,12 +20,13 @@
 //! digests are checked; a damaged cache is reported, removed and rebuilt.
 
 use crate::data::cifar::Dataset;
-use crate::data::image::{preprocess_batch, PREPROCESSING};
+use crate::data::image::PREPROCESSING;
+use crate::error::{Error, IoContext, Result};
+use crate::features::BatchedForward;
+use crate::model::vgg::{layer_index, Vgg16, LAYERS};
 use crate::npy::{header, NpyElem};
-use crate::progress::Progress;
+use crate::observer::Observer;
 use crate::tensor::ops::gap_forward;
-use crate::vgg::{layer_index, Vgg16, LAYERS};
-use anyhow::{bail, Context, Result};
 use half::f16;
 use ndarray::{Array2, Array4};
 use rayon::prelude::*;
@@ -166,14 +167,13 @@ fn header_for(key: &CacheKey) -> Vec<u8> {
 }
 
 fn read_meta(path: &Path) -> Result<Meta> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("{}: not a cache metadata file", path.display()))
+    let text = std::fs::read_to_string(path).at("cannot read", path)?;
+    serde_json::from_str(&text).map_err(|e| Error::invalid(path, format!("not a cache metadata file ({e})")))
 }
 
 fn write_meta(path: &Path, meta: &Meta) -> Result<()> {
-    let json = serde_json::to_vec_pretty(meta)?;
-    crate::atomic_write(path, |f| std::io::Write::write_all(f, &json))
-        .with_context(|| format!("cannot write {}", path.display()))
+    let json = serde_json::to_vec_pretty(meta).expect("plain data");
+    crate::atomic_write(path, |f| std::io::Write::write_all(f, &json)).at("cannot write", path)
 }
 
 /// What [`open_or_build`] did, for the caller to report.
@@ -230,34 +230,35 @@ pub fn open_or_build(
     model: &Vgg16,
     data: &Dataset,
     batch: usize,
+    obs: &mut dyn Observer,
 ) -> Result<(Cache, Outcome)> {
-    std::fs::create_dir_all(cache_dir)
-        .with_context(|| format!("cannot create cache directory {}", cache_dir.display()))?;
+    std::fs::create_dir_all(cache_dir).at("cannot create cache directory", cache_dir)?;
     if let Some(dir) = find(cache_dir, key) {
         match open(&dir, data) {
             Ok(Some(c)) => {
-                eprintln!(
+                obs.info(&format!(
                     "cache: using {} ({} records, built in {:.0} s): blocks 1-4 will not run",
                     dir.display(),
                     c.meta.key.records,
                     c.meta.build_seconds
-                );
+                ));
                 return Ok((c, Outcome::Hit));
             }
             Ok(None) => {} // incomplete: resume below
             Err(e) => {
-                eprintln!(
-                    "cache: {} is damaged ({e:#}); removing it and rebuilding",
-                    dir.display()
-                );
-                std::fs::remove_dir_all(&dir).with_context(|| format!("cannot remove {}", dir.display()))?;
+                obs.info(&format!(
+                    "cache: {} is damaged ({}); removing it and rebuilding",
+                    dir.display(),
+                    crate::error::chain(&e)
+                ));
+                std::fs::remove_dir_all(&dir).at("cannot remove", &dir)?;
             }
         }
     }
     let dir = cache_dir.join(key.dir_name());
-    let seconds = build(&dir, key, model, data, batch)?;
+    let seconds = build(&dir, key, model, data, batch, obs)?;
     let resumed_at = seconds.1;
-    let c = open(&dir, data)?.context("cache incomplete right after building it")?;
+    let c = open(&dir, data)?.ok_or_else(|| Error::invalid(&dir, "cache incomplete right after building it"))?;
     Ok((
         c,
         Outcome::Built {
@@ -268,11 +269,18 @@ pub fn open_or_build(
 }
 
 /// Builds (or resumes) the cache in `dir`. Returns (seconds, resumed_at).
-fn build(dir: &Path, key: &CacheKey, model: &Vgg16, data: &Dataset, batch: usize) -> Result<(f64, usize)> {
+fn build(
+    dir: &Path,
+    key: &CacheKey,
+    model: &Vgg16,
+    data: &Dataset,
+    batch: usize,
+    obs: &mut dyn Observer,
+) -> Result<(f64, usize)> {
     let (meta_p, b4_p, gap_p, lab_p) = files(dir);
     let n = key.records;
     if n > data.len() {
-        bail!(
+        crate::config_bail!(
             "cache for {n} records requested, but the {} split has {}",
             data.split.name(),
             data.len()
@@ -291,7 +299,7 @@ fn build(dir: &Path, key: &CacheKey, model: &Vgg16, data: &Dataset, batch: usize
             build_seconds: 0.0,
         },
     };
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    std::fs::create_dir_all(dir).at("cannot create", dir)?;
     let side = key.side();
     let rec_b4 = side * side * 512;
     let b4_header = header_for(key);
@@ -305,7 +313,7 @@ fn build(dir: &Path, key: &CacheKey, model: &Vgg16, data: &Dataset, batch: usize
     let need = total_bytes.saturating_sub(std::fs::metadata(&b4_p).map(|m| m.len()).unwrap_or(0));
     let free = free_bytes(dir);
     let gflop = 30.7 * (key.image_size as f64 / 224.0).powi(2) * remaining as f64;
-    eprintln!(
+    obs.info(&format!(
         "cache: building {} ({} {} records at {}x{}{}): {:.2} GB on disk, {} free; {:.1} TFLOP, time estimated after the first batch",
         dir.display(),
         remaining,
@@ -320,10 +328,10 @@ fn build(dir: &Path, key: &CacheKey, model: &Vgg16, data: &Dataset, batch: usize
         total_bytes as f64 / 1e9,
         free.map_or("unknown".into(), |f| format!("{:.2} GB", f as f64 / 1e9)),
         gflop / 1000.0
-    );
+    ));
     if let Some(f) = free {
         if need > f {
-            bail!(
+            crate::config_bail!(
                 "not enough disk space for the cache in {}: it needs {:.2} GB more, {:.2} GB are free (use --cache-dir elsewhere, --cache-dtype f16, or a smaller --limit-train)",
                 dir.display(),
                 need as f64 / 1e9,
@@ -338,76 +346,83 @@ fn build(dir: &Path, key: &CacheKey, model: &Vgg16, data: &Dataset, batch: usize
             .create(true)
             .truncate(false)
             .open(p)
-            .with_context(|| format!("cannot open {}", p.display()))?;
-        f.set_len(len).with_context(|| format!("cannot size {}", p.display()))?;
-        f.write_all_at(header, 0)?;
+            .at("cannot open", p)?;
+        f.set_len(len).at("cannot size", p)?;
+        f.write_all_at(header, 0).at("cannot write", p)?;
         Ok(f)
     };
     let b4 = open_rw(&b4_p, &b4_header, b4_total)?;
     let gap = open_rw(&gap_p, &gap_header, (gap_header.len() + n * 2048) as u64)?;
     let lab = open_rw(&lab_p, &lab_header, (lab_header.len() + n) as u64)?;
 
-    let pool5 = LAYERS.len() - 1;
     let b4_idx = layer_index("block4_pool").expect("known layer");
-    let mut progress = Progress::new("cache", remaining as u64, "img");
+    obs.begin("cache", remaining as u64, "img");
     let start = std::time::Instant::now();
     let mut bytes = Vec::new();
-    let net = model.prepare();
+    let forward = BatchedForward::new(model, key.image_size, batch);
     while meta.done < n {
         let c0 = meta.done;
         let c1 = (c0 + CHUNK).min(n);
         let mut chunk_hash = Sha256::new();
-        for s in (c0..c1).step_by(batch.max(1)) {
-            let e = (s + batch).min(c1);
-            let recs: Vec<&[u8]> = (s..e).map(|i| data.image(i)).collect();
-            let x = preprocess_batch(&recs, key.image_size);
-            let mut b4_out: Option<Array4<f32>> = None;
-            let y = net.forward_range(x, 0..pool5 + 1, &mut |i, a| {
-                if i == b4_idx {
-                    b4_out = Some(a.clone());
+        forward.run(
+            c1 - c0,
+            |j| data.image(c0 + j),
+            0..LAYERS.len(),
+            |r, i, a| -> Result<()> {
+                if i != b4_idx {
+                    return Ok(());
                 }
-            });
-            let b4_out = b4_out.expect("block4_pool ran");
-            let g = gap_forward(y.view());
-            bytes.clear();
-            let flat = b4_out.as_slice().expect("contiguous");
-            match key.dtype {
-                Dtype::F32 => f32::extend_le(flat, &mut bytes),
-                Dtype::F16 => {
-                    let h: Vec<f16> = flat.iter().map(|&v| f16::from_f32(v)).collect();
-                    f16::extend_le(&h, &mut bytes)
+                // block4_pool of records c0+r, in place in the file.
+                bytes.clear();
+                let flat = a.as_slice().expect("contiguous");
+                match key.dtype {
+                    Dtype::F32 => f32::extend_le(flat, &mut bytes),
+                    Dtype::F16 => {
+                        let h: Vec<f16> = flat.iter().map(|&v| f16::from_f32(v)).collect();
+                        f16::extend_le(&h, &mut bytes)
+                    }
                 }
-            }
-            chunk_hash.update(&bytes);
-            b4.write_all_at(&bytes, (b4_header.len() + s * rec_b4 * key.dtype.bytes()) as u64)?;
-            bytes.clear();
-            f32::extend_le(g.as_slice().expect("contiguous"), &mut bytes);
-            gap.write_all_at(&bytes, (gap_header.len() + s * 2048) as u64)?;
-            lab.write_all_at(&data.labels[s..e], (lab_header.len() + s) as u64)?;
-            progress.inc((e - s) as u64, "");
-            if s == resumed_at {
-                // The estimate comes from this CPU and these kernels, measured
-                // on the first batch (which also prepares the kernels, so it
-                // errs long).
-                let per = start.elapsed().as_secs_f64() / (e - s) as f64;
-                progress.println(&format!(
-                    "cache: first batch of {} at {:.1} img/s: about {} for the {} records",
-                    e - s,
-                    1.0 / per,
-                    human_secs(per * remaining as f64),
-                    remaining
-                ));
-            }
-        }
-        for f in [&b4, &gap, &lab] {
-            f.sync_data().context("cannot sync the cache to disk")?;
+                chunk_hash.update(&bytes);
+                let s = c0 + r.start;
+                b4.write_all_at(&bytes, (b4_header.len() + s * rec_b4 * key.dtype.bytes()) as u64)
+                    .at("cannot write", &b4_p)
+            },
+            |r, y| -> Result<()> {
+                let (s, e) = (c0 + r.start, c0 + r.end);
+                let g = gap_forward(y.view());
+                let mut gb = Vec::with_capacity(g.len() * 4);
+                f32::extend_le(g.as_slice().expect("contiguous"), &mut gb);
+                gap.write_all_at(&gb, (gap_header.len() + s * 2048) as u64)
+                    .at("cannot write", &gap_p)?;
+                lab.write_all_at(&data.labels[s..e], (lab_header.len() + s) as u64)
+                    .at("cannot write", &lab_p)?;
+                obs.advance((e - s) as u64, "");
+                if s == resumed_at {
+                    // The estimate comes from this CPU and these kernels, measured
+                    // on the first batch (which also prepares the kernels, so it
+                    // errs long).
+                    let per = start.elapsed().as_secs_f64() / (e - s) as f64;
+                    obs.info(&format!(
+                        "cache: first batch of {} at {:.1} img/s: about {} for the {} records",
+                        e - s,
+                        1.0 / per,
+                        human_secs(per * remaining as f64),
+                        remaining
+                    ));
+                }
+                Ok(())
+            },
+        )?;
+        for (f, p) in [(&b4, &b4_p), (&gap, &gap_p), (&lab, &lab_p)] {
+            f.sync_data().at("cannot sync", p)?;
         }
         meta.chunk_digests.truncate(c0 / CHUNK);
         meta.chunk_digests.push(crate::data::fetch::hex(&chunk_hash.finalize()));
         meta.done = c1;
         write_meta(&meta_p, &meta)?;
     }
-    let secs = progress.finish().max(start.elapsed().as_secs_f64());
+    obs.end();
+    let secs = start.elapsed().as_secs_f64();
     meta.complete = true;
     meta.build_seconds += secs;
     write_meta(&meta_p, &meta)?;
@@ -435,27 +450,36 @@ pub fn open(dir: &Path, data: &Dataset) -> Result<Option<Cache>> {
     let key = &meta.key;
     let n = key.records;
     if key.format_version != FORMAT_VERSION {
-        bail!(
-            "format version {} (this program writes {FORMAT_VERSION})",
-            key.format_version
-        );
+        return Err(Error::invalid(
+            &meta_p,
+            format!(
+                "format version {} (this program writes {FORMAT_VERSION})",
+                key.format_version
+            ),
+        ));
     }
     if meta.chunk_digests.len() != n.div_ceil(meta.chunk.max(1)) {
-        bail!("{} chunk digests for {n} records", meta.chunk_digests.len());
+        return Err(Error::invalid(
+            &meta_p,
+            format!("{} chunk digests for {n} records", meta.chunk_digests.len()),
+        ));
     }
     let b4_header = header_for(key);
     let rec_bytes = key.side() * key.side() * 512 * key.dtype.bytes();
-    let f = File::open(&b4_p).with_context(|| format!("cannot open {}", b4_p.display()))?;
+    let f = File::open(&b4_p).at("cannot open", &b4_p)?;
     let want = (b4_header.len() + n * rec_bytes) as u64;
-    let len = f.metadata()?.len();
+    let len = f.metadata().at("cannot read", &b4_p)?.len();
     if len != want {
-        bail!("{} is {len} bytes, expected {want} (truncated?)", b4_p.display());
+        return Err(Error::invalid(
+            &b4_p,
+            format!("{len} bytes, expected {want} (truncated?)"),
+        ));
     }
     // SAFETY: the file is only read through this map; the cache directory
     // belongs to this program, which never writes a complete cache again.
-    let map = unsafe { memmap2::Mmap::map(&f) }.with_context(|| format!("cannot map {}", b4_p.display()))?;
+    let map = unsafe { memmap2::Mmap::map(&f) }.at("cannot map", &b4_p)?;
     if map[..b4_header.len()] != b4_header[..] {
-        bail!("{}: unexpected .npy header", b4_p.display());
+        return Err(Error::invalid(&b4_p, "unexpected .npy header"));
     }
     // Chunk digests: all of them, or a sample for very large caches.
     let chunks = meta.chunk_digests.len();
@@ -472,20 +496,24 @@ pub fn open(dir: &Path, data: &Dataset) -> Result<Option<Cache>> {
         let r1 = (r0 + meta.chunk).min(n);
         let bytes = &map[b4_header.len() + r0 * rec_bytes..b4_header.len() + r1 * rec_bytes];
         if crate::data::fetch::hex(&Sha256::digest(bytes)) != meta.chunk_digests[c] {
-            bail!(
-                "{}: records {r0}..{r1} do not match their recorded digest",
-                b4_p.display()
-            );
+            return Err(Error::invalid(
+                &b4_p,
+                format!("records {r0}..{r1} do not match their recorded digest"),
+            ));
         }
     }
-    let gap: Array2<f32> = ndarray_npy::read_npy(&gap_p).with_context(|| format!("cannot read {}", gap_p.display()))?;
+    let gap: Array2<f32> =
+        ndarray_npy::read_npy(&gap_p).map_err(|e| Error::invalid(&gap_p, format!("cannot read ({e})")))?;
     if gap.dim() != (n, 512) || gap.iter().any(|v| !v.is_finite()) {
-        bail!("{}: shape {:?} or values are wrong", gap_p.display(), gap.dim());
+        return Err(Error::invalid(
+            &gap_p,
+            format!("shape {:?} or values are wrong", gap.dim()),
+        ));
     }
     let labels: ndarray::Array1<u8> =
-        ndarray_npy::read_npy(&lab_p).with_context(|| format!("cannot read {}", lab_p.display()))?;
+        ndarray_npy::read_npy(&lab_p).map_err(|e| Error::invalid(&lab_p, format!("cannot read ({e})")))?;
     if labels.len() != n || data.len() < n || labels.as_slice().expect("fresh") != &data.labels[..n] {
-        bail!("{}: labels do not match the dataset", lab_p.display());
+        return Err(Error::invalid(&lab_p, "labels do not match the dataset"));
     }
     Ok(Some(Cache {
         dir: dir.to_path_buf(),
@@ -539,6 +567,30 @@ impl Cache {
     pub fn is_empty(&self) -> bool {
         self.meta.key.records == 0
     }
+}
+
+/// Removes the caches in `cache_dir` named in `names` (a directory name,
+/// or the id at its end), or every one with `all`. Returns each removed
+/// directory's name and size in bytes.
+pub fn remove(cache_dir: &Path, all: bool, names: &[String]) -> Result<Vec<(String, u64)>> {
+    if !all && names.is_empty() {
+        crate::config_bail!("name the caches to remove (see `vgg16 cache ls`), or pass --all");
+    }
+    let mut removed = Vec::new();
+    for (p, _, bytes) in list(cache_dir)? {
+        let name = p
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if all || names.iter().any(|n| name == *n || name.ends_with(&format!("-{n}"))) {
+            std::fs::remove_dir_all(&p).at("cannot remove", &p)?;
+            removed.push((name, bytes));
+        }
+    }
+    if removed.is_empty() {
+        crate::config_bail!("no cache in {} matches {:?}", cache_dir.display(), names);
+    }
+    Ok(removed)
 }
 
 /// One line per cache directory: for `vgg16 cache ls`.

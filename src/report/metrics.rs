@@ -2,8 +2,8 @@
 //! F1 / support, printed in the layout of scikit-learn's
 //! `classification_report`.
 
+use crate::tensor::ops::argmax;
 use crate::tensor::ops::cross_entropy_per_sample;
-use crate::train::argmax;
 use ndarray::Array2;
 use serde::Serialize;
 use std::fmt::Write;
@@ -166,6 +166,21 @@ impl Report {
         }
         s
     }
+}
+
+/// Mean cross-entropy and accuracy of `logits` (one row per record of
+/// `idx`) against `labels[idx]`.
+pub fn loss_acc(logits: &Array2<f32>, labels: &[u8], idx: &[usize]) -> (f64, f64) {
+    let y: Vec<u8> = idx.iter().map(|&i| labels[i]).collect();
+    let losses = cross_entropy_per_sample(logits.view(), &y);
+    let correct = logits
+        .rows()
+        .into_iter()
+        .zip(&y)
+        .filter(|(r, &t)| argmax(r.as_slice().expect("row")) == t as usize)
+        .count();
+    let n = idx.len().max(1) as f64;
+    (losses.iter().map(|&l| l as f64).sum::<f64>() / n, correct as f64 / n)
 }
 
 #[cfg(test)]

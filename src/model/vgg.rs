@@ -2,17 +2,15 @@
 //! parameters, weights I/O (`.npz`, Keras layout), digest and probes, and the
 //! forward pass over any range of layers.
 
+pub use crate::model::params::{ConvParams, WeightsError};
+use crate::model::params::{NpzIn, NpzOut};
 use crate::tensor::conv::{conv3x3_forward_path, conv3x3_forward_prepared, PreparedKernel};
 use crate::tensor::dispatch::{ConvAlgo, ConvPath, Dispatch};
 use crate::tensor::ops::{gap_forward, maxpool2x2_infer};
-use ndarray::{Array1, Array2, Array4, ArrayD, Ix1, Ix4};
-use ndarray_npy::{NpzReader, NpzWriter};
+use ndarray::{Array2, Array4};
 use sha2::{Digest, Sha256};
-use std::fs::File;
-use std::io::BufWriter;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::OnceLock;
-use thiserror::Error;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
@@ -58,8 +56,17 @@ pub const LAYERS: [Layer; 18] = [
     pool("block5_pool"),
 ];
 
-/// Index in [`LAYERS`] of the first block5 layer (what stage 2 trains).
+/// Block5, what stage 2 trains, is `LAYERS[BLOCK5_START..]` (three convs
+/// and the pool); its convs are `Vgg16::convs[BLOCK5_CONVS]`, named
+/// [`block5_names`]. Blocks 1-4 are `LAYERS[..BLOCK5_START]`.
 pub const BLOCK5_START: usize = 14;
+/// Indices of block5's convs among the 13 conv layers.
+pub const BLOCK5_CONVS: std::ops::Range<usize> = 10..13;
+
+/// Keras names of block5's convs, in order.
+pub fn block5_names() -> impl Iterator<Item = &'static str> {
+    convs().skip(BLOCK5_CONVS.start).map(|(_, name, _, _)| name)
+}
 /// Parameters of the base: 14,714,688.
 pub const BASE_PARAMS: usize = 14_714_688;
 /// The content digest of the Keras ImageNet weights (see [`Vgg16::digest`]).
@@ -93,32 +100,6 @@ pub fn convs() -> impl Iterator<Item = (usize, &'static str, usize, usize)> {
     })
 }
 
-#[derive(Debug, Error)]
-pub enum WeightsError {
-    #[error("{path}: cannot read weights: {msg}")]
-    Read { path: PathBuf, msg: String },
-    #[error("{path}: missing array '{key}'")]
-    Missing { path: PathBuf, key: String },
-    #[error("{path}: array '{key}' has shape {got:?}, expected {expected:?}")]
-    Shape {
-        path: PathBuf,
-        key: String,
-        got: Vec<usize>,
-        expected: Vec<usize>,
-    },
-    #[error("{path}: array '{key}' holds {bad} NaN or infinite values")]
-    NotFinite { path: PathBuf, key: String, bad: usize },
-    #[error("{path}: cannot write weights: {msg}")]
-    Write { path: PathBuf, msg: String },
-}
-
-/// One conv layer's parameters: kernel (3, 3, Cin, Cout), bias (Cout).
-#[derive(Clone, Debug)]
-pub struct ConvParams {
-    pub w: Array4<f32>,
-    pub b: Array1<f32>,
-}
-
 /// The 13 conv layers' parameters, in [`LAYERS`] order.
 #[derive(Clone, Debug)]
 pub struct Vgg16 {
@@ -129,47 +110,37 @@ impl Vgg16 {
     /// Reads `blockB_convC/kernel` and `/bias` for all 13 layers, checking
     /// every key, shape and value.
     pub fn load_npz(path: &Path) -> Result<Vgg16, WeightsError> {
-        let read = |msg: String| WeightsError::Read {
-            path: path.to_path_buf(),
-            msg,
-        };
-        let f = File::open(path).map_err(|e| read(e.to_string()))?;
-        let mut npz = NpzReader::new(f).map_err(|e| read(format!("not a valid .npz ({e})")))?;
-        let names = npz.names().map_err(|e| read(e.to_string()))?;
-        let mut out = Vec::new();
-        for (_, name, cin, cout) in convs() {
-            let wk = format!("{name}/kernel");
-            let bk = format!("{name}/bias");
-            let w = read_array(&mut npz, &names, path, &wk, &[3, 3, cin, cout])?;
-            let b = read_array(&mut npz, &names, path, &bk, &[cout])?;
-            out.push(ConvParams {
-                w: w.into_dimensionality::<Ix4>().expect("shape checked"),
-                b: b.into_dimensionality::<Ix1>().expect("shape checked"),
-            });
-        }
-        Ok(Vgg16 { convs: out })
+        let mut npz = NpzIn::open(path)?;
+        let convs = convs()
+            .map(|(_, name, cin, cout)| npz.conv(name, cin, cout))
+            .collect::<Result<_, _>>()?;
+        Ok(Vgg16 { convs })
     }
 
     /// Writes the weights as `.npz` (uncompressed), via a temporary file
     /// renamed into place when complete.
     pub fn save_npz(&self, path: &Path) -> Result<(), WeightsError> {
-        let write = |msg: String| WeightsError::Write {
-            path: path.to_path_buf(),
-            msg,
-        };
         crate::atomic_write(path, |f| {
-            let mut npz = NpzWriter::new(BufWriter::new(f));
-            for ((_, name, _, _), p) in convs().zip(&self.convs) {
-                npz.add_array(format!("{name}/kernel"), &p.w)
-                    .map_err(std::io::Error::other)?;
-                npz.add_array(format!("{name}/bias"), &p.b)
-                    .map_err(std::io::Error::other)?;
-            }
-            let mut inner = npz.finish().map_err(std::io::Error::other)?;
-            std::io::Write::flush(&mut inner)?;
-            Ok(())
+            let mut npz = NpzOut::new(f);
+            npz.convs(convs().map(|(_, name, _, _)| name.to_string()).zip(&self.convs))?;
+            npz.finish()
         })
-        .map_err(|e| write(e.to_string()))
+        .map_err(|e| WeightsError::Write {
+            path: path.to_path_buf(),
+            msg: e.to_string(),
+        })
+    }
+
+    /// block5's parameters (what stage 2 trains).
+    pub fn block5(&self) -> &[ConvParams] {
+        &self.convs[BLOCK5_CONVS]
+    }
+
+    /// This base with block5 replaced.
+    pub fn with_block5(&self, block5: &[ConvParams]) -> Vgg16 {
+        let mut b = self.clone();
+        b.convs[BLOCK5_CONVS].clone_from_slice(block5);
+        b
     }
 
     /// SHA-256 over the raw little-endian f32 bytes (C order, Keras layout)
@@ -312,38 +283,22 @@ fn conv_index(layer: usize) -> usize {
         .count()
 }
 
-fn read_array(
-    npz: &mut NpzReader<File>,
-    names: &[String],
-    path: &Path,
-    key: &str,
-    shape: &[usize],
-) -> Result<ArrayD<f32>, WeightsError> {
-    if !names.iter().any(|n| n == key) {
-        return Err(WeightsError::Missing {
-            path: path.to_path_buf(),
-            key: key.to_string(),
-        });
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn block5_is_named_one_way() {
+        assert_eq!(LAYERS[BLOCK5_START - 1].name, "block4_pool");
+        assert_eq!(conv_index(BLOCK5_START), BLOCK5_CONVS.start);
+        assert_eq!(BLOCK5_CONVS.end, convs().count());
+        let names: Vec<_> = block5_names().collect();
+        assert_eq!(names, ["block5_conv1", "block5_conv2", "block5_conv3"]);
+        let from_layers: Vec<_> = LAYERS[BLOCK5_START..]
+            .iter()
+            .filter(|l| l.name.contains("conv"))
+            .map(|l| l.name)
+            .collect();
+        assert_eq!(names, from_layers);
     }
-    let a: ArrayD<f32> = npz.by_name(key).map_err(|e| WeightsError::Read {
-        path: path.to_path_buf(),
-        msg: format!("array '{key}': {e}"),
-    })?;
-    if a.shape() != shape {
-        return Err(WeightsError::Shape {
-            path: path.to_path_buf(),
-            key: key.to_string(),
-            got: a.shape().to_vec(),
-            expected: shape.to_vec(),
-        });
-    }
-    let bad = a.iter().filter(|v| !v.is_finite()).count();
-    if bad > 0 {
-        return Err(WeightsError::NotFinite {
-            path: path.to_path_buf(),
-            key: key.to_string(),
-            bad,
-        });
-    }
-    Ok(a)
 }

@@ -2,7 +2,7 @@
 //! base, GlobalAveragePooling2D and Dense(10, softmax) named
 //! `classification`, with trainable counts for stage 1 or stage 2.
 
-use crate::vgg::{Kind, LAYERS};
+use crate::model::vgg::{Kind, LAYERS};
 use std::fmt::Write;
 
 /// Integer grouped with commas, as Keras prints it: 14719818 -> "14,719,818".
@@ -50,7 +50,7 @@ pub fn rows(image_size: usize, stage: u8, hidden: Option<usize>, classes: usize)
     }];
     let (mut s, mut c) = (image_size, 3);
     for (i, l) in LAYERS.iter().enumerate() {
-        let trainable = stage >= 2 && i >= crate::vgg::BLOCK5_START;
+        let trainable = stage >= 2 && i >= crate::model::vgg::BLOCK5_START;
         let (kind, params) = match l.kind {
             Kind::Conv { cin, cout } => {
                 c = cout;

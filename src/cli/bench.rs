@@ -1,0 +1,74 @@
+//! `vgg16 bench gemm|conv`: the library's measurements, one JSON object a line.
+
+use super::with_threads;
+use anyhow::{bail, Result};
+use clap::{Args, Subcommand};
+use std::time::Duration;
+use vgg16_cpu::tensor::gemm::Backend;
+
+#[derive(Subcommand)]
+pub enum BenchWhat {
+    /// SGEMM GFLOP/s at VGG-16's im2col shapes, every backend.
+    Gemm(BenchArgs),
+    /// Conv forward per VGG-16 layer (im2col included) and block5 backward.
+    Conv {
+        #[command(flatten)]
+        common: BenchArgs,
+        /// Input image size (the layers run at size / 1, 2, 4, 8, 16).
+        #[arg(long, default_value_t = 224)]
+        image_size: usize,
+        /// Batch size.
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+    },
+}
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// Worker threads (default: every core).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Only this backend: gemm or matrixmultiply (default: all for `bench
+    /// gemm`, the default backend for `bench conv`).
+    #[arg(long)]
+    backend: Option<String>,
+    /// Minimum seconds spent timing each case (median of the runs).
+    #[arg(long, default_value_t = 1.0)]
+    min_time: f64,
+}
+
+pub fn run(what: BenchWhat) -> Result<()> {
+    match what {
+        BenchWhat::Gemm(args) => with_threads(args.threads, || {
+            let backends = backends(&args.backend)?;
+            vgg16_cpu::bench::bench_gemm(&backends, Duration::from_secs_f64(args.min_time), |v| println!("{v}"));
+            Ok(())
+        }),
+        BenchWhat::Conv {
+            common,
+            image_size,
+            batch,
+        } => with_threads(common.threads, || {
+            if common.backend.is_some() {
+                bail!(
+                    "bench conv uses the default backend ({}); --backend applies to bench gemm",
+                    Backend::DEFAULT.name()
+                );
+            }
+            let min_time = Duration::from_secs_f64(common.min_time);
+            Ok(vgg16_cpu::bench::bench_conv(image_size, batch, min_time, |v| {
+                println!("{v}")
+            })?)
+        }),
+    }
+}
+
+fn backends(name: &Option<String>) -> Result<Vec<Backend>> {
+    match name {
+        None => Ok(Backend::ALL.to_vec()),
+        Some(n) => match Backend::from_name(n) {
+            Some(b) => Ok(vec![b]),
+            None => bail!("unknown --backend '{n}' (expected one of: gemm, matrixmultiply)"),
+        },
+    }
+}

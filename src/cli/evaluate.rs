@@ -1,0 +1,104 @@
+//! `vgg16 evaluate`: a saved model on a split, as text or JSON.
+
+use super::progress::CliObserver;
+use super::{open_data, DEFAULT_CACHE, DEFAULT_DATA};
+use anyhow::{Context, Result};
+use clap::Args;
+use serde_json::json;
+use std::path::PathBuf;
+use vgg16_cpu::data::cifar::{self, Split};
+use vgg16_cpu::model::saved::{resolve, SavedModel};
+use vgg16_cpu::model::vgg::auto_batch;
+use vgg16_cpu::EvaluateJob;
+
+#[derive(Args)]
+pub struct EvaluateArgs {
+    /// A model.npz, or a run directory (meaning its model.npz).
+    #[arg(long)]
+    model: PathBuf,
+    /// CIFAR-10: the archive, or a directory holding it or cifar-10-batches-bin/.
+    #[arg(long, default_value = DEFAULT_DATA)]
+    data: PathBuf,
+    /// train or test.
+    #[arg(long, default_value = "test")]
+    split: String,
+    /// Evaluate the first N records of the split.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Print one JSON object instead of the text report.
+    #[arg(long)]
+    json: bool,
+    /// Write confusion_matrix.png into DIR.
+    #[arg(long)]
+    plots: Option<PathBuf>,
+    /// Where to look for a matching activation cache.
+    #[arg(long, default_value = DEFAULT_CACHE)]
+    cache_dir: PathBuf,
+    /// Images per forward batch (default: 64 up to 64 px, 16 at 224).
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Worker threads (default: every core).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+pub fn evaluate(args: &EvaluateArgs) -> Result<()> {
+    let model = SavedModel::load(&args.model)?;
+    let split =
+        Split::parse(&args.split).with_context(|| format!("--split '{}': expected train or test", args.split))?;
+    let size = model.meta.image_size;
+    let source = open_data(&args.data)?;
+    let data = cifar::load_split(&source, split)?;
+    let job = EvaluateJob {
+        model: &model,
+        data: &data,
+        records: args.limit.unwrap_or(data.len()),
+        batch_size: args.batch_size.unwrap_or(auto_batch(size)),
+        cache_dir: Some(args.cache_dir.clone()),
+    };
+    let done = job.run(&mut CliObserver::default())?;
+    let (rep, secs) = (&done.report, done.seconds);
+    let n = rep.samples;
+    let how = match &done.cache {
+        Some(dir) => format!("cache hit ({}): block5 and head only", dir.display()),
+        None => "no matching cache: full network".to_string(),
+    };
+    if let Some(dir) = &args.plots {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let title = format!(
+            "confusion matrix: {} images of {}, accuracy {:.2}%",
+            n,
+            split.name(),
+            100.0 * rep.accuracy
+        );
+        vgg16_cpu::report::plots::plot_confusion(
+            &rep.confusion_matrix,
+            &model.meta.class_names,
+            &title,
+            &dir.join("confusion_matrix.png"),
+        )?;
+    }
+    if args.json {
+        let mut v = serde_json::to_value(rep)?;
+        v["split"] = json!(split.name());
+        v["model"] = json!(resolve(&args.model));
+        v["seconds"] = json!(secs);
+        v["images_per_second"] = json!(n as f64 / secs);
+        println!("{v}");
+    } else {
+        println!(
+            "{} on {} {} records ({how}; {:.1} s, {:.0} img/s)\n",
+            resolve(&args.model).display(),
+            n,
+            split.name(),
+            secs,
+            n as f64 / secs
+        );
+        print!("{}", rep.text());
+    }
+    eprintln!(
+        "evaluate: {n} images in {secs:.1} s ({:.0} img/s), {how}",
+        n as f64 / secs
+    );
+    Ok(())
+}

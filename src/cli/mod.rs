@@ -1,0 +1,201 @@
+//! The command line: clap arguments -> library configs and jobs, and
+//! printing. One file per command; the work itself is the library's.
+
+mod bench;
+mod cache;
+mod data;
+mod evaluate;
+mod extract;
+mod predict;
+pub mod progress;
+mod train;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use std::path::{Path, PathBuf};
+use vgg16_cpu::data::cifar::{self, Source};
+use vgg16_cpu::model::vgg::Vgg16;
+use vgg16_cpu::tensor::dispatch::Dispatch;
+
+#[derive(Parser)]
+#[command(name = "vgg16", version, about = "VGG-16 transfer learning on plain multicore CPUs")]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Default locations, relative to the working directory (the project root).
+pub const DEFAULT_DATA: &str = "data";
+pub const DEFAULT_WEIGHTS: &str = "weights/vgg16_imagenet_notop.npz";
+pub const SAMPLE_DIR: &str = "data/sample";
+pub const DEFAULT_CACHE: &str = "data/cache";
+
+#[derive(Subcommand)]
+enum Command {
+    /// CIFAR-10: download the official archive.
+    Data {
+        #[command(subcommand)]
+        what: data::DataWhat,
+    },
+    /// The ImageNet VGG-16 base: fetch it, or verify a weights file.
+    Weights {
+        #[command(subcommand)]
+        what: data::WeightsWhat,
+    },
+    /// A Keras-style table of the model: layers, output shapes, parameters.
+    Summary {
+        /// Input image size (a multiple of 32).
+        #[arg(long, default_value_t = 224)]
+        image_size: usize,
+        /// 1: only the head trains; 2: block5 and the head train.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
+        stage: u8,
+    },
+    /// VGG-16 activations of CIFAR-10 records into one .npz.
+    Extract(extract::ExtractArgs),
+    /// The two-stage transfer-learning recipe (head, then block5 + head).
+    Train(Box<train::TrainArgs>),
+    /// Accuracy, loss, per-class report and confusion matrix of a saved model.
+    Evaluate(evaluate::EvaluateArgs),
+    /// Classify image files (PNG, JPEG, BMP) with a saved model.
+    Predict(predict::PredictArgs),
+    /// Activation caches: list or remove them.
+    Cache {
+        #[command(subcommand)]
+        what: cache::CacheWhat,
+    },
+    /// Measure the engine on this machine (one JSON object a line).
+    Bench {
+        #[command(subcommand)]
+        what: bench::BenchWhat,
+    },
+}
+
+/// Where the data and the base weights are, and the network's input size.
+#[derive(Args, Clone)]
+pub struct InputArgs {
+    /// CIFAR-10: the archive, or a directory holding it or cifar-10-batches-bin/.
+    #[arg(long, default_value = DEFAULT_DATA)]
+    pub data: PathBuf,
+    /// VGG-16 base weights (.npz, Keras layout).
+    #[arg(long, default_value = DEFAULT_WEIGHTS)]
+    pub weights: PathBuf,
+    /// Input image size: a multiple of 32 (32 = no resize).
+    #[arg(long, default_value_t = 224)]
+    pub image_size: usize,
+}
+
+/// Keeps freed large buffers in the process instead of returning them to
+/// the kernel: every layer allocates activations of tens of MB, and with
+/// glibc's defaults each one is a fresh mmap whose page faults (and kernel
+/// page zeroing) cost as much as the layer's own work on small kernels.
+fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets allocator parameters; called before any
+    // other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+    }
+}
+
+/// Parses the command line and runs the command; errors are printed with
+/// their chain of causes and exit with status 1.
+pub fn main() {
+    tune_allocator();
+    let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Data { what } => data::run_data(what),
+        Command::Weights { what } => data::run_weights(what),
+        Command::Summary { image_size, stage } => {
+            check_image_size(image_size)?;
+            print!(
+                "{}",
+                vgg16_cpu::model::summary::render(image_size, stage, None, cifar::NUM_CLASSES)
+            );
+            Ok(())
+        }
+        Command::Extract(args) => with_threads(args.threads, || extract::extract(&args)),
+        Command::Train(args) => with_threads(args.threads, || train::train(&args)),
+        Command::Evaluate(args) => with_threads(args.threads, || evaluate::evaluate(&args)),
+        Command::Predict(args) => with_threads(args.threads, || predict::predict(&args)),
+        Command::Cache { what } => cache::run(what),
+        Command::Bench { what } => bench::run(what),
+    }
+}
+
+pub fn check_image_size(s: usize) -> Result<()> {
+    if s == 0 || !s.is_multiple_of(32) {
+        bail!("--image-size {s}: must be a positive multiple of 32 (VGG-16 halves it five times; 32 means no resize)");
+    }
+    Ok(())
+}
+
+/// Finds CIFAR-10 at `--data`; when the default `data/` holds none, falls
+/// back (loudly) to the small committed sample in data/sample/.
+pub fn open_data(data: &Path) -> Result<Source> {
+    match cifar::locate(data) {
+        Ok(s) => Ok(s),
+        Err(e) if data == Path::new(DEFAULT_DATA) => {
+            let sample = [
+                PathBuf::from(SAMPLE_DIR),
+                Path::new(env!("CARGO_MANIFEST_DIR")).join(SAMPLE_DIR),
+            ]
+            .into_iter()
+            .find_map(|p| cifar::locate(&p).ok());
+            match sample {
+                Some(s) => {
+                    eprintln!("{}", "!".repeat(78));
+                    eprintln!(
+                        "!! No CIFAR-10 in data/: using the SMALL SAMPLE in {} instead",
+                        s.path().display()
+                    );
+                    eprintln!("!! (500 train / 100 test records). Results on it are a smoke test, not CIFAR-10.");
+                    eprintln!("!! Get the real dataset with: vgg16 data fetch");
+                    eprintln!("{}", "!".repeat(78));
+                    Ok(s)
+                }
+                None => Err(e.into()),
+            }
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+pub fn load_weights(path: &Path) -> Result<Vgg16> {
+    if !path.exists() {
+        bail!(
+            "{}: no such weights file (run `vgg16 weights fetch`, or pass --weights)",
+            path.display()
+        );
+    }
+    Ok(Vgg16::load_npz(path)?)
+}
+
+/// Runs `f` in a rayon pool of `threads` workers (all cores when None).
+pub fn with_threads<T>(threads: Option<usize>, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    // The global pool, with the command itself on the main thread: its big
+    // activation buffers then come from the main heap, which tune_allocator
+    // keeps (a worker thread's arena would map and unmap them every time).
+    let mut b = rayon::ThreadPoolBuilder::new();
+    if let Some(t) = threads {
+        if t == 0 {
+            bail!("--threads must be at least 1");
+        }
+        b = b.num_threads(t);
+    }
+    b.build_global().context("cannot start the thread pool")?;
+    // Refuse a forced path this CPU cannot run, with the reason, and say
+    // once which kernels run.
+    let d = Dispatch::from_env()?;
+    debug_assert_eq!(d, Dispatch::global());
+    eprintln!("{}", d.describe());
+    f()
+}

@@ -1,0 +1,189 @@
+//! Where the trainable part's inputs come from.
+//!
+//! - [`BatchedForward`]: the one loop "records -> preprocess -> layers", a
+//!   batch at a time, kernels prepared once. The cache build, `extract`,
+//!   the live feature source, `evaluate` without a cache and `predict` all
+//!   run the base through it.
+//! - [`cache`]: the on-disk activation cache of blocks 1-4 (and the stage-1
+//!   GAP features), built once per dataset, size and weights.
+//! - [`Features`]: the inputs of stage 1 (GAP features) and stage 2
+//!   (block4_pool) by record index, from the cache ([`Cached`]) or computed
+//!   on every batch ([`Live`], `--no-cache`, as Keras does).
+//! - [`extract`]: activations of any layers into one `.npz`.
+
+pub mod cache;
+pub mod extract;
+
+use crate::data::cifar::Dataset;
+use crate::data::image::preprocess_batch;
+use crate::model::block5::block5_features;
+use crate::model::head::{head_forward, Head};
+use crate::model::vgg::{auto_batch, ConvParams, Prepared, Vgg16, BLOCK5_START, LAYERS};
+use crate::tensor::ops::gap_forward;
+use cache::Cache;
+use ndarray::{Array2, Array4};
+use std::ops::Range;
+
+/// The base run over many records: `batch` images at a time, each
+/// preprocessed and resized to `size`, kernels prepared once.
+pub struct BatchedForward<'m> {
+    net: Prepared<'m>,
+    pub size: usize,
+    pub batch: usize,
+}
+
+impl<'m> BatchedForward<'m> {
+    pub fn new(model: &'m Vgg16, size: usize, batch: usize) -> BatchedForward<'m> {
+        BatchedForward {
+            net: model.prepare(),
+            size,
+            batch: batch.max(1),
+        }
+    }
+
+    /// Runs `LAYERS[layers]` on records `0..n` (`image(i)` gives record
+    /// i's 3,072 CIFAR bytes), a batch at a time. After each layer of a
+    /// batch, `tap(records, layer, output)` sees its output; after the
+    /// batch, `done(records, last output)`. The first error stops the loop.
+    pub fn run<'r, E>(
+        &self,
+        n: usize,
+        image: impl Fn(usize) -> &'r [u8],
+        layers: Range<usize>,
+        mut tap: impl FnMut(Range<usize>, usize, &Array4<f32>) -> Result<(), E>,
+        mut done: impl FnMut(Range<usize>, Array4<f32>) -> Result<(), E>,
+    ) -> Result<(), E> {
+        for start in (0..n).step_by(self.batch) {
+            let end = (start + self.batch).min(n);
+            let recs: Vec<&[u8]> = (start..end).map(&image).collect();
+            let x = preprocess_batch(&recs, self.size);
+            let mut err = None;
+            let y = self.net.forward_range(x, layers.clone(), &mut |i, a| {
+                if err.is_none() {
+                    err = tap(start..end, i, a).err();
+                }
+            });
+            if let Some(e) = err {
+                return Err(e);
+            }
+            done(start..end, y)?;
+        }
+        Ok(())
+    }
+
+    /// `LAYERS[layers]` of records `0..n`, joined along the batch axis.
+    pub fn collect<'r>(&self, n: usize, image: impl Fn(usize) -> &'r [u8], layers: Range<usize>) -> Array4<f32> {
+        let mut parts = Vec::new();
+        let r: Result<(), std::convert::Infallible> = self.run(
+            n,
+            image,
+            layers,
+            |_, _, _| Ok(()),
+            |_, y| {
+                parts.push(y);
+                Ok(())
+            },
+        );
+        r.expect("infallible");
+        let views: Vec<_> = parts.iter().map(|a| a.view()).collect();
+        ndarray::concatenate(ndarray::Axis(0), &views).expect("batches agree on shape")
+    }
+}
+
+/// Inputs of the trainable part, by record index within a split.
+pub trait Features: Sync {
+    fn labels(&self) -> &[u8];
+    /// Stage-1 features: GAP of block5_pool with the pretrained block5 (B, 512).
+    fn gap(&self, idx: &[usize]) -> Array2<f32>;
+    /// block4_pool (B, S/16, S/16, 512).
+    fn block4(&self, idx: &[usize]) -> Array4<f32>;
+}
+
+/// From the activation cache (memory-mapped).
+pub struct Cached<'a>(pub &'a Cache);
+
+impl Features for Cached<'_> {
+    fn labels(&self) -> &[u8] {
+        &self.0.labels
+    }
+    fn gap(&self, idx: &[usize]) -> Array2<f32> {
+        self.0.gap_rows(idx)
+    }
+    fn block4(&self, idx: &[usize]) -> Array4<f32> {
+        self.0.block4(idx)
+    }
+}
+
+/// Recomputed from the images every time (`--no-cache`), in sub-batches of
+/// auto_batch(S) images, so memory stays bounded at 224 px whatever the
+/// training batch size.
+pub struct Live<'a> {
+    forward: BatchedForward<'a>,
+    data: &'a Dataset,
+    records: usize,
+}
+
+impl<'a> Live<'a> {
+    /// Records `0..records` of `data` through `model` at input size `size`.
+    pub fn new(model: &'a Vgg16, data: &'a Dataset, size: usize, records: usize) -> Live<'a> {
+        Live {
+            forward: BatchedForward::new(model, size, auto_batch(size)),
+            data,
+            records,
+        }
+    }
+}
+
+impl Features for Live<'_> {
+    fn labels(&self) -> &[u8] {
+        &self.data.labels[..self.records]
+    }
+    fn gap(&self, idx: &[usize]) -> Array2<f32> {
+        let y = self
+            .forward
+            .collect(idx.len(), |j| self.data.image(idx[j]), 0..LAYERS.len());
+        gap_forward(y.view())
+    }
+    fn block4(&self, idx: &[usize]) -> Array4<f32> {
+        self.forward
+            .collect(idx.len(), |j| self.data.image(idx[j]), 0..BLOCK5_START)
+    }
+}
+
+/// Logits of the records `idx`, computed `batch` at a time by `logits_of`
+/// (which maps a chunk of record indices to its (chunk, classes) logits).
+pub fn batched_logits(
+    idx: &[usize],
+    batch: usize,
+    classes: usize,
+    mut logits_of: impl FnMut(&[usize]) -> Array2<f32>,
+) -> Array2<f32> {
+    let batch = batch.max(1);
+    let mut all = Array2::<f32>::zeros((idx.len(), classes));
+    for (bi, chunk) in idx.chunks(batch).enumerate() {
+        all.slice_mut(ndarray::s![bi * batch..bi * batch + chunk.len(), ..])
+            .assign(&logits_of(chunk));
+    }
+    all
+}
+
+/// Logits of stage 1's model (the head on the pretrained base's GAP
+/// features) for records `idx`, no dropout.
+pub fn logits_stage1(head: &Head, feats: &dyn Features, idx: &[usize], batch: usize) -> Array2<f32> {
+    batched_logits(idx, batch, head.out.b.len(), |c| {
+        head_forward(head, feats.gap(c).view(), None).0
+    })
+}
+
+/// Logits through block5 (stage 2's weights) and the head, no dropout.
+pub fn logits_stage2(
+    block5: &[ConvParams],
+    head: &Head,
+    feats: &dyn Features,
+    idx: &[usize],
+    batch: usize,
+) -> Array2<f32> {
+    batched_logits(idx, batch, head.out.b.len(), |c| {
+        head_forward(head, block5_features(block5, feats.block4(c).view()).view(), None).0
+    })
+}

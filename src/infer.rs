@@ -1,0 +1,132 @@
+//! Using a saved model: [`EvaluateJob`] (accuracy, loss, per-class report
+//! and confusion matrix on a split, through a matching activation cache
+//! when one exists) and [`PredictJob`] (top-k classes of image files).
+
+use crate::data::cifar::Dataset;
+use crate::data::image::load_as_cifar;
+use crate::error::{Error, Result};
+use crate::features::cache::{self, CacheKey, Dtype};
+use crate::features::{batched_logits, BatchedForward, Cached, Features, Live};
+use crate::model::saved::SavedModel;
+use crate::model::vgg::BLOCK5_START;
+use crate::model::{block5_features, head_forward};
+use crate::observer::Observer;
+use crate::report::metrics::{self, Report};
+use crate::tensor::ops::softmax;
+use ndarray::Array2;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// A saved model on the first `records` records of a split.
+pub struct EvaluateJob<'a> {
+    pub model: &'a SavedModel,
+    pub data: &'a Dataset,
+    pub records: usize,
+    /// Images per forward batch.
+    pub batch_size: usize,
+    /// Where to look for an activation cache of blocks 1-4 made from the
+    /// same base weights, size and data (None: always run the network).
+    pub cache_dir: Option<PathBuf>,
+}
+
+pub struct EvaluateOutcome {
+    pub report: Report,
+    pub logits: Array2<f32>,
+    /// The cache that served blocks 1-4, if one did.
+    pub cache: Option<PathBuf>,
+    pub seconds: f64,
+}
+
+impl EvaluateJob<'_> {
+    pub fn run(&self, obs: &mut dyn Observer) -> Result<EvaluateOutcome> {
+        let t0 = Instant::now();
+        let (model, data) = (self.model, self.data);
+        let size = model.meta.image_size;
+        if self.batch_size == 0 {
+            crate::config_bail!("--batch-size must be at least 1");
+        }
+        let n = self.records.min(data.len());
+        let idx: Vec<usize> = (0..n).collect();
+        let found = self.cache_dir.as_ref().and_then(|dir| {
+            [Dtype::F32, Dtype::F16].into_iter().find_map(|dt| {
+                let key = CacheKey::new(&model.meta.base_weights_digest, size, data, n, dt);
+                let found = cache::find(dir, &key)?;
+                cache::open(&found, data).ok().flatten()
+            })
+        });
+        let live = Live::new(&model.base, data, size, n);
+        let cached = found.as_ref().map(Cached);
+        let feats: &dyn Features = match &cached {
+            Some(c) => c,
+            None => &live,
+        };
+        obs.begin("evaluate", n as u64, "img");
+        let logits = batched_logits(&idx, self.batch_size, model.meta.class_names.len(), |c| {
+            let g = block5_features(model.block5(), feats.block4(c).view());
+            obs.advance(c.len() as u64, "");
+            head_forward(&model.head, g.view(), None).0
+        });
+        obs.end();
+        let report = metrics::report(&logits, &data.labels[..n], &model.meta.class_names);
+        Ok(EvaluateOutcome {
+            report,
+            logits,
+            cache: found.map(|c| c.dir),
+            seconds: t0.elapsed().as_secs_f64(),
+        })
+    }
+}
+
+/// Top-k classes of image files (PNG, JPEG, BMP) under a saved model.
+pub struct PredictJob<'a> {
+    pub model: &'a SavedModel,
+    pub images: &'a [PathBuf],
+    pub top_k: usize,
+    pub batch_size: usize,
+}
+
+/// One image's answer: (class name, probability), most likely first.
+pub type TopK = Vec<(String, f32)>;
+
+impl PredictJob<'_> {
+    /// Calls `each(file, answer)` for every image in order; a file that
+    /// cannot be read gets its error there and the others go on. Returns
+    /// how many could not be read.
+    pub fn run(&self, mut each: impl FnMut(&Path, Result<TopK>)) -> usize {
+        let model = self.model;
+        let names = &model.meta.class_names;
+        let k = self.top_k.clamp(1, names.len().max(1));
+        let mut ok: Vec<(&Path, Vec<u8>)> = Vec::new();
+        let mut failed = Vec::new();
+        for p in self.images {
+            match load_as_cifar(p) {
+                Ok(rec) => ok.push((p, rec)),
+                Err(e) => failed.push((p, e)),
+            }
+        }
+        let n_failed = failed.len();
+        for (p, e) in failed {
+            each(p, Err(e));
+        }
+        let forward = BatchedForward::new(&model.base, model.meta.image_size, self.batch_size);
+        let r: Result<(), Error> = forward.run(
+            ok.len(),
+            |j| ok[j].1.as_slice(),
+            0..BLOCK5_START,
+            |_, _, _| Ok(()),
+            |r, x4| {
+                let g = block5_features(model.block5(), x4.view());
+                let (logits, _) = head_forward(&model.head, g.view(), None);
+                let probs = softmax(logits.view());
+                for ((path, _), p) in ok[r].iter().zip(probs.rows()) {
+                    let mut order: Vec<usize> = (0..names.len()).collect();
+                    order.sort_by(|&a, &b| p[b].total_cmp(&p[a]));
+                    each(path, Ok(order[..k].iter().map(|&c| (names[c].clone(), p[c])).collect()));
+                }
+                Ok(())
+            },
+        );
+        r.expect("no step of predict's forward fails");
+        n_failed
+    }
+}

@@ -1,0 +1,125 @@
+//! Checkpoints: after every epoch, the run directory gets `checkpoint.npz`
+//! (block5 and head parameters, and the optimizer's velocities under
+//! `velocity/`) and `checkpoint.json` (config, progress, history), each
+//! written atomically; the JSON, written last, is what makes it count.
+
+use crate::config::TrainConfig;
+use crate::error::{Error, IoContext, Result};
+use crate::model::params::{NpzIn, NpzOut};
+use crate::model::vgg::{block5_names, convs, BLOCK5_CONVS};
+use crate::model::Head;
+use crate::report::history::{EpochRecord, StageResult};
+use crate::train::recipe::State;
+use ndarray::ArrayD;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::path::Path;
+
+#[derive(Serialize, Deserialize)]
+struct CheckpointMeta {
+    format_version: u32,
+    config: TrainConfig,
+    stage: u8,
+    epochs_done: usize,
+    history: Vec<EpochRecord>,
+    stage_results: Vec<StageResult>,
+    has_block5_velocity: bool,
+}
+
+const CHECKPOINT_VERSION: u32 = 1;
+const VELOCITY: &str = "velocity/";
+
+/// Writes checkpoint.npz, then checkpoint.json, into `dir`.
+pub fn save_checkpoint(dir: &Path, cfg: &TrainConfig, s: &State) -> Result<()> {
+    let npz = dir.join("checkpoint.npz");
+    crate::atomic_write(&npz, |f| {
+        let mut w = NpzOut::new(f);
+        w.convs(block5_names().map(String::from).zip(&s.block5))?;
+        w.convs(block5_names().map(|n| format!("{VELOCITY}{n}")).zip(&s.v_block5))?;
+        for ((name, data, shape), (_, vdata, _)) in s.head.tensors().into_iter().zip(s.v_head.tensors()) {
+            let a = |d: &[f32]| ArrayD::from_shape_vec(shape.clone(), d.to_vec()).expect("shape");
+            w.add(name, &a(data))?;
+            w.add(format!("{VELOCITY}{name}"), &a(vdata))?;
+        }
+        w.finish()
+    })
+    .at("cannot write", &npz)?;
+    let meta = CheckpointMeta {
+        format_version: CHECKPOINT_VERSION,
+        config: cfg.clone(),
+        stage: s.stage,
+        epochs_done: s.epochs_done,
+        history: s.history.clone(),
+        stage_results: s.stage_results.clone(),
+        has_block5_velocity: !s.v_block5.is_empty(),
+    };
+    let json = serde_json::to_vec_pretty(&meta).expect("plain data");
+    let p = dir.join("checkpoint.json");
+    crate::atomic_write(&p, |f| f.write_all(&json)).at("cannot write", &p)
+}
+
+/// The configuration a checkpoint in `dir` was made with.
+pub fn checkpoint_config(dir: &Path) -> Result<TrainConfig> {
+    Ok(read_meta(dir)?.config)
+}
+
+fn read_meta(dir: &Path) -> Result<CheckpointMeta> {
+    let jp = dir.join("checkpoint.json");
+    let text =
+        std::fs::read_to_string(&jp).map_err(|e| Error::invalid(&jp, format!("no checkpoint to resume from ({e})")))?;
+    let meta: CheckpointMeta =
+        serde_json::from_str(&text).map_err(|e| Error::invalid(&jp, format!("not a checkpoint ({e})")))?;
+    if meta.format_version != CHECKPOINT_VERSION {
+        return Err(Error::invalid(
+            &jp,
+            format!(
+                "checkpoint format {} (this program reads {CHECKPOINT_VERSION})",
+                meta.format_version
+            ),
+        ));
+    }
+    Ok(meta)
+}
+
+/// Reads a checkpoint written by [`save_checkpoint`]; returns the config
+/// it was made with and the state.
+pub fn load_checkpoint(dir: &Path) -> Result<(TrainConfig, State)> {
+    let meta = read_meta(dir)?;
+    let mut npz = NpzIn::open(&dir.join("checkpoint.npz"))?;
+    let mut block5 = Vec::new();
+    let mut v_block5 = Vec::new();
+    for (_, name, cin, cout) in convs().skip(BLOCK5_CONVS.start) {
+        block5.push(npz.conv(name, cin, cout)?);
+        if meta.has_block5_velocity {
+            v_block5.push(npz.conv(&format!("{VELOCITY}{name}"), cin, cout)?);
+        }
+    }
+    let cfg = meta.config;
+    let mut head = Head::new(&mut ChaCha8Rng::seed_from_u64(0), cfg.hidden, cfg.dropout, cfg.classes);
+    let mut v_head = head.zeros_like();
+    let shapes: Vec<(&'static str, Vec<usize>)> = head.tensors().into_iter().map(|(n, _, s)| (n, s)).collect();
+    for ((name, shape), (w, v)) in shapes
+        .iter()
+        .zip(head.tensors_mut().into_iter().zip(v_head.tensors_mut()))
+    {
+        let a = npz.array(name, shape)?;
+        let va = npz.array(&format!("{VELOCITY}{name}"), shape)?;
+        w.copy_from_slice(a.as_slice().expect("fresh array"));
+        v.copy_from_slice(va.as_slice().expect("fresh array"));
+    }
+    let state = State {
+        block5,
+        head,
+        v_block5,
+        v_head,
+        stage: meta.stage,
+        epochs_done: meta.epochs_done,
+        history: meta.history,
+        stage_results: meta.stage_results,
+        test_logits: vec![],
+        last_val_logits: None,
+    };
+    Ok((cfg, state))
+}

@@ -1,0 +1,252 @@
+//! [`TrainJob`]: the whole recipe as one library call, what `vgg16 train`
+//! runs. Config in, run directory out:
+//!
+//! ```text
+//! <run dir>/checkpoint.{npz,json}  after every epoch (resume from here)
+//!           history.csv, history.png, metrics.json
+//!           model_stage1.npz, model.npz
+//!           test_report.{txt,json}, confusion_matrix.png
+//!           comparison.{md,json}
+//! ```
+
+use crate::config::TrainConfig;
+use crate::data::cifar::{self, Source, Split};
+use crate::data::image::PREPROCESSING;
+use crate::error::{IoContext, Result};
+use crate::features::cache::{self, Cache, CacheKey, Dtype};
+use crate::features::{Cached, Features, Live};
+use crate::model::saved::{ModelMeta, SavedModel, FORMAT, FORMAT_VERSION};
+use crate::model::vgg::{auto_batch, Vgg16};
+use crate::observer::Observer;
+use crate::report::history::{write_history, write_text, EpochRecord, StageResult};
+use crate::report::metrics::{self, Report};
+use crate::train::checkpoint::{checkpoint_config, load_checkpoint, save_checkpoint};
+use crate::train::recipe::{self, Inputs, State};
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// A training run: what to train on, with what, and where its files go.
+pub struct TrainJob {
+    pub config: TrainConfig,
+    /// Where CIFAR-10 is ([`cifar::locate`]).
+    pub data: Source,
+    /// The ImageNet base (blocks 1-4 frozen, block5 the starting point).
+    pub base: Vgg16,
+    /// The run directory.
+    pub out: PathBuf,
+    /// Continue the run in `out` from its checkpoint ([`TrainJob::resume`]).
+    pub resume: bool,
+    /// Where activation caches live.
+    pub cache_dir: PathBuf,
+    /// Storage type of cached block4 activations.
+    pub cache_dtype: Dtype,
+    /// false: recompute blocks 1-4 for every batch (`--no-cache`).
+    pub use_cache: bool,
+    /// Images per batch of the cache pass (None: [`auto_batch`]).
+    pub forward_batch: Option<usize>,
+}
+
+/// What a finished run reports (its files are in `out`).
+pub struct TrainOutcome {
+    pub out: PathBuf,
+    pub history: Vec<EpochRecord>,
+    pub stage_results: Vec<StageResult>,
+    /// The test report of the last stage run in this process.
+    pub test_report: Option<Report>,
+    /// comparison.md's text.
+    pub comparison: String,
+    pub cache_seconds: f64,
+    pub total_seconds: f64,
+}
+
+impl TrainJob {
+    /// A fresh run of `config` into `out`, with the default cache settings
+    /// (`data/cache`, f32).
+    pub fn new(config: TrainConfig, data: Source, base: Vgg16, out: PathBuf) -> TrainJob {
+        TrainJob {
+            config,
+            data,
+            base,
+            out,
+            resume: false,
+            cache_dir: PathBuf::from("data/cache"),
+            cache_dtype: Dtype::F32,
+            use_cache: true,
+            forward_batch: None,
+        }
+    }
+
+    /// Continues the run in `dir` with the configuration its checkpoint
+    /// was made with.
+    pub fn resume(dir: &Path, data: Source, base: Vgg16) -> Result<TrainJob> {
+        let config = checkpoint_config(dir)?;
+        Ok(TrainJob {
+            resume: true,
+            ..TrainJob::new(config, data, base, dir.to_path_buf())
+        })
+    }
+
+    /// Runs the recipe to the end: cache, stage 1, stage 2, test, report.
+    pub fn run(&self, obs: &mut dyn Observer) -> Result<TrainOutcome> {
+        let t_start = Instant::now();
+        let cfg = &self.config;
+        let out = &self.out;
+        let mut state = if self.resume {
+            let (_, st) = load_checkpoint(out)?;
+            obs.info(&format!(
+                "resuming {} at stage {} after epoch {} (its saved configuration is used)",
+                out.display(),
+                st.stage,
+                st.epochs_done
+            ));
+            Some(st)
+        } else {
+            cfg.check()?;
+            None
+        };
+        std::fs::create_dir_all(out).at("cannot create run directory", out)?;
+        let model = &self.base;
+        let digest = model.digest();
+        obs.info(&format!("loading CIFAR-10 from {} ...", self.data.path().display()));
+        let train_ds = cifar::load_split(&self.data, Split::Train)?;
+        let test_ds = cifar::load_split(&self.data, Split::Test)?;
+        let n_train = cfg.limit_train.unwrap_or(train_ds.len()).min(train_ds.len());
+        let n_test = cfg.limit_test.unwrap_or(test_ds.len()).min(test_ds.len());
+        let (train_idx, val_from_train): (Vec<usize>, Vec<usize>) = match cfg.validation_split {
+            Some(f) => {
+                let n_val = ((n_train as f64) * f).round() as usize;
+                ((0..n_train - n_val).collect(), (n_train - n_val..n_train).collect())
+            }
+            None => ((0..n_train).collect(), vec![]),
+        };
+        let test_idx: Vec<usize> = (0..n_test).collect();
+        let held_out = cfg.validation_split.is_some();
+        obs.info(&format!(
+            "training on {} records, validating on {} {} records, testing on {n_test}; {}x{} input; run directory {}",
+            train_idx.len(),
+            if held_out { val_from_train.len() } else { n_test },
+            if held_out { "held-out training" } else { "test" },
+            cfg.image_size,
+            cfg.image_size,
+            out.display()
+        ));
+
+        // Blocks 1-4, once: the activation cache (or the network per batch).
+        let fwd_batch = self.forward_batch.unwrap_or(auto_batch(cfg.image_size)).max(1);
+        let t_cache = Instant::now();
+        let caches: Option<(Cache, Cache)> = if self.use_cache {
+            let key = |ds, n| CacheKey::new(&digest, cfg.image_size, ds, n, self.cache_dtype);
+            let (ctr, _) = cache::open_or_build(
+                &self.cache_dir,
+                &key(&train_ds, n_train),
+                model,
+                &train_ds,
+                fwd_batch,
+                obs,
+            )?;
+            let (cte, _) =
+                cache::open_or_build(&self.cache_dir, &key(&test_ds, n_test), model, &test_ds, fwd_batch, obs)?;
+            Some((ctr, cte))
+        } else {
+            obs.info("--no-cache: blocks 1-4 run for every batch of every epoch (as Keras does)");
+            None
+        };
+        let cache_seconds = t_cache.elapsed().as_secs_f64();
+        let live_train = Live::new(model, &train_ds, cfg.image_size, n_train);
+        let live_test = Live::new(model, &test_ds, cfg.image_size, n_test);
+        let cached = caches.as_ref().map(|(a, b)| (Cached(a), Cached(b)));
+        let (ftrain, ftest): (&dyn Features, &dyn Features) = match &cached {
+            Some((a, b)) => (a, b),
+            None => (&live_train, &live_test),
+        };
+        let inputs = Inputs {
+            train: ftrain,
+            train_idx: &train_idx,
+            val: if held_out { ftrain } else { ftest },
+            val_idx: if held_out { &val_from_train } else { &test_idx },
+            test: held_out.then_some((ftest, &test_idx[..])),
+        };
+
+        // Stages 1 and 2, checkpointed after every epoch; each stage's
+        // model saved when it ends.
+        let mut state = state.take().unwrap_or_else(|| State::new(model, cfg));
+        let model_meta = |s: &State, stage: u8| ModelMeta {
+            format: FORMAT.into(),
+            format_version: FORMAT_VERSION,
+            stage,
+            image_size: cfg.image_size,
+            preprocessing: PREPROCESSING.into(),
+            class_names: train_ds.class_names.clone(),
+            base_weights_digest: digest.clone(),
+            hidden: cfg.hidden,
+            history: s.history.clone(),
+            config: Some(cfg.clone()),
+        };
+        let mut on_epoch = |s: &State| -> Result<()> {
+            save_checkpoint(out, cfg, s)?;
+            write_history(&out.join("history.csv"), &s.history)?;
+            if let Some(r) = s.stage_results.last() {
+                let file = if r.stage == 1 { "model_stage1.npz" } else { "model.npz" };
+                let p = out.join(file);
+                if !p.exists() || r.stage == 2 {
+                    SavedModel::new(model, &s.block5, &s.head, model_meta(s, r.stage)).save(&p)?;
+                }
+            }
+            Ok(())
+        };
+        recipe::run(cfg, &inputs, &mut state, &mut on_epoch, obs)?;
+        let total_seconds = t_start.elapsed().as_secs_f64();
+
+        // The recipe's last steps: metrics, curves, confusion matrix, and
+        // the comparison of the two stages.
+        let stage = |n: u8| state.stage_results.iter().find(|r| r.stage == n).cloned();
+        let metrics = json!({
+            "stage1": stage(1),
+            "stage2": stage(2),
+            "cache_seconds": cache_seconds,
+            "total_seconds": total_seconds,
+            "image_size": cfg.image_size,
+            "train_records": train_idx.len(),
+            "test_records": n_test,
+            "cached": self.use_cache,
+            "config": cfg,
+        });
+        let pretty = |v: &serde_json::Value| serde_json::to_string_pretty(v).expect("plain data");
+        write_text(&out.join("metrics.json"), &pretty(&metrics))?;
+        crate::report::plots::plot_history(&state.history, &out.join("history.png"))?;
+        let mut test_report = None;
+        if let Some((st, logits)) = state.test_logits.last() {
+            let rep = metrics::report(logits, &test_ds.labels[..n_test], &test_ds.class_names);
+            write_text(&out.join("test_report.txt"), &rep.text())?;
+            write_text(
+                &out.join("test_report.json"),
+                &serde_json::to_string_pretty(&rep).expect("plain data"),
+            )?;
+            let title = format!(
+                "confusion matrix: stage {st}, {n_test} test images, accuracy {:.2}%",
+                100.0 * rep.accuracy
+            );
+            crate::report::plots::plot_confusion(
+                &rep.confusion_matrix,
+                &test_ds.class_names,
+                &title,
+                &out.join("confusion_matrix.png"),
+            )?;
+            test_report = Some(rep);
+        }
+        let (md, js) =
+            crate::report::comparison::comparison(cache_seconds, self.use_cache, &state.stage_results, total_seconds);
+        write_text(&out.join("comparison.md"), &md)?;
+        write_text(&out.join("comparison.json"), &pretty(&js))?;
+        Ok(TrainOutcome {
+            out: out.clone(),
+            history: state.history,
+            stage_results: state.stage_results,
+            test_report,
+            comparison: md,
+            cache_seconds,
+            total_seconds,
+        })
+    }
+}

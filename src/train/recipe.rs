@@ -1,0 +1,291 @@
+//! The two-stage Keras recipe.
+//!
+//! Stage 1 trains the head on stage-1 features (GAP of the pretrained
+//! base); stage 2 trains block5 and the head from block4_pool. Where the
+//! inputs come from is a [`Features`] source: the on-disk cache (blocks 1-4
+//! never rerun) or, with `--no-cache`, the network run on every batch as
+//! Keras does, which exists to prove both give the same numbers.
+//!
+//! Keras `fit` semantics: reshuffle every epoch, keep the last partial
+//! batch, loss = batch mean, SGD `v = m*v - lr*g; w += v` (a fresh optimizer,
+//! so fresh momentum, per stage). Shuffling and dropout draw from ChaCha8
+//! streams derived from (seed, stage, epoch), so a run resumed from a
+//! checkpoint draws exactly what the uninterrupted run would have.
+
+use crate::config::{StageConfig, TrainConfig};
+use crate::error::{Error, Result};
+use crate::features::{logits_stage1, logits_stage2, Features};
+use crate::model::vgg::{ConvParams, Vgg16};
+use crate::model::{block5_backward, block5_forward, head_backward, head_forward, Head};
+use crate::observer::Observer;
+use crate::report::history::{EpochRecord, StageResult};
+use crate::report::metrics::loss_acc;
+use crate::tensor::ops::{argmax, softmax_cross_entropy};
+use crate::train::optim::sgd_momentum_step;
+use ndarray::Array2;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use std::time::Instant;
+
+/// Everything that changes during training: what a checkpoint holds.
+#[derive(Clone, Debug)]
+pub struct State {
+    pub block5: Vec<ConvParams>,
+    pub head: Head,
+    /// Velocities of the stage in progress (block5's are empty in stage 1).
+    pub v_block5: Vec<ConvParams>,
+    pub v_head: Head,
+    /// Stage and epochs completed in it (stage 1 with 0 epochs: fresh).
+    pub stage: u8,
+    pub epochs_done: usize,
+    pub history: Vec<EpochRecord>,
+    /// Test metrics at the end of each finished stage.
+    pub stage_results: Vec<StageResult>,
+    /// Test logits at the end of each stage finished in this process (for
+    /// the confusion matrix; not checkpointed).
+    pub test_logits: Vec<(u8, Array2<f32>)>,
+    /// Logits of the latest validation pass (not checkpointed).
+    pub last_val_logits: Option<Array2<f32>>,
+}
+
+impl State {
+    /// A fresh run: pretrained block5, glorot head.
+    pub fn new(base: &Vgg16, cfg: &TrainConfig) -> State {
+        let block5: Vec<ConvParams> = base.block5().to_vec();
+        let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+        let head = Head::new(&mut rng, cfg.hidden, cfg.dropout, cfg.classes);
+        State {
+            v_block5: vec![],
+            v_head: head.zeros_like(),
+            block5,
+            head,
+            stage: 1,
+            epochs_done: 0,
+            history: vec![],
+            stage_results: vec![],
+            test_logits: vec![],
+            last_val_logits: None,
+        }
+    }
+}
+
+/// The RNG for (seed, stage, epoch, stream): 0 = shuffle, 1 = dropout.
+fn stream(seed: u64, stage: u8, epoch: usize, which: u64) -> ChaCha8Rng {
+    let mut r = ChaCha8Rng::seed_from_u64(seed);
+    r.set_stream(((stage as u64) << 40) | ((epoch as u64) << 8) | which);
+    r
+}
+
+/// Mean loss, accuracy and logits over `idx` with the stage's model.
+fn evaluate(state: &State, stage: u8, f: &dyn Features, idx: &[usize]) -> (f64, f64, Array2<f32>) {
+    let logits = if stage == 1 {
+        logits_stage1(&state.head, f, idx, 256)
+    } else {
+        logits_stage2(&state.block5, &state.head, f, idx, 64)
+    };
+    let (l, a) = loss_acc(&logits, f.labels(), idx);
+    (l, a, logits)
+}
+
+/// Inputs of a training run.
+pub struct Inputs<'a> {
+    pub train: &'a dyn Features,
+    pub train_idx: &'a [usize],
+    pub val: &'a dyn Features,
+    pub val_idx: &'a [usize],
+    /// The test split, for the end-of-stage test metrics; None when the
+    /// validation set already is the test split (then its last epoch's
+    /// numbers are the test metrics).
+    pub test: Option<(&'a dyn Features, &'a [usize])>,
+}
+
+/// Called after every epoch, and after each stage's test, with the state
+/// to checkpoint.
+pub type OnEpoch<'a> = dyn FnMut(&State) -> Result<()> + 'a;
+
+/// Runs (or continues) the recipe from `state` to the end, reporting to
+/// `obs`.
+pub fn run(
+    cfg: &TrainConfig,
+    inputs: &Inputs,
+    state: &mut State,
+    on_epoch: &mut OnEpoch,
+    obs: &mut dyn Observer,
+) -> Result<()> {
+    if inputs.train_idx.is_empty() {
+        crate::config_bail!("no training records");
+    }
+    for stage in [1u8, 2] {
+        if state.stage > stage {
+            continue;
+        }
+        let sc = if stage == 1 { cfg.stage1 } else { cfg.stage2 };
+        if state.stage < stage {
+            // Entering stage 2: a fresh optimizer.
+            state.stage = stage;
+            state.epochs_done = 0;
+        }
+        if stage == 2 && state.v_block5.is_empty() {
+            state.v_block5 = state.block5.iter().map(ConvParams::zeros_like).collect();
+            state.v_head = state.head.zeros_like();
+        }
+        let mut stage_images = 0usize;
+        let mut stage_train_secs = 0.0;
+        while state.epochs_done < sc.epochs {
+            let epoch = state.epochs_done + 1;
+            let t0 = Instant::now();
+            let (tl, ta) = train_epoch(cfg, &sc, inputs, state, stage, epoch, obs)?;
+            let train_secs = t0.elapsed().as_secs_f64();
+            let (vl, va) = if inputs.val_idx.is_empty() {
+                (f64::NAN, f64::NAN)
+            } else {
+                let (l, a, logits) = evaluate(state, stage, inputs.val, inputs.val_idx);
+                state.last_val_logits = Some(logits);
+                (l, a)
+            };
+            let secs = t0.elapsed().as_secs_f64();
+            stage_images += inputs.train_idx.len();
+            stage_train_secs += train_secs;
+            let rec = EpochRecord {
+                stage,
+                epoch,
+                train_loss: tl,
+                train_accuracy: ta,
+                val_loss: vl,
+                val_accuracy: va,
+                seconds: secs,
+                images_per_second: inputs.train_idx.len() as f64 / train_secs.max(1e-9),
+            };
+            obs.epoch(&rec, sc.epochs);
+            state.history.push(rec);
+            state.epochs_done = epoch;
+            on_epoch(state)?;
+        }
+        if state.stage_results.iter().all(|r| r.stage != stage) {
+            // The validation set is the test split unless `test` is given;
+            // then its last pass already holds the test metrics.
+            let (f, idx) = inputs.test.unwrap_or((inputs.val, inputs.val_idx));
+            let reuse = inputs.test.is_none() && state.last_val_logits.is_some();
+            let (tl, ta, logits) = if reuse {
+                let logits = state.last_val_logits.take().expect("checked");
+                let (l, a) = loss_acc(&logits, f.labels(), idx);
+                (l, a, logits)
+            } else {
+                evaluate(state, stage, f, idx)
+            };
+            state.test_logits.push((stage, logits));
+            let secs: f64 = state
+                .history
+                .iter()
+                .filter(|r| r.stage == stage)
+                .map(|r| r.seconds)
+                .sum();
+            state.stage_results.push(StageResult {
+                stage,
+                test_loss: tl,
+                test_accuracy: ta,
+                seconds: secs,
+                epochs: sc.epochs,
+                images_per_second: if stage_train_secs > 0.0 {
+                    stage_images as f64 / stage_train_secs
+                } else {
+                    f64::NAN
+                },
+            });
+            obs.stage_done(state.stage_results.last().expect("just pushed"));
+            on_epoch(state)?;
+        }
+    }
+    Ok(())
+}
+
+/// One epoch of one stage; returns (mean train loss, train accuracy).
+fn train_epoch(
+    cfg: &TrainConfig,
+    sc: &StageConfig,
+    inputs: &Inputs,
+    state: &mut State,
+    stage: u8,
+    epoch: usize,
+    obs: &mut dyn Observer,
+) -> Result<(f64, f64)> {
+    let mut order = inputs.train_idx.to_vec();
+    order.shuffle(&mut stream(cfg.seed, stage, epoch, 0));
+    let mut drop_rng = stream(cfg.seed, stage, epoch, 1);
+    let labels = inputs.train.labels();
+    obs.begin(
+        &format!("stage {stage} epoch {epoch}/{}", sc.epochs),
+        order.len() as u64,
+        "img",
+    );
+    let (mut loss_sum, mut correct, mut seen) = (0.0f64, 0usize, 0usize);
+    for batch in order.chunks(sc.batch_size.max(1)) {
+        let y: Vec<u8> = batch.iter().map(|&i| labels[i]).collect();
+        let (loss, logits) = if stage == 1 {
+            let g = inputs.train.gap(batch);
+            let (logits, acts) = head_forward(&state.head, g.view(), Some(&mut drop_rng));
+            let (loss, dlogits) = softmax_cross_entropy(logits.view(), &y);
+            let (_, gh) = head_backward(&state.head, &acts, dlogits.view());
+            step_head(&mut state.head, &mut state.v_head, &gh, sc);
+            (loss, logits)
+        } else {
+            let x4 = inputs.train.block4(batch);
+            let (g, b5) = block5_forward(&state.block5, x4);
+            let (logits, acts) = head_forward(&state.head, g.view(), Some(&mut drop_rng));
+            let (loss, dlogits) = softmax_cross_entropy(logits.view(), &y);
+            let (dg, gh) = head_backward(&state.head, &acts, dlogits.view());
+            let gconv = block5_backward(&state.block5, &b5, dg.view());
+            step_head(&mut state.head, &mut state.v_head, &gh, sc);
+            for ((p, v), g) in state.block5.iter_mut().zip(state.v_block5.iter_mut()).zip(&gconv) {
+                let owned = "owned arrays are contiguous";
+                step(
+                    p.w.as_slice_mut().expect(owned),
+                    v.w.as_slice_mut().expect(owned),
+                    g.dw.as_slice().expect(owned),
+                    sc,
+                );
+                step(
+                    p.b.as_slice_mut().expect(owned),
+                    v.b.as_slice_mut().expect(owned),
+                    g.db.as_slice().expect(owned),
+                    sc,
+                );
+            }
+            (loss, logits)
+        };
+        if !loss.is_finite() {
+            obs.end();
+            return Err(Error::Diverged { stage, epoch, loss });
+        }
+        loss_sum += loss as f64 * batch.len() as f64;
+        correct += logits
+            .rows()
+            .into_iter()
+            .zip(&y)
+            .filter(|(r, &t)| argmax(r.as_slice().expect("row")) == t as usize)
+            .count();
+        seen += batch.len();
+        obs.advance(
+            batch.len() as u64,
+            &format!(
+                "loss {:.4} acc {:.4}",
+                loss_sum / seen as f64,
+                correct as f64 / seen as f64
+            ),
+        );
+    }
+    obs.end();
+    Ok((loss_sum / seen.max(1) as f64, correct as f64 / seen.max(1) as f64))
+}
+
+/// One SGD step of the stage's optimizer on one tensor.
+fn step(w: &mut [f32], v: &mut [f32], g: &[f32], sc: &StageConfig) {
+    sgd_momentum_step(w, v, g, sc.lr as f32, sc.momentum as f32);
+}
+
+fn step_head(head: &mut Head, v: &mut Head, g: &Head, sc: &StageConfig) {
+    for ((w, vv), (_, gg, _)) in head.tensors_mut().into_iter().zip(v.tensors_mut()).zip(g.tensors()) {
+        step(w, vv, gg, sc);
+    }
+}
