@@ -65,26 +65,35 @@ impl TrainConfig {
 
     /// Settings that cannot train, named as the command line spells them.
     pub fn check(&self) -> crate::Result<()> {
-        if self.image_size == 0 || !self.image_size.is_multiple_of(32) {
-            crate::config_bail!(
-                "--image-size {}: must be a positive multiple of 32 (VGG-16 halves it five times; 32 means no resize)",
-                self.image_size
-            );
-        }
-        for (name, v) in [
-            ("--stage1-batch-size", self.stage1.batch_size),
-            ("--stage2-batch-size", self.stage2.batch_size),
-        ] {
-            if v == 0 {
-                crate::config_bail!("{name} must be at least 1");
+        crate::model::vgg::check_image_size(self.image_size)?;
+        for (stage, sc) in [(1, &self.stage1), (2, &self.stage2)] {
+            if sc.batch_size == 0 {
+                crate::config_bail!("--stage{stage}-batch-size must be at least 1");
+            }
+            if !sc.lr.is_finite() || sc.lr <= 0.0 {
+                crate::config_bail!("--stage{stage}-lr {}: must be a positive number", sc.lr);
+            }
+            if !sc.momentum.is_finite() || !(0.0..1.0).contains(&sc.momentum) {
+                crate::config_bail!("--stage{stage}-momentum {}: must be in [0, 1)", sc.momentum);
             }
         }
         if !(0.0..1.0).contains(&self.dropout) {
-            crate::config_bail!("--dropout must be in [0, 1)");
+            crate::config_bail!("--dropout {}: must be in [0, 1)", self.dropout);
+        }
+        if self.hidden == Some(0) {
+            crate::config_bail!("--hidden 0: a hidden layer needs at least 1 unit (leave --hidden out for none)");
+        }
+        if self.classes < 2 {
+            crate::config_bail!("{} classes: a classifier needs at least 2", self.classes);
+        }
+        for (name, v) in [("--limit-train", self.limit_train), ("--limit-test", self.limit_test)] {
+            if v == Some(0) {
+                crate::config_bail!("{name} 0: must be at least 1");
+            }
         }
         if let Some(f) = self.validation_split {
             if !(0.0..1.0).contains(&f) {
-                crate::config_bail!("--validation-split must be in [0, 1)");
+                crate::config_bail!("--validation-split {f}: must be in [0, 1)");
             }
         }
         Ok(())

@@ -45,13 +45,21 @@ impl EvaluateJob<'_> {
         if self.batch_size == 0 {
             crate::config_bail!("--batch-size must be at least 1");
         }
+        if self.records == 0 || data.is_empty() {
+            crate::config_bail!(
+                "nothing to evaluate: {} records asked of a {}-record {} split",
+                self.records,
+                data.len(),
+                data.split.name()
+            );
+        }
         let n = self.records.min(data.len());
         let idx: Vec<usize> = (0..n).collect();
         let found = self.cache_dir.as_ref().and_then(|dir| {
             [Dtype::F32, Dtype::F16].into_iter().find_map(|dt| {
                 let key = CacheKey::new(&model.meta.base_weights_digest, size, data, n, dt);
                 let found = cache::find(dir, &key)?;
-                cache::open(&found, data).ok().flatten()
+                cache::open(&found, &key, data).ok().flatten()
             })
         });
         let live = Live::new(&model.base, data, size, n);

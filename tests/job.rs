@@ -12,7 +12,7 @@ use vgg16_cpu::features::Cached;
 use vgg16_cpu::model::saved::SavedModel;
 use vgg16_cpu::report::history::{EpochRecord, StageResult};
 use vgg16_cpu::train::{self as tr, Inputs, State};
-use vgg16_cpu::{EvaluateJob, Observer, PredictJob, Silent, StageConfig, TrainConfig, TrainJob};
+use vgg16_cpu::{EvaluateJob, Observer, PredictJob, Silent, TrainConfig, TrainJob};
 
 /// Every event, as text, in order.
 #[derive(Default)]
@@ -46,23 +46,7 @@ impl Observer for Recorder {
 }
 
 fn config() -> TrainConfig {
-    let mut c = TrainConfig::recipe(32, 10);
-    c.stage1 = StageConfig {
-        lr: 0.001,
-        momentum: 0.0,
-        batch_size: 16,
-        epochs: 1,
-    };
-    c.stage2 = StageConfig {
-        lr: 1e-4,
-        momentum: 0.9,
-        batch_size: 16,
-        epochs: 2,
-    };
-    c.seed = 21;
-    c.limit_train = Some(48);
-    c.limit_test = Some(20);
-    c
+    small_recipe(21, 48, 20, 2)
 }
 
 #[test]
@@ -108,21 +92,10 @@ fn train_job_reports_writes_the_run_and_matches_the_loop() {
         rec.events
     );
 
-    // The run directory is complete.
-    for f in [
-        "checkpoint.npz",
-        "checkpoint.json",
-        "history.csv",
-        "history.png",
-        "metrics.json",
-        "model_stage1.npz",
-        "model.npz",
-        "test_report.txt",
-        "test_report.json",
-        "confusion_matrix.png",
-        "comparison.md",
-        "comparison.json",
-    ] {
+    // The run directory is complete: the files of a run (model, stage-1
+    // model, checkpoint, history, metrics, reports, plots), all there.
+    assert_eq!(vgg16_cpu::train::job::RUN_FILES.len(), 12);
+    for f in vgg16_cpu::train::job::RUN_FILES {
         assert!(out.join(f).is_file(), "{f} missing");
     }
     let metrics: serde_json::Value =

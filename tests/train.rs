@@ -298,7 +298,7 @@ fn resumed_run_ends_with_the_same_numbers() {
         &inputs,
         &mut first,
         &mut |s| {
-            tr::save_checkpoint(dir.path(), &cfg, s)?;
+            tr::save_checkpoint(dir.path(), &cfg, None, s)?;
             calls += 1;
             if calls == 3 {
                 return Err(vgg16_cpu::Error::config("simulated interruption"));

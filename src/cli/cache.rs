@@ -9,11 +9,13 @@ use std::path::{Path, PathBuf};
 pub enum CacheWhat {
     /// List caches: key, size, complete or not.
     Ls {
+        /// Where activation caches live.
         #[arg(long, default_value = DEFAULT_CACHE)]
         cache_dir: PathBuf,
     },
     /// Remove caches by directory name (or id), or all of them.
     Rm {
+        /// Where activation caches live.
         #[arg(long, default_value = DEFAULT_CACHE)]
         cache_dir: PathBuf,
         /// Remove every cache.
@@ -64,8 +66,12 @@ fn cache_ls(dir: &Path) -> Result<()> {
 }
 
 fn cache_rm(dir: &Path, all: bool, names: &[String]) -> Result<()> {
-    for (name, bytes) in vgg16_cpu::features::cache::remove(dir, all, names)? {
+    let done = vgg16_cpu::features::cache::remove(dir, all, names)?;
+    for (name, bytes) in done.removed {
         println!("removed {name} ({:.2} GB)", bytes as f64 / 1e9);
+    }
+    for name in done.skipped {
+        println!("left {name}: not a vgg16 cache (no valid meta.json naming it)");
     }
     Ok(())
 }

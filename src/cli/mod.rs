@@ -132,10 +132,7 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 pub fn check_image_size(s: usize) -> Result<()> {
-    if s == 0 || !s.is_multiple_of(32) {
-        bail!("--image-size {s}: must be a positive multiple of 32 (VGG-16 halves it five times; 32 means no resize)");
-    }
-    Ok(())
+    Ok(vgg16_cpu::model::vgg::check_image_size(s)?)
 }
 
 /// Finds CIFAR-10 at `--data`; when the default `data/` holds none, falls
@@ -198,4 +195,32 @@ pub fn with_threads<T>(threads: Option<usize>, f: impl FnOnce() -> Result<T>) ->
     debug_assert_eq!(d, Dispatch::global());
     eprintln!("{}", d.describe());
     f()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Cli;
+    use clap::CommandFactory;
+
+    /// Every flag and argument of every subcommand says what it is for.
+    #[test]
+    fn every_flag_has_help_text() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for a in cmd.get_arguments() {
+                let id = a.get_id().as_str();
+                if id != "help" && id != "version" && a.get_help().is_none() {
+                    missing.push(format!("{path} {id}"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                if sub.get_about().is_none() {
+                    missing.push(format!("{path} {} (the command)", sub.get_name()));
+                }
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "vgg16", &mut missing);
+        assert!(missing.is_empty(), "no help text: {missing:?}");
+    }
 }

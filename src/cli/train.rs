@@ -14,18 +14,25 @@ use vgg16_cpu::{StageConfig, TrainConfig, TrainJob};
 pub struct TrainArgs {
     #[command(flatten)]
     input: InputArgs,
+    /// Stage 1 (head only): SGD learning rate.
     #[arg(long, default_value_t = 0.01)]
     stage1_lr: f64,
+    /// Stage 1: images per SGD step.
     #[arg(long, default_value_t = 32)]
     stage1_batch_size: usize,
+    /// Stage 1: epochs over the training records.
     #[arg(long, default_value_t = 2)]
     stage1_epochs: usize,
+    /// Stage 2 (block5 + head): SGD learning rate.
     #[arg(long, default_value_t = 1e-4)]
     stage2_lr: f64,
+    /// Stage 2: SGD momentum, in [0, 1).
     #[arg(long, default_value_t = 0.9)]
     stage2_momentum: f64,
+    /// Stage 2: images per SGD step.
     #[arg(long, default_value_t = 64)]
     stage2_batch_size: usize,
+    /// Stage 2: epochs over the training records.
     #[arg(long, default_value_t = 5)]
     stage2_epochs: usize,
     /// Validate on the last fraction F of the training records instead of
@@ -63,6 +70,9 @@ pub struct TrainArgs {
     /// Run directory (default: a new runs/<timestamp>/).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Replace the run already in --out (otherwise refused).
+    #[arg(long)]
+    overwrite: bool,
     /// Continue the run in DIR from its last completed epoch.
     #[arg(long)]
     resume: Option<PathBuf>,
@@ -122,14 +132,17 @@ pub fn train(args: &TrainArgs) -> Result<()> {
     job.cache_dtype = cache_dtype;
     job.use_cache = !args.no_cache;
     job.forward_batch = args.forward_batch_size;
+    job.overwrite = args.overwrite;
     let done = job.run(&mut CliObserver::default())?;
     if let Some(rep) = &done.test_report {
         eprintln!("\n{}", rep.text());
     }
     eprintln!("{}", done.comparison);
-    eprintln!(
-        "run directory {}: model.npz, model_stage1.npz, history.csv, history.png, confusion_matrix.png, metrics.json, comparison.md",
-        done.out.display()
-    );
+    let written: Vec<&str> = vgg16_cpu::train::job::RUN_FILES
+        .iter()
+        .copied()
+        .filter(|f| done.out.join(f).is_file())
+        .collect();
+    eprintln!("run directory {}: {}", done.out.display(), written.join(", "));
     Ok(())
 }

@@ -36,10 +36,19 @@ pub enum DataError {
     BadLabel { path: PathBuf, record: usize, label: u8 },
     #[error("{path}: {found} class names, expected {NUM_CLASSES} (one a line)")]
     BadMeta { path: PathBuf, found: usize },
-    #[error("{path}: corrupt or truncated archive: {source}")]
-    Archive { path: PathBuf, source: std::io::Error },
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: corrupt or truncated archive: {err}")]
+    Archive { path: PathBuf, err: std::io::Error },
+    #[error("{path}: {err}")]
+    Io { path: PathBuf, err: std::io::Error },
+    #[error("{path}: empty (a CIFAR-10 batch file holds {RECORD_BYTES}-byte records)")]
+    Empty { path: PathBuf },
+    #[error("{path}: {found} records, but {first} has {expected} (the training batch files of one dataset are the same size; truncated?)")]
+    Uneven {
+        path: PathBuf,
+        found: usize,
+        first: String,
+        expected: usize,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -101,6 +110,13 @@ pub fn locate(path: &Path) -> Result<Source, DataError> {
         return Ok(Source::Archive(path.to_path_buf()));
     }
     if path.is_dir() {
+        // An unreadable directory is not an empty one.
+        if let Err(err) = std::fs::read_dir(path) {
+            return Err(DataError::Io {
+                path: path.to_path_buf(),
+                err,
+            });
+        }
         if path.join(DIR_NAME).is_dir() {
             return Ok(Source::Dir(path.join(DIR_NAME)));
         }
@@ -150,9 +166,28 @@ pub fn load_split(source: &Source, split: Split) -> Result<Dataset, DataError> {
     let class_names = parse_meta(&source.path().join(META_NAME), &files[META_NAME])?;
     let mut images = Vec::new();
     let mut labels = Vec::new();
+    let first = split.members()[0];
     for m in split.members() {
         let bytes = &files[*m];
         let shown = source.path().join(m);
+        if bytes.is_empty() {
+            return Err(DataError::Empty { path: shown });
+        }
+        if !bytes.len().is_multiple_of(RECORD_BYTES) {
+            return Err(DataError::BadSize {
+                path: shown,
+                len: bytes.len(),
+            });
+        }
+        let (found, expected) = (bytes.len() / RECORD_BYTES, files[first].len() / RECORD_BYTES);
+        if found != expected {
+            return Err(DataError::Uneven {
+                path: shown,
+                found,
+                first: first.to_string(),
+                expected,
+            });
+        }
         parse_records(&shown, bytes, &mut images, &mut labels)?;
     }
     Ok(Dataset {
@@ -220,23 +255,20 @@ fn read_members(source: &Source, wanted: &[&str]) -> Result<HashMap<String, Vec<
                         member: name.to_string(),
                     });
                 }
-                let bytes = std::fs::read(&p).map_err(|e| DataError::Io {
-                    path: p.clone(),
-                    source: e,
-                })?;
+                let bytes = std::fs::read(&p).map_err(|err| DataError::Io { path: p.clone(), err })?;
                 found.insert(name.to_string(), bytes);
             }
         }
         Source::Archive(path) => {
-            let f = File::open(path).map_err(|e| DataError::Io {
+            let f = File::open(path).map_err(|err| DataError::Io {
                 path: path.clone(),
-                source: e,
+                err,
             })?;
             let gz = flate2::read::GzDecoder::new(BufReader::with_capacity(1 << 20, f));
             let mut ar = tar::Archive::new(gz);
-            let bad = |e: std::io::Error| DataError::Archive {
+            let bad = |err: std::io::Error| DataError::Archive {
                 path: path.clone(),
-                source: e,
+                err,
             };
             for entry in ar.entries().map_err(bad)? {
                 let mut entry = entry.map_err(bad)?;
@@ -252,10 +284,10 @@ fn read_members(source: &Source, wanted: &[&str]) -> Result<HashMap<String, Vec<
                 let mut buf = Vec::with_capacity(entry.size() as usize);
                 entry.read_to_end(&mut buf).map_err(bad)?;
                 found.insert(name, buf);
-                if found.len() == wanted.len() {
-                    break;
-                }
             }
+            // Read to the end of the gzip stream, whose trailer (CRC32 and
+            // length of the whole archive) is checked only there.
+            std::io::copy(&mut ar.into_inner(), &mut std::io::sink()).map_err(bad)?;
             for name in wanted {
                 if !found.contains_key(*name) {
                     return Err(DataError::MissingMember {

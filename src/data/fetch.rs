@@ -20,8 +20,8 @@ pub const CIFAR10_BYTES: u64 = 170_052_171;
 pub enum FetchError {
     #[error("download of {url} failed: {msg}")]
     Http { url: String, msg: String },
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {err}")]
+    Io { path: PathBuf, err: std::io::Error },
     #[error(
         "{path}: MD5 is {got}, expected {expected}: the download is corrupt and was deleted; run the command again"
     )]
@@ -35,7 +35,7 @@ pub enum FetchError {
 fn io(path: &Path) -> impl Fn(std::io::Error) -> FetchError + '_ {
     move |e| FetchError::Io {
         path: path.to_path_buf(),
-        source: e,
+        err: e,
     }
 }
 

@@ -138,6 +138,12 @@ pub struct Meta {
     pub chunk_digests: Vec<String>,
     pub complete: bool,
     pub build_seconds: f64,
+    /// SHA-256 of gap.npy and label.npy, whole files, set when complete
+    /// (empty in caches from before they were recorded: those rebuild).
+    #[serde(default)]
+    pub gap_digest: String,
+    #[serde(default)]
+    pub label_digest: String,
 }
 
 /// An opened, complete cache.
@@ -195,6 +201,46 @@ pub fn free_bytes(dir: &Path) -> Option<u64> {
     (r == 0).then(|| s.f_bavail as u64 * s.f_frsize as u64)
 }
 
+/// SHA-256 of a whole file, as hex.
+fn file_digest(p: &Path) -> Result<String> {
+    let mut h = Sha256::new();
+    let mut f = File::open(p).at("cannot open", p)?;
+    std::io::copy(&mut f, &mut h).at("cannot read", p)?;
+    Ok(crate::data::fetch::hex(&h.finalize()))
+}
+
+/// Holds an exclusive lock on one cache key while it is found or built:
+/// two runs wanting the same cache do the work once (the second waits,
+/// then finds it complete). Released on drop.
+struct BuildLock {
+    _file: File,
+}
+
+impl BuildLock {
+    fn take(cache_dir: &Path, key: &CacheKey, obs: &mut dyn Observer) -> Result<BuildLock> {
+        use std::os::fd::AsRawFd;
+        let p = cache_dir.join(format!(".{}.lock", key.dir_name()));
+        let f = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&p)
+            .at("cannot create the lock file", &p)?;
+        // SAFETY: flock on a file descriptor this function owns.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            obs.info(&format!(
+                "cache: another process is building {}; waiting for it",
+                cache_dir.join(key.dir_name()).display()
+            ));
+            // SAFETY: as above.
+            if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+                return Err(std::io::Error::last_os_error()).at("cannot lock", &p);
+            }
+        }
+        Ok(BuildLock { _file: f })
+    }
+}
+
 /// Looks for a complete cache serving records 0..key.records: the exact
 /// key, or the same key over more records (a whole split serves any
 /// prefix).
@@ -233,8 +279,9 @@ pub fn open_or_build(
     obs: &mut dyn Observer,
 ) -> Result<(Cache, Outcome)> {
     std::fs::create_dir_all(cache_dir).at("cannot create cache directory", cache_dir)?;
+    let _lock = BuildLock::take(cache_dir, key, obs)?;
     if let Some(dir) = find(cache_dir, key) {
-        match open(&dir, data) {
+        match open(&dir, key, data) {
             Ok(Some(c)) => {
                 obs.info(&format!(
                     "cache: using {} ({} records, built in {:.0} s): blocks 1-4 will not run",
@@ -258,7 +305,7 @@ pub fn open_or_build(
     let dir = cache_dir.join(key.dir_name());
     let seconds = build(&dir, key, model, data, batch, obs)?;
     let resumed_at = seconds.1;
-    let c = open(&dir, data)?.ok_or_else(|| Error::invalid(&dir, "cache incomplete right after building it"))?;
+    let c = open(&dir, key, data)?.ok_or_else(|| Error::invalid(&dir, "cache incomplete right after building it"))?;
     Ok((
         c,
         Outcome::Built {
@@ -297,6 +344,8 @@ fn build(
             chunk_digests: vec![],
             complete: false,
             build_seconds: 0.0,
+            gap_digest: String::new(),
+            label_digest: String::new(),
         },
     };
     std::fs::create_dir_all(dir).at("cannot create", dir)?;
@@ -332,10 +381,10 @@ fn build(
     if let Some(f) = free {
         if need > f {
             crate::config_bail!(
-                "not enough disk space for the cache in {}: it needs {:.2} GB more, {:.2} GB are free (use --cache-dir elsewhere, --cache-dtype f16, or a smaller --limit-train)",
+                "not enough disk space for the cache in {}: it needs {} more, {} are free (use --cache-dir elsewhere, --cache-dtype f16, or a smaller --limit-train)",
                 dir.display(),
-                need as f64 / 1e9,
-                f as f64 / 1e9
+                human_bytes(need - f),
+                human_bytes(f)
             );
         }
     }
@@ -423,10 +472,22 @@ fn build(
     }
     obs.end();
     let secs = start.elapsed().as_secs_f64();
+    meta.gap_digest = file_digest(&gap_p)?;
+    meta.label_digest = file_digest(&lab_p)?;
     meta.complete = true;
     meta.build_seconds += secs;
     write_meta(&meta_p, &meta)?;
     Ok((secs, resumed_at))
+}
+
+/// Bytes as a person reads them: "512 B", "3.4 MB", "1.25 GB".
+pub fn human_bytes(b: u64) -> String {
+    match b {
+        0..1_000 => format!("{b} B"),
+        1_000..1_000_000 => format!("{:.1} kB", b as f64 / 1e3),
+        1_000_000..1_000_000_000 => format!("{:.1} MB", b as f64 / 1e6),
+        _ => format!("{:.2} GB", b as f64 / 1e9),
+    }
 }
 
 fn human_secs(s: f64) -> String {
@@ -441,9 +502,25 @@ fn human_secs(s: f64) -> String {
 
 /// Opens a cache directory. Ok(None): a valid but incomplete cache (resume
 /// it); Err: damaged or not matching `data`.
-pub fn open(dir: &Path, data: &Dataset) -> Result<Option<Cache>> {
+pub fn open(dir: &Path, want: &CacheKey, data: &Dataset) -> Result<Option<Cache>> {
     let (meta_p, b4_p, gap_p, lab_p) = files(dir);
     let meta = read_meta(&meta_p)?;
+    // The key inside, not the directory's name, says what a cache holds (a
+    // cache copied or renamed under another name is refused here).
+    let mut k = meta.key.clone();
+    k.records = want.records;
+    if k != *want || meta.key.records < want.records {
+        return Err(Error::invalid(
+            &meta_p,
+            format!(
+                "holds the cache {} ({} records), not the one asked for, {} ({} records)",
+                meta.key.dir_name(),
+                meta.key.records,
+                want.dir_name(),
+                want.records
+            ),
+        ));
+    }
     if !meta.complete {
         return Ok(None);
     }
@@ -499,6 +576,14 @@ pub fn open(dir: &Path, data: &Dataset) -> Result<Option<Cache>> {
             return Err(Error::invalid(
                 &b4_p,
                 format!("records {r0}..{r1} do not match their recorded digest"),
+            ));
+        }
+    }
+    for (p, want) in [(&gap_p, &meta.gap_digest), (&lab_p, &meta.label_digest)] {
+        if file_digest(p)? != *want {
+            return Err(Error::invalid(
+                p,
+                "does not match the digest recorded when the cache was built",
             ));
         }
     }
@@ -570,27 +655,52 @@ impl Cache {
 }
 
 /// Removes the caches in `cache_dir` named in `names` (a directory name,
-/// or the id at its end), or every one with `all`. Returns each removed
-/// directory's name and size in bytes.
-pub fn remove(cache_dir: &Path, all: bool, names: &[String]) -> Result<Vec<(String, u64)>> {
+/// or the id at its end), or every one with `all`. A directory that is not
+/// provably a cache is never removed: named, it is an error; under `all`,
+/// it is skipped and reported.
+pub fn remove(cache_dir: &Path, all: bool, names: &[String]) -> Result<Removed> {
     if !all && names.is_empty() {
         crate::config_bail!("name the caches to remove (see `vgg16 cache ls`), or pass --all");
     }
-    let mut removed = Vec::new();
-    for (p, _, bytes) in list(cache_dir)? {
+    let mut out = Removed::default();
+    let mut matched = false;
+    for (p, meta, bytes) in list(cache_dir)? {
         let name = p
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        if all || names.iter().any(|n| name == *n || name.ends_with(&format!("-{n}"))) {
-            std::fs::remove_dir_all(&p).at("cannot remove", &p)?;
-            removed.push((name, bytes));
+        if !(all || names.iter().any(|n| name == *n || name.ends_with(&format!("-{n}")))) {
+            continue;
         }
+        matched = true;
+        // Only a directory proven to be one of ours: a readable meta.json of
+        // this format whose key names this very directory.
+        let ours = meta.is_some_and(|m| m.key.dir_name() == name);
+        if !ours {
+            if !all {
+                crate::config_bail!(
+                    "{}: not a vgg16 cache (no valid meta.json naming it); not removed",
+                    p.display()
+                );
+            }
+            out.skipped.push(name);
+            continue;
+        }
+        std::fs::remove_dir_all(&p).at("cannot remove", &p)?;
+        out.removed.push((name, bytes));
     }
-    if removed.is_empty() {
+    if !matched {
         crate::config_bail!("no cache in {} matches {:?}", cache_dir.display(), names);
     }
-    Ok(removed)
+    Ok(out)
+}
+
+/// What [`remove`] did: each removed cache (name, bytes), and the
+/// directories `--all` left alone because they are not caches.
+#[derive(Debug, Default)]
+pub struct Removed {
+    pub removed: Vec<(String, u64)>,
+    pub skipped: Vec<String>,
 }
 
 /// One line per cache directory: for `vgg16 cache ls`.

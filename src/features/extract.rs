@@ -184,11 +184,20 @@ pub fn extract(
         let opts = zip::write::SimpleFileOptions::default()
             .compression_method(zip::CompressionMethod::Stored)
             .large_file(true);
-        for (name, path) in &parts {
-            zip.start_file(format!("{name}.npy"), opts)
-                .map_err(std::io::Error::other)?;
-            let mut src = File::open(path)?;
-            std::io::copy(&mut src, &mut zip)?;
+        let mut copy = || -> std::io::Result<()> {
+            for (name, path) in &parts {
+                zip.start_file(format!("{name}.npy"), opts)
+                    .map_err(std::io::Error::other)?;
+                let mut src = File::open(path)?;
+                std::io::copy(&mut src, &mut zip)?;
+            }
+            Ok(())
+        };
+        if let Err(e) = copy() {
+            // Abandon the half-written file quietly (the zip writer's drop
+            // would try to finish it and print to stderr).
+            std::mem::forget(zip);
+            return Err(e);
         }
         let mut inner = zip.finish().map_err(std::io::Error::other)?;
         inner.flush()

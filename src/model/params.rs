@@ -118,15 +118,17 @@ impl NpzIn {
 }
 
 /// An `.npz` being written (uncompressed) into an open file; the caller
-/// writes the file atomically ([`crate::atomic_write`]).
+/// writes the file atomically ([`crate::atomic_write`]). Dropped without
+/// [`NpzOut::finish`] (after an error), it abandons the file quietly: the
+/// zip writer's own drop would try to finish it and print to stderr.
 pub struct NpzOut<'f> {
-    npz: NpzWriter<BufWriter<&'f mut File>>,
+    npz: Option<NpzWriter<BufWriter<&'f mut File>>>,
 }
 
 impl<'f> NpzOut<'f> {
     pub fn new(f: &'f mut File) -> NpzOut<'f> {
         NpzOut {
-            npz: NpzWriter::new(BufWriter::new(f)),
+            npz: Some(NpzWriter::new(BufWriter::new(f))),
         }
     }
 
@@ -136,7 +138,8 @@ impl<'f> NpzOut<'f> {
         S::Elem: WritableElement,
         D: Dimension,
     {
-        self.npz.add_array(key, a).map_err(std::io::Error::other)
+        let npz = self.npz.as_mut().expect("not finished");
+        npz.add_array(key, a).map_err(std::io::Error::other)
     }
 
     /// `<name>/kernel` and `<name>/bias` for each (name, params).
@@ -148,9 +151,18 @@ impl<'f> NpzOut<'f> {
         Ok(())
     }
 
-    pub fn finish(self) -> std::io::Result<()> {
-        let mut inner = self.npz.finish().map_err(std::io::Error::other)?;
+    pub fn finish(mut self) -> std::io::Result<()> {
+        let npz = self.npz.take().expect("not finished");
+        let mut inner = npz.finish().map_err(std::io::Error::other)?;
         inner.flush()
+    }
+}
+
+impl Drop for NpzOut<'_> {
+    fn drop(&mut self) {
+        if let Some(npz) = self.npz.take() {
+            std::mem::forget(npz);
+        }
     }
 }
 

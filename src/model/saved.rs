@@ -42,6 +42,55 @@ pub struct ModelMeta {
     pub config: Option<TrainConfig>,
 }
 
+impl ModelMeta {
+    /// Every field within what this program can run; the reason otherwise.
+    pub fn check(&self) -> Result<(), String> {
+        if !matches!(self.stage, 1 | 2) {
+            return Err(format!("stage {} (expected 1 or 2)", self.stage));
+        }
+        crate::model::vgg::check_image_size(self.image_size).map_err(|_| {
+            format!(
+                "image_size {} (expected a positive multiple of 32 up to {})",
+                self.image_size,
+                crate::model::vgg::MAX_IMAGE_SIZE
+            )
+        })?;
+        if self.preprocessing != crate::data::image::PREPROCESSING {
+            return Err(format!(
+                "preprocessing {:?} (this program applies {:?})",
+                self.preprocessing,
+                crate::data::image::PREPROCESSING
+            ));
+        }
+        let n = self.class_names.len();
+        if n < 2 {
+            return Err(format!("{n} class names (a classifier needs at least 2)"));
+        }
+        if self.class_names.iter().any(|c| c.trim().is_empty()) {
+            return Err("an empty class name".into());
+        }
+        if self.hidden == Some(0) {
+            return Err("hidden 0 (a hidden layer needs at least 1 unit)".into());
+        }
+        if self.base_weights_digest.len() != 64 || !self.base_weights_digest.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(format!(
+                "base_weights_digest {:?} is not a SHA-256",
+                self.base_weights_digest
+            ));
+        }
+        if let Some(c) = &self.config {
+            c.check().map_err(|e| format!("config: {e}"))?;
+            if c.image_size != self.image_size || c.classes != n || c.hidden != self.hidden {
+                return Err(format!(
+                    "config (image size {}, {} classes, hidden {:?}) disagrees with the model (image size {}, {n} classes, hidden {:?})",
+                    c.image_size, c.classes, c.hidden, self.image_size, self.hidden
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 pub struct SavedModel {
     pub base: Vgg16,
     pub head: Head,
@@ -107,6 +156,7 @@ impl SavedModel {
                 meta.format, meta.format_version
             )));
         }
+        meta.check().map_err(|msg| bad(format!("'meta': {msg}")))?;
         let classes = meta.class_names.len();
         let mut dense = |name: &str, rows: usize, cols: usize| -> Result<Dense> {
             let w: Array2<f32> = npz.raw(&format!("{name}/kernel"))?;

@@ -88,6 +88,21 @@ pub fn auto_batch(size: usize) -> usize {
     (16 * 224 * 224 / (size * size).max(1)).clamp(1, 64)
 }
 
+/// Largest input size: one image's block1 activations are then 1024 x
+/// 1024 x 64 f32 = 256 MiB (a batch holds a few such buffers).
+pub const MAX_IMAGE_SIZE: usize = 1024;
+
+/// Checks an input size S: a positive multiple of 32 (VGG-16 halves it
+/// five times) up to [`MAX_IMAGE_SIZE`].
+pub fn check_image_size(s: usize) -> crate::Result<()> {
+    if s == 0 || !s.is_multiple_of(32) || s > MAX_IMAGE_SIZE {
+        crate::config_bail!(
+            "--image-size {s}: must be a positive multiple of 32 up to {MAX_IMAGE_SIZE} (VGG-16 halves it five times; 32 means no resize; at {MAX_IMAGE_SIZE} one image's first activations take 256 MiB)"
+        );
+    }
+    Ok(())
+}
+
 pub fn layer_index(name: &str) -> Option<usize> {
     LAYERS.iter().position(|l| l.name == name)
 }

@@ -14,6 +14,7 @@ use ndarray::ArrayD;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
+use sha2::Digest;
 use std::io::Write;
 use std::path::Path;
 
@@ -26,13 +27,30 @@ struct CheckpointMeta {
     history: Vec<EpochRecord>,
     stage_results: Vec<StageResult>,
     has_block5_velocity: bool,
+    /// What the run trains on (absent in checkpoints from before it was
+    /// recorded).
+    #[serde(default)]
+    identity: Option<RunIdentity>,
+    /// SHA-256 of checkpoint.npz: the JSON and the arrays belong together.
+    #[serde(default)]
+    npz_digest: Option<String>,
+}
+
+/// The data and weights a run trains on: `--resume` refuses a checkpoint
+/// made from others.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RunIdentity {
+    pub weights_digest: String,
+    /// SHA-256 of each split's labels and images ([`crate::features::cache::dataset_digest`]).
+    pub train_digest: String,
+    pub test_digest: String,
 }
 
 const CHECKPOINT_VERSION: u32 = 1;
 const VELOCITY: &str = "velocity/";
 
 /// Writes checkpoint.npz, then checkpoint.json, into `dir`.
-pub fn save_checkpoint(dir: &Path, cfg: &TrainConfig, s: &State) -> Result<()> {
+pub fn save_checkpoint(dir: &Path, cfg: &TrainConfig, identity: Option<&RunIdentity>, s: &State) -> Result<()> {
     let npz = dir.join("checkpoint.npz");
     crate::atomic_write(&npz, |f| {
         let mut w = NpzOut::new(f);
@@ -54,15 +72,24 @@ pub fn save_checkpoint(dir: &Path, cfg: &TrainConfig, s: &State) -> Result<()> {
         history: s.history.clone(),
         stage_results: s.stage_results.clone(),
         has_block5_velocity: !s.v_block5.is_empty(),
+        identity: identity.cloned(),
+        npz_digest: Some(file_digest(&npz)?),
     };
     let json = serde_json::to_vec_pretty(&meta).expect("plain data");
     let p = dir.join("checkpoint.json");
     crate::atomic_write(&p, |f| f.write_all(&json)).at("cannot write", &p)
 }
 
-/// The configuration a checkpoint in `dir` was made with.
-pub fn checkpoint_config(dir: &Path) -> Result<TrainConfig> {
-    Ok(read_meta(dir)?.config)
+/// The configuration a checkpoint in `dir` was made with, and what it
+/// trains on.
+pub fn checkpoint_config(dir: &Path) -> Result<(TrainConfig, Option<RunIdentity>)> {
+    let m = read_meta(dir)?;
+    Ok((m.config, m.identity))
+}
+
+fn file_digest(p: &Path) -> Result<String> {
+    let bytes = std::fs::read(p).at("cannot read", p)?;
+    Ok(crate::data::fetch::hex(&sha2::Sha256::digest(&bytes)))
 }
 
 fn read_meta(dir: &Path) -> Result<CheckpointMeta> {
@@ -80,6 +107,32 @@ fn read_meta(dir: &Path) -> Result<CheckpointMeta> {
             ),
         ));
     }
+    meta.config
+        .check()
+        .map_err(|e| Error::invalid(&jp, format!("config: {e}")))?;
+    // Progress must add up: an edited epoch count or stage is refused.
+    let (c, done) = (&meta.config, meta.epochs_done);
+    let epochs = |stage| if stage == 1 { c.stage1.epochs } else { c.stage2.epochs };
+    let expect_history = if meta.stage == 2 { c.stage1.epochs + done } else { done };
+    let expect_results = meta.stage as usize - 1;
+    let consistent = matches!(meta.stage, 1 | 2)
+        && done <= epochs(meta.stage)
+        && meta.history.len() == expect_history
+        && (meta.stage_results.len() == expect_results || meta.stage_results.len() == expect_results + 1)
+        && meta.has_block5_velocity == (meta.stage == 2);
+    if !consistent {
+        return Err(Error::invalid(
+            &jp,
+            format!(
+                "inconsistent progress: stage {}, {} epochs done of {}, {} history rows, {} finished stages",
+                meta.stage,
+                done,
+                epochs(if meta.stage == 2 { 2 } else { 1 }),
+                meta.history.len(),
+                meta.stage_results.len()
+            ),
+        ));
+    }
     Ok(meta)
 }
 
@@ -87,7 +140,16 @@ fn read_meta(dir: &Path) -> Result<CheckpointMeta> {
 /// it was made with and the state.
 pub fn load_checkpoint(dir: &Path) -> Result<(TrainConfig, State)> {
     let meta = read_meta(dir)?;
-    let mut npz = NpzIn::open(&dir.join("checkpoint.npz"))?;
+    let np = dir.join("checkpoint.npz");
+    if let Some(want) = &meta.npz_digest {
+        if file_digest(&np)? != *want {
+            return Err(Error::invalid(
+                &np,
+                "does not belong to checkpoint.json (another run's, or changed since)",
+            ));
+        }
+    }
+    let mut npz = NpzIn::open(&np)?;
     let mut block5 = Vec::new();
     let mut v_block5 = Vec::new();
     for (_, name, cin, cout) in convs().skip(BLOCK5_CONVS.start) {

@@ -13,6 +13,7 @@ use crate::config::TrainConfig;
 use crate::data::cifar::{self, Source, Split};
 use crate::data::image::PREPROCESSING;
 use crate::error::{IoContext, Result};
+use crate::features::cache::dataset_digest;
 use crate::features::cache::{self, Cache, CacheKey, Dtype};
 use crate::features::{Cached, Features, Live};
 use crate::model::saved::{ModelMeta, SavedModel, FORMAT, FORMAT_VERSION};
@@ -20,11 +21,28 @@ use crate::model::vgg::{auto_batch, Vgg16};
 use crate::observer::Observer;
 use crate::report::history::{write_history, write_text, EpochRecord, StageResult};
 use crate::report::metrics::{self, Report};
-use crate::train::checkpoint::{checkpoint_config, load_checkpoint, save_checkpoint};
+use crate::train::checkpoint::{checkpoint_config, load_checkpoint, save_checkpoint, RunIdentity};
 use crate::train::recipe::{self, Inputs, State};
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
+
+/// The files a run directory holds when complete (the closing line lists
+/// them; a fresh run refuses a directory that holds any).
+pub const RUN_FILES: &[&str] = &[
+    "checkpoint.npz",
+    "checkpoint.json",
+    "history.csv",
+    "history.png",
+    "metrics.json",
+    "model_stage1.npz",
+    "model.npz",
+    "test_report.txt",
+    "test_report.json",
+    "confusion_matrix.png",
+    "comparison.md",
+    "comparison.json",
+];
 
 /// A training run: what to train on, with what, and where its files go.
 pub struct TrainJob {
@@ -45,9 +63,12 @@ pub struct TrainJob {
     pub use_cache: bool,
     /// Images per batch of the cache pass (None: [`auto_batch`]).
     pub forward_batch: Option<usize>,
+    /// Replace a run already in `out` (a fresh run refuses otherwise).
+    pub overwrite: bool,
 }
 
 /// What a finished run reports (its files are in `out`).
+#[derive(Debug)]
 pub struct TrainOutcome {
     pub out: PathBuf,
     pub history: Vec<EpochRecord>,
@@ -74,13 +95,14 @@ impl TrainJob {
             cache_dtype: Dtype::F32,
             use_cache: true,
             forward_batch: None,
+            overwrite: false,
         }
     }
 
     /// Continues the run in `dir` with the configuration its checkpoint
     /// was made with.
     pub fn resume(dir: &Path, data: Source, base: Vgg16) -> Result<TrainJob> {
-        let config = checkpoint_config(dir)?;
+        let (config, _) = checkpoint_config(dir)?;
         Ok(TrainJob {
             resume: true,
             ..TrainJob::new(config, data, base, dir.to_path_buf())
@@ -88,7 +110,19 @@ impl TrainJob {
     }
 
     /// Runs the recipe to the end: cache, stage 1, stage 2, test, report.
+    /// A fresh run that fails before writing anything leaves no run
+    /// directory behind.
     pub fn run(&self, obs: &mut dyn Observer) -> Result<TrainOutcome> {
+        let created = !self.out.exists();
+        let r = self.run_inner(obs);
+        if r.is_err() && created {
+            // Only if still empty (remove_dir refuses otherwise).
+            let _ = std::fs::remove_dir(&self.out);
+        }
+        r
+    }
+
+    fn run_inner(&self, obs: &mut dyn Observer) -> Result<TrainOutcome> {
         let t_start = Instant::now();
         let cfg = &self.config;
         let out = &self.out;
@@ -103,6 +137,15 @@ impl TrainJob {
             Some(st)
         } else {
             cfg.check()?;
+            let files: Vec<&str> = RUN_FILES.iter().copied().filter(|f| out.join(f).exists()).collect();
+            if !files.is_empty() && !self.overwrite {
+                crate::config_bail!(
+                    "{} already holds a run ({}): continue it with --resume {}, replace it with --overwrite, or choose another --out",
+                    out.display(),
+                    files.join(", "),
+                    out.display()
+                );
+            }
             None
         };
         std::fs::create_dir_all(out).at("cannot create run directory", out)?;
@@ -121,6 +164,31 @@ impl TrainJob {
             None => ((0..n_train).collect(), vec![]),
         };
         let test_idx: Vec<usize> = (0..n_test).collect();
+        let identity = RunIdentity {
+            weights_digest: digest.clone(),
+            train_digest: dataset_digest(&train_ds),
+            test_digest: dataset_digest(&test_ds),
+        };
+        if self.resume {
+            if let (_, Some(saved)) = checkpoint_config(out)? {
+                let differs: Vec<&str> = [
+                    ("base weights", saved.weights_digest != identity.weights_digest),
+                    ("training data", saved.train_digest != identity.train_digest),
+                    ("test data", saved.test_digest != identity.test_digest),
+                ]
+                .into_iter()
+                .filter_map(|(what, d)| d.then_some(what))
+                .collect();
+                if !differs.is_empty() {
+                    crate::config_bail!(
+                        "{}: this run was trained on other {} than --data {} and --weights give now; resume it with the same ones",
+                        out.display(),
+                        differs.join(" and "),
+                        self.data.path().display()
+                    );
+                }
+            }
+        }
         let held_out = cfg.validation_split.is_some();
         obs.info(&format!(
             "training on {} records, validating on {} {} records, testing on {n_test}; {}x{} input; run directory {}",
@@ -184,7 +252,7 @@ impl TrainJob {
             config: Some(cfg.clone()),
         };
         let mut on_epoch = |s: &State| -> Result<()> {
-            save_checkpoint(out, cfg, s)?;
+            save_checkpoint(out, cfg, Some(&identity), s)?;
             write_history(&out.join("history.csv"), &s.history)?;
             if let Some(r) = s.stage_results.last() {
                 let file = if r.stage == 1 { "model_stage1.npz" } else { "model.npz" };
