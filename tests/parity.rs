@@ -40,10 +40,9 @@ fn compare(what: &str, got: &ArrayD<f32>, want: &ArrayD<f32>) -> f32 {
 }
 
 #[test]
+#[cfg_attr(not(has_shared), ignore = "needs ../shared (weights, archive, fixtures)")]
 fn matches_reference_activations_at_32_64_224() {
-    let Some(shared) = common::shared_or_skip("parity") else {
-        return;
-    };
+    let shared = common::shared();
     let model = Vgg16::load_npz(&shared.join("weights/vgg16_imagenet_notop.npz")).expect("shared weights");
     let source = cifar::locate(&shared.join("data/cifar-10-binary.tar.gz")).expect("shared archive");
     let test = cifar::load_split(&source, Split::Test).expect("test split");

