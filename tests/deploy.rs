@@ -9,6 +9,20 @@ use vgg16_cpu::report::history::{EpochRecord, StageResult};
 use vgg16_cpu::train::State;
 use vgg16_cpu::{StageConfig, TrainConfig};
 
+/// The model's logits for CIFAR records, computed here on another route
+/// than the program's: the whole base run layer by layer on the im2col
+/// path (the program uses Winograd and its cache), then the head.
+fn expected_logits(m: &SavedModel, records: &[&[u8]]) -> ndarray::Array2<f32> {
+    use vgg16_cpu::tensor::dispatch::{ConvAlgo, Dispatch};
+    let d = Dispatch {
+        isa: Dispatch::global().isa,
+        conv: ConvAlgo::Im2col,
+    };
+    let x = vgg16_cpu::data::image::preprocess_batch(records, m.meta.image_size);
+    let g = m.base.prepare_with(d).features(x);
+    vgg16_cpu::model::head_forward(&m.head, g.view(), None).0
+}
+
 fn names() -> Vec<String> {
     [
         "airplane",
@@ -90,6 +104,21 @@ fn saved_model_round_trip_and_run_directory() {
         assert_eq!(m.head.hidden.is_some(), hidden.is_some());
         assert_eq!(m.base.digest(), fake_vgg(21).digest(), "untrained block5 = base");
         assert_eq!(m.meta.class_names.len(), 10);
+        // Every weight comes back exactly: the head and block5 as saved.
+        let s = State::new(&fake_vgg(21), &cfg(hidden));
+        assert_eq!(m.head.out.w, s.head.out.w);
+        assert_eq!(m.head.out.b, s.head.out.b);
+        assert_eq!(
+            m.head.hidden.as_ref().map(|d| &d.w),
+            s.head.hidden.as_ref().map(|d| &d.w)
+        );
+        assert_eq!(
+            m.head.hidden.as_ref().map(|d| &d.b),
+            s.head.hidden.as_ref().map(|d| &d.b)
+        );
+        for (a, b) in m.block5().iter().zip(&s.block5) {
+            assert_eq!((&a.w, &a.b), (&b.w, &b.b));
+        }
     }
 }
 
@@ -158,9 +187,22 @@ fn evaluate_json_and_plot() {
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    let acc = v["accuracy"].as_f64().unwrap();
-    assert!((0.0..=1.0).contains(&acc));
-    assert!(v["loss"].as_f64().unwrap().is_finite());
+    // The numbers themselves, from logits computed here.
+    let m = SavedModel::load(&p).unwrap();
+    let test = vgg16_cpu::data::cifar::load_split(
+        &vgg16_cpu::data::cifar::locate(&data).unwrap(),
+        vgg16_cpu::data::cifar::Split::Test,
+    )
+    .unwrap();
+    let recs: Vec<&[u8]> = (0..40).map(|i| test.image(i)).collect();
+    let want = vgg16_cpu::report::metrics::report(&expected_logits(&m, &recs), &test.labels[..40], &m.meta.class_names);
+    assert_eq!(v["accuracy"].as_f64().unwrap(), want.accuracy);
+    let loss = v["loss"].as_f64().unwrap();
+    assert!(
+        (loss - want.loss).abs() <= 1e-4 * want.loss.abs(),
+        "loss {loss} vs {}",
+        want.loss
+    );
     let cm = v["confusion_matrix"].as_array().unwrap();
     assert_eq!(cm.len(), 10);
     let total: u64 = cm
@@ -314,5 +356,23 @@ fn predict_png_jpeg_bmp_and_a_bad_file() {
     let a = single["top"][0]["probability"].as_f64().unwrap();
     let b = lines[1]["top"][0]["probability"].as_f64().unwrap();
     // GEMM blocking follows the batch shape: last-bit differences only.
-    assert!((a - b).abs() < 1e-3, "{a} vs {b}");
+    assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+    // And the probabilities themselves, from logits computed here.
+    let m = SavedModel::load(&model).unwrap();
+    let recs: Vec<Vec<u8>> = files
+        .iter()
+        .map(|f| vgg16_cpu::data::image::load_as_cifar(f).unwrap())
+        .collect();
+    let refs: Vec<&[u8]> = recs.iter().map(Vec::as_slice).collect();
+    let probs = vgg16_cpu::tensor::ops::softmax(expected_logits(&m, &refs).view());
+    for (l, p) in lines.iter().zip(probs.rows()) {
+        let mut order: Vec<usize> = (0..p.len()).collect();
+        order.sort_by(|&x, &y| p[y].total_cmp(&p[x]));
+        for (k, &c) in order[..2].iter().enumerate() {
+            let got = &l["top"][k];
+            assert_eq!(got["class"].as_str().unwrap(), m.meta.class_names[c], "{l}");
+            let q = got["probability"].as_f64().unwrap();
+            assert!((q - p[c] as f64).abs() <= 1e-5, "{q} vs {}", p[c]);
+        }
+    }
 }

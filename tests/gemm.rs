@@ -116,3 +116,27 @@ fn empty_inner_dimension() {
         assert!(c.iter().all(|&v| v == 2.5));
     }
 }
+
+/// The tiles the parallel GEMM hands out cover every element of C exactly
+/// once (NaN-filled outputs would catch a gap, not a double write).
+#[test]
+fn tiles_cover_the_output_exactly_once() {
+    for &(m, k, n) in &[
+        (17, 257, 17),
+        (1000, 33, 300),
+        (196, 300, 513),
+        (3, 2000, 700),
+        (50176, 576, 64),
+    ] {
+        let (tm, tn) = tile_shape(m, k, n);
+        let mut c = Array2::<f32>::zeros((m, n));
+        for (r0, c0, mut t) in vgg16_cpu::tensor::gemm::split_tiles(c.view_mut(), tm, tn) {
+            assert!(r0 % tm == 0 && c0 % tn == 0, "{m}x{n}: tile at ({r0}, {c0})");
+            t.mapv_inplace(|v| v + 1.0);
+        }
+        assert!(
+            c.iter().all(|&v| v == 1.0),
+            "{m}x{k}x{n}: tiles {tm}x{tn} do not cover C exactly once"
+        );
+    }
+}
