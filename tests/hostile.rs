@@ -94,6 +94,22 @@ fn a_changed_gap_file_or_a_renamed_cache_is_never_used() {
     assert_eq!(c.gap, gap_before);
     drop(c);
 
+    // A cache from before gap/label digests were recorded: opened, and the
+    // digests recorded then, so a later change is caught.
+    let mp = dir.join("meta.json");
+    let mut meta: cache::Meta = serde_json::from_slice(&std::fs::read(&mp).unwrap()).unwrap();
+    meta.gap_digest.clear();
+    meta.label_digest.clear();
+    std::fs::write(&mp, serde_json::to_vec(&meta).unwrap()).unwrap();
+    assert!(cache::open(&dir, &k, &data).unwrap().is_some());
+    let meta: cache::Meta = serde_json::from_slice(&std::fs::read(&mp).unwrap()).unwrap();
+    assert_eq!(meta.gap_digest.len(), 64);
+    std::fs::write(&gp, &bytes).unwrap();
+    assert!(cache::open(&dir, &k, &data).is_err());
+    let (c, _) = cache::open_or_build(tmp.path(), &k, &model, &data, 32, &mut Silent).unwrap();
+    assert_eq!(c.gap, gap_before);
+    drop(c);
+
     // The same cache copied under the name of another key (64 px).
     let k64 = CacheKey::new(&model.digest(), 64, &data, 20, Dtype::F32);
     let fake = tmp.path().join(k64.dir_name());

@@ -504,7 +504,7 @@ fn human_secs(s: f64) -> String {
 /// it); Err: damaged or not matching `data`.
 pub fn open(dir: &Path, want: &CacheKey, data: &Dataset) -> Result<Option<Cache>> {
     let (meta_p, b4_p, gap_p, lab_p) = files(dir);
-    let meta = read_meta(&meta_p)?;
+    let mut meta = read_meta(&meta_p)?;
     // The key inside, not the directory's name, says what a cache holds (a
     // cache copied or renamed under another name is refused here).
     let mut k = meta.key.clone();
@@ -591,6 +591,14 @@ pub fn open(dir: &Path, want: &CacheKey, data: &Dataset) -> Result<Option<Cache>
                 format!("records {r0}..{r1} do not match their recorded digest"),
             ));
         }
+    }
+    if meta.gap_digest.is_empty() && meta.label_digest.is_empty() {
+        // A cache built before these digests were recorded: record them now
+        // (trust on first use; block4 was verified above), so any later
+        // change is caught.
+        meta.gap_digest = file_digest(&gap_p)?;
+        meta.label_digest = file_digest(&lab_p)?;
+        write_meta(&meta_p, &meta)?;
     }
     for (p, want) in [(&gap_p, &meta.gap_digest), (&lab_p, &meta.label_digest)] {
         if file_digest(p)? != *want {
