@@ -42,12 +42,7 @@ fn names() -> Vec<String> {
 }
 
 fn cfg(hidden: Option<usize>) -> TrainConfig {
-    let sc = StageConfig {
-        lr: 0.01,
-        momentum: 0.0,
-        batch_size: 8,
-        epochs: 1,
-    };
+    let sc = StageConfig::sgd(0.01, 0.0, 8, 1);
     TrainConfig {
         image_size: 32,
         stage1: sc,
@@ -59,6 +54,7 @@ fn cfg(hidden: Option<usize>) -> TrainConfig {
         limit_train: None,
         limit_test: None,
         validation_split: None,
+        ..TrainConfig::recipe(32, 10)
     }
 }
 

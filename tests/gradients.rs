@@ -237,3 +237,91 @@ fn softmax_cross_entropy_matches_finite_differences() {
         "one right (0), one wrong by 2000: mean 1000, got {loss}"
     );
 }
+
+#[test]
+fn smoothed_cross_entropy_matches_finite_differences() {
+    let mut r = rng(901);
+    let logits = rand2(&mut r, (5, 7), -3.0, 3.0);
+    let labels: Vec<u8> = (0..5).map(|_| r.gen_range(0..7)).collect();
+    let eps = 0.1;
+    // Reference in f64: mean over rows of -sum_j target_j log softmax_j.
+    let reference = |l: &ndarray::Array2<f64>| {
+        let mut s = 0.0;
+        for (i, row) in l.rows().into_iter().enumerate() {
+            let m = row.fold(f64::NEG_INFINITY, |a, &b| a.max(b));
+            let lse = m + row.iter().map(|v| (v - m).exp()).sum::<f64>().ln();
+            for (j, &v) in row.iter().enumerate() {
+                let t = if j == labels[i] as usize {
+                    1.0 - eps + eps / 7.0
+                } else {
+                    eps / 7.0
+                };
+                s += t * (lse - v);
+            }
+        }
+        s / l.nrows() as f64
+    };
+    let (loss, grad) = softmax_cross_entropy_smoothed(logits.view(), &labels, eps as f32);
+    let l64 = logits.mapv(|v| v as f64);
+    let want = reference(&l64);
+    assert!((loss as f64 - want).abs() <= 1e-5 * want.abs(), "loss {loss} vs {want}");
+    for i in ndarray::indices((5, 7)) {
+        assert_grad("smoothed CE dlogits", grad[i] as f64, fd2(&l64, i, &reference));
+    }
+    // eps = 0 is the plain loss, to the last bit.
+    let (a, ga) = softmax_cross_entropy_smoothed(logits.view(), &labels, 0.0);
+    let (b, gb) = softmax_cross_entropy(logits.view(), &labels);
+    assert!((a - b).abs() <= 1e-6 * b.abs(), "{a} vs {b}");
+    assert!(
+        ga.iter().zip(gb.iter()).all(|(x, y)| (x - y).abs() <= 1e-7),
+        "gradients differ"
+    );
+}
+
+/// The head with a standardization layer: gradients through the norm by
+/// finite differences, and `folded()` computes the same logits.
+#[test]
+fn standardized_head_gradient_and_folding() {
+    use vgg16_cpu::model::{head_backward, head_forward, Dense, Head, Norm};
+    let mut r = rng(902);
+    let g = rand2(&mut r, (4, 6), 0.0, 50.0);
+    let norm = Norm::of(g.view());
+    let head = Head {
+        hidden: Some(Dense {
+            w: rand2(&mut r, (6, 5), -0.5, 0.5),
+            b: rand1(&mut r, 5, -0.1, 0.1),
+        }),
+        out: Dense {
+            w: rand2(&mut r, (5, 3), -0.5, 0.5),
+            b: rand1(&mut r, 3, -0.1, 0.1),
+        },
+        dropout: 0.0,
+        norm: Some(norm),
+    };
+    let (logits, acts) = head_forward(&head, g.view(), None);
+    let folded = head.folded();
+    assert!(folded.norm.is_none());
+    let (lf, _) = head_forward(&folded, g.view(), None);
+    let e = rel_err(lf.iter(), logits.mapv(|v| v as f64).iter());
+    assert!(e <= 1e-5, "folded head differs: {e}");
+    // d(sum logits * R)/dG by central differences in f32 (the norm and
+    // ReLU are smooth away from kinks at this draw).
+    let rw = rand2(&mut r, (4, 3), -1.0, 1.0);
+    let (dg, _) = head_backward(&head, &acts, rw.view());
+    let f = |x: &ndarray::Array2<f32>| -> f64 {
+        let (l, _) = head_forward(&head, x.view(), None);
+        l.iter().zip(rw.iter()).map(|(a, b)| (*a as f64) * (*b as f64)).sum()
+    };
+    for i in ndarray::indices((4, 6)) {
+        let h = 1e-2f32;
+        let (mut p, mut m) = (g.clone(), g.clone());
+        p[i] += h;
+        m[i] -= h;
+        let num = (f(&p) - f(&m)) / (2.0 * h as f64);
+        assert!(
+            (dg[i] as f64 - num).abs() <= 2e-3 * num.abs().max(1e-2),
+            "dG{i:?}: {} vs {num}",
+            dg[i]
+        );
+    }
+}

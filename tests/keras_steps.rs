@@ -75,6 +75,7 @@ fn check(size: usize, base: &Vgg16, test: &cifar::Dataset) -> Vec<(String, f64)>
             b: get::<Ix1>(&mut npz, "head_bias_init"),
         },
         dropout: 0.0,
+        norm: None,
     };
     let g = gap_forward(net.forward_range(x4.clone(), BLOCK5_START..18, &mut |_, _| {}).view());
     let mut head = init.clone();
@@ -119,6 +120,7 @@ fn check(size: usize, base: &Vgg16, test: &cifar::Dataset) -> Vec<(String, f64)>
         hidden: None,
         out: Dense { w: k1, b: b1 },
         dropout: 0.0,
+        norm: None,
     };
     let mut head = head_init.clone();
     let mut vh = head.zeros_like();

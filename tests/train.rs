@@ -43,12 +43,14 @@ fn tiny(seed: u64, hidden: bool) -> Tiny {
             hidden: Some(dense(&mut r, c, 5)),
             out: dense(&mut r, 5, 4),
             dropout: 0.0,
+            norm: None,
         }
     } else {
         Head {
             hidden: None,
             out: dense(&mut r, c, 4),
             dropout: 0.0,
+            norm: None,
         }
     };
     let labels = (0..3).map(|_| r.gen_range(0..4)).collect();
@@ -177,18 +179,8 @@ fn stage2_gradient_matches_finite_differences() {
 fn config(seed: u64) -> TrainConfig {
     TrainConfig {
         image_size: 32,
-        stage1: StageConfig {
-            lr: 0.001,
-            momentum: 0.0,
-            batch_size: 16,
-            epochs: 1,
-        },
-        stage2: StageConfig {
-            lr: 1e-4,
-            momentum: 0.9,
-            batch_size: 16,
-            epochs: 2,
-        },
+        stage1: StageConfig::sgd(0.001, 0.0, 16, 1),
+        stage2: StageConfig::sgd(1e-4, 0.9, 16, 2),
         hidden: None,
         dropout: 0.0,
         seed,
@@ -196,6 +188,7 @@ fn config(seed: u64) -> TrainConfig {
         limit_train: None,
         limit_test: None,
         validation_split: None,
+        ..TrainConfig::recipe(32, 10)
     }
 }
 
@@ -272,68 +265,98 @@ fn resumed_run_ends_with_the_same_numbers() {
     let test = cifar::load_split(&src, Split::Test).unwrap();
     let live_tr = Live::new(&model, &train, 32, 40);
     let live_te = Live::new(&model, &test, 32, 10);
-    let mut cfg = config(5);
-    cfg.hidden = Some(16);
-    cfg.dropout = 0.25;
+    let mut seed = config(5);
+    seed.hidden = Some(16);
+    seed.dropout = 0.25;
+    // The tuned recipe's parts, all at once: standardized head, weight
+    // decay, cosine with warm-up, label smoothing, best-epoch restore on
+    // held-out training records.
+    let mut tuned = TrainConfig::tuned(32, 10);
+    tuned.stage1 = StageConfig {
+        epochs: 2,
+        batch_size: 8,
+        ..tuned.stage1
+    };
+    tuned.stage2 = StageConfig {
+        epochs: 2,
+        batch_size: 8,
+        ..tuned.stage2
+    };
+    tuned.seed = 6;
+    tuned.validation_split = Some(0.25);
+    tuned.restore_best = true;
+    tuned.check().unwrap();
     let tidx: Vec<usize> = (0..40).collect();
     let eidx: Vec<usize> = (0..10).collect();
-    let inputs = Inputs {
-        train: &live_tr,
-        train_idx: &tidx,
-        val: &live_te,
-        val_idx: &eidx,
-        test: None,
-    };
+    // (config, train records, validation records, checkpoint to stop after:
+    // stage 2's first epoch).
+    for (cfg, tr_idx, val_idx, stop) in [(seed, &tidx[..], &eidx[..], 3), (tuned, &tidx[..30], &tidx[30..], 4)] {
+        let held_out = cfg.validation_split.is_some();
+        let inputs = Inputs {
+            train: &live_tr,
+            train_idx: tr_idx,
+            val: if held_out { &live_tr } else { &live_te },
+            val_idx,
+            test: held_out.then_some((&live_te as &dyn Features, &eidx[..])),
+        };
 
-    let mut whole = State::new(&model, &cfg);
-    tr::run(&cfg, &inputs, &mut whole, &mut |_| Ok(()), &mut Silent).unwrap();
+        let mut whole = State::new(&model, &cfg);
+        tr::run(&cfg, &inputs, &mut whole, &mut |_| Ok(()), &mut Silent).unwrap();
 
-    // Interrupted after stage 2's first epoch (checkpoint 4: s1e1, s1 end,
-    // s2e1), then resumed from the files.
-    let dir = tempfile::tempdir().unwrap();
-    let mut first = State::new(&model, &cfg);
-    let mut calls = 0;
-    let r = tr::run(
-        &cfg,
-        &inputs,
-        &mut first,
-        &mut |s| {
-            tr::save_checkpoint(dir.path(), &cfg, None, s)?;
-            calls += 1;
-            if calls == 3 {
-                return Err(vgg16_cpu::Error::config("simulated interruption"));
-            }
-            Ok(())
-        },
-        &mut Silent,
-    );
-    assert!(r.is_err());
-    let (cfg2, mut resumed) = tr::load_checkpoint(dir.path()).unwrap();
-    assert_eq!(cfg2, cfg);
-    assert_eq!((resumed.stage, resumed.epochs_done), (2, 1));
-    tr::run(&cfg2, &inputs, &mut resumed, &mut |_| Ok(()), &mut Silent).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let mut first = State::new(&model, &cfg);
+        let mut calls = 0;
+        let r = tr::run(
+            &cfg,
+            &inputs,
+            &mut first,
+            &mut |s| {
+                tr::save_checkpoint(dir.path(), &cfg, None, s)?;
+                calls += 1;
+                if calls == stop {
+                    return Err(vgg16_cpu::Error::config("simulated interruption"));
+                }
+                Ok(())
+            },
+            &mut Silent,
+        );
+        assert!(r.is_err());
+        let (cfg2, mut resumed) = tr::load_checkpoint(dir.path()).unwrap();
+        assert_eq!(cfg2, cfg);
+        assert_eq!((resumed.stage, resumed.epochs_done), (2, 1));
+        assert_eq!(resumed.head.norm.is_some(), cfg.standardize);
+        assert_eq!(resumed.best.is_some(), cfg.restore_best);
+        tr::run(&cfg2, &inputs, &mut resumed, &mut |_| Ok(()), &mut Silent).unwrap();
 
-    let strip = |s: &State| {
-        s.history
-            .iter()
-            .map(|r| {
-                (
-                    r.stage,
-                    r.epoch,
-                    r.train_loss,
-                    r.train_accuracy,
-                    r.val_loss,
-                    r.val_accuracy,
-                )
-            })
-            .collect::<Vec<_>>()
-    };
-    assert_eq!(strip(&whole), strip(&resumed));
-    for (a, b) in whole.block5.iter().zip(&resumed.block5) {
-        assert_eq!(a.w, b.w);
-        assert_eq!(a.b, b.b);
+        let strip = |s: &State| {
+            s.history
+                .iter()
+                .map(|r| {
+                    (
+                        r.stage,
+                        r.epoch,
+                        r.train_loss,
+                        r.train_accuracy,
+                        r.val_loss,
+                        r.val_accuracy,
+                    )
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(strip(&whole), strip(&resumed), "{}", cfg.recipe);
+        for (a, b) in whole.block5.iter().zip(&resumed.block5) {
+            assert_eq!(a.w, b.w);
+            assert_eq!(a.b, b.b);
+        }
+        assert_eq!(whole.head.out.w, resumed.head.out.w);
+        let tests = |s: &State| {
+            s.stage_results
+                .iter()
+                .map(|r| (r.stage, r.test_loss, r.test_accuracy))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(tests(&whole), tests(&resumed));
     }
-    assert_eq!(whole.head.out.w, resumed.head.out.w);
 }
 
 /// A small real run: the sample (500 training images) at 32 px with the
@@ -351,18 +374,8 @@ fn small_real_run_learns() {
     let (ct, _) = cache::open_or_build(tmp.path(), &kt, &model, &train, 64, &mut Silent).unwrap();
     let (ce, _) = cache::open_or_build(tmp.path(), &ke, &model, &test, 64, &mut Silent).unwrap();
     let mut cfg = config(1);
-    cfg.stage1 = StageConfig {
-        lr: 0.01,
-        momentum: 0.0,
-        batch_size: 32,
-        epochs: 2,
-    };
-    cfg.stage2 = StageConfig {
-        lr: 1e-4,
-        momentum: 0.9,
-        batch_size: 64,
-        epochs: 3,
-    };
+    cfg.stage1 = StageConfig::sgd(0.01, 0.0, 32, 2);
+    cfg.stage2 = StageConfig::sgd(1e-4, 0.9, 64, 3);
     let tidx: Vec<usize> = (0..500).collect();
     let eidx: Vec<usize> = (0..100).collect();
     let inputs = Inputs {

@@ -6,35 +6,73 @@ use super::{load_weights, open_data, InputArgs, DEFAULT_CACHE};
 use anyhow::{Context, Result};
 use clap::Args;
 use std::path::PathBuf;
+use vgg16_cpu::config::Schedule;
 use vgg16_cpu::data::cifar;
 use vgg16_cpu::features::cache::Dtype;
-use vgg16_cpu::{StageConfig, TrainConfig, TrainJob};
+use vgg16_cpu::{TrainConfig, TrainJob};
 
 #[derive(Args, Clone)]
 pub struct TrainArgs {
     #[command(flatten)]
     input: InputArgs,
-    /// Stage 1 (head only): SGD learning rate.
-    #[arg(long, default_value_t = 0.01)]
-    stage1_lr: f64,
-    /// Stage 1: images per SGD step.
-    #[arg(long, default_value_t = 32)]
-    stage1_batch_size: usize,
-    /// Stage 1: epochs over the training records.
-    #[arg(long, default_value_t = 2)]
-    stage1_epochs: usize,
-    /// Stage 2 (block5 + head): SGD learning rate.
-    #[arg(long, default_value_t = 1e-4)]
-    stage2_lr: f64,
-    /// Stage 2: SGD momentum, in [0, 1).
-    #[arg(long, default_value_t = 0.9)]
-    stage2_momentum: f64,
-    /// Stage 2: images per SGD step.
-    #[arg(long, default_value_t = 64)]
-    stage2_batch_size: usize,
-    /// Stage 2: epochs over the training records.
-    #[arg(long, default_value_t = 5)]
-    stage2_epochs: usize,
+    /// The recipe the hyper-parameters below start from: seed (Keras's,
+    /// exactly) or tuned (BENCHMARKS.md section 8). Any flag below
+    /// overrides its part.
+    #[arg(long, default_value = "seed", value_parser = ["seed", "tuned"])]
+    recipe: String,
+    /// Stage 1 (head only): SGD learning rate (seed: 0.01).
+    #[arg(long)]
+    stage1_lr: Option<f64>,
+    /// Stage 1: SGD momentum, in [0, 1) (seed: 0).
+    #[arg(long)]
+    stage1_momentum: Option<f64>,
+    /// Stage 1: images per SGD step (seed: 32).
+    #[arg(long)]
+    stage1_batch_size: Option<usize>,
+    /// Stage 1: epochs over the training records (seed: 2).
+    #[arg(long)]
+    stage1_epochs: Option<usize>,
+    /// Stage 1: L2 weight decay on kernels (seed: 0).
+    #[arg(long)]
+    stage1_weight_decay: Option<f64>,
+    /// Stage 1: learning-rate schedule, constant or cosine (seed: constant).
+    #[arg(long)]
+    stage1_schedule: Option<String>,
+    /// Stage 1: epochs of linear learning-rate warm-up (seed: 0).
+    #[arg(long)]
+    stage1_warmup_epochs: Option<usize>,
+    /// Stage 2 (block5 + head): SGD learning rate (seed: 1e-4).
+    #[arg(long)]
+    stage2_lr: Option<f64>,
+    /// Stage 2: SGD momentum, in [0, 1) (seed: 0.9).
+    #[arg(long)]
+    stage2_momentum: Option<f64>,
+    /// Stage 2: images per SGD step (seed: 64).
+    #[arg(long)]
+    stage2_batch_size: Option<usize>,
+    /// Stage 2: epochs over the training records (seed: 5).
+    #[arg(long)]
+    stage2_epochs: Option<usize>,
+    /// Stage 2: L2 weight decay on kernels (seed: 0).
+    #[arg(long)]
+    stage2_weight_decay: Option<f64>,
+    /// Stage 2: learning-rate schedule, constant or cosine (seed: constant).
+    #[arg(long)]
+    stage2_schedule: Option<String>,
+    /// Stage 2: epochs of linear learning-rate warm-up (seed: 0).
+    #[arg(long)]
+    stage2_warmup_epochs: Option<usize>,
+    /// Standardize the head's GAP features with the training features'
+    /// mean and std, true or false (seed: false; folded into the saved head).
+    #[arg(long)]
+    standardize: Option<bool>,
+    /// Label smoothing of the loss's targets, in [0, 1) (seed: 0).
+    #[arg(long)]
+    label_smoothing: Option<f64>,
+    /// End each stage at its best epoch by validation accuracy (needs
+    /// --validation-split; never chosen on the test set).
+    #[arg(long)]
+    restore_best: bool,
     /// Validate on the last fraction F of the training records instead of
     /// the test split (Keras's validation_split).
     #[arg(long)]
@@ -84,29 +122,66 @@ pub struct TrainArgs {
 
 impl TrainArgs {
     /// The recipe these flags describe.
-    fn config(&self) -> TrainConfig {
-        TrainConfig {
-            image_size: self.input.image_size,
-            stage1: StageConfig {
-                lr: self.stage1_lr,
-                momentum: 0.0,
-                batch_size: self.stage1_batch_size,
-                epochs: self.stage1_epochs,
-            },
-            stage2: StageConfig {
-                lr: self.stage2_lr,
-                momentum: self.stage2_momentum,
-                batch_size: self.stage2_batch_size,
-                epochs: self.stage2_epochs,
-            },
-            hidden: self.hidden,
-            dropout: self.dropout,
-            seed: self.seed,
-            classes: cifar::NUM_CLASSES,
-            limit_train: self.limit_train,
-            limit_test: self.limit_test,
-            validation_split: self.validation_split,
+    fn config(&self) -> Result<TrainConfig> {
+        let (size, classes) = (self.input.image_size, cifar::NUM_CLASSES);
+        let mut c = match self.recipe.as_str() {
+            "tuned" => TrainConfig::tuned(size, classes),
+            _ => TrainConfig::recipe(size, classes),
+        };
+        let stages = [
+            (
+                &mut c.stage1,
+                (
+                    self.stage1_lr,
+                    self.stage1_momentum,
+                    self.stage1_batch_size,
+                    self.stage1_epochs,
+                ),
+                (
+                    self.stage1_weight_decay,
+                    &self.stage1_schedule,
+                    self.stage1_warmup_epochs,
+                    1,
+                ),
+            ),
+            (
+                &mut c.stage2,
+                (
+                    self.stage2_lr,
+                    self.stage2_momentum,
+                    self.stage2_batch_size,
+                    self.stage2_epochs,
+                ),
+                (
+                    self.stage2_weight_decay,
+                    &self.stage2_schedule,
+                    self.stage2_warmup_epochs,
+                    2,
+                ),
+            ),
+        ];
+        for (sc, (lr, m, b, e), (wd, sched, warm, n)) in stages {
+            sc.lr = lr.unwrap_or(sc.lr);
+            sc.momentum = m.unwrap_or(sc.momentum);
+            sc.batch_size = b.unwrap_or(sc.batch_size);
+            sc.epochs = e.unwrap_or(sc.epochs);
+            sc.weight_decay = wd.unwrap_or(sc.weight_decay);
+            sc.warmup_epochs = warm.unwrap_or(sc.warmup_epochs);
+            if let Some(name) = sched {
+                sc.schedule = Schedule::parse(name)
+                    .with_context(|| format!("--stage{n}-schedule '{name}': expected constant or cosine"))?;
+            }
         }
+        c.hidden = self.hidden;
+        c.dropout = self.dropout;
+        c.seed = self.seed;
+        c.limit_train = self.limit_train;
+        c.limit_test = self.limit_test;
+        c.validation_split = self.validation_split;
+        c.standardize = self.standardize.unwrap_or(c.standardize);
+        c.label_smoothing = self.label_smoothing.unwrap_or(c.label_smoothing);
+        c.restore_best = self.restore_best;
+        Ok(c)
     }
 }
 
@@ -119,7 +194,7 @@ pub fn train(args: &TrainArgs) -> Result<()> {
             TrainJob::resume(dir, source, load_weights(&args.input.weights)?)?
         }
         None => {
-            let config = args.config();
+            let config = args.config()?;
             config.check()?;
             let source = open_data(&args.input.data)?;
             let out = args.out.clone().unwrap_or_else(|| {

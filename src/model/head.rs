@@ -39,6 +39,64 @@ pub struct Head {
     pub out: Dense,
     /// Dropout rate before the classifier (training only).
     pub dropout: f32,
+    /// A fixed standardization of the features in front of the first Dense
+    /// (`--standardize`); not trained. [`Head::folded`] merges it into the
+    /// Dense for saving.
+    pub norm: Option<Norm>,
+}
+
+/// x -> (x - mean) * inv_std, per feature channel.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Norm {
+    pub mean: Array1<f32>,
+    pub inv_std: Array1<f32>,
+}
+
+impl Norm {
+    /// Per-channel mean and 1/std of `x` (N, C), sums in f64; channels with
+    /// (almost) no spread get 1/std = 1 so they pass centred, not amplified.
+    pub fn of(x: ArrayView2<f32>) -> Norm {
+        let n = x.nrows().max(1) as f64;
+        let c = x.ncols();
+        let mut mean = vec![0.0f64; c];
+        let mut sq = vec![0.0f64; c];
+        for row in x.rows() {
+            for (j, &v) in row.iter().enumerate() {
+                mean[j] += v as f64;
+            }
+        }
+        mean.iter_mut().for_each(|m| *m /= n);
+        for row in x.rows() {
+            for (j, &v) in row.iter().enumerate() {
+                sq[j] += (v as f64 - mean[j]).powi(2);
+            }
+        }
+        let inv_std = sq
+            .iter()
+            .map(|&s| {
+                let sd = (s / n).sqrt();
+                if sd > 1e-6 {
+                    (1.0 / sd) as f32
+                } else {
+                    1.0
+                }
+            })
+            .collect();
+        Norm {
+            mean: mean.iter().map(|&m| m as f32).collect(),
+            inv_std,
+        }
+    }
+
+    pub fn apply(&self, x: ArrayView2<f32>) -> Array2<f32> {
+        let mut y = x.to_owned();
+        for mut row in y.rows_mut() {
+            for ((v, &m), &s) in row.iter_mut().zip(&self.mean).zip(&self.inv_std) {
+                *v = (*v - m) * s;
+            }
+        }
+        y
+    }
 }
 
 impl Head {
@@ -49,15 +107,37 @@ impl Head {
             hidden: h,
             out: Dense::glorot(rng, width, classes),
             dropout,
+            norm: None,
         }
     }
 
+    /// Zeros of the trained tensors' shapes (velocities, gradients); the
+    /// fixed norm is kept.
     pub fn zeros_like(&self) -> Head {
         Head {
             hidden: self.hidden.as_ref().map(Dense::zeros_like),
             out: self.out.zeros_like(),
             dropout: self.dropout,
+            norm: self.norm.clone(),
         }
+    }
+
+    /// The same function without a norm layer: the first Dense absorbs it,
+    /// W' = diag(inv_std) W, b' = b - (mean * inv_std) W.
+    pub fn folded(&self) -> Head {
+        let Some(n) = &self.norm else {
+            return self.clone();
+        };
+        let mut h = self.clone();
+        h.norm = None;
+        let first = h.hidden.as_mut().unwrap_or(&mut h.out);
+        let shift: Array1<f32> = &n.mean * &n.inv_std;
+        let w = first.w.clone();
+        for (i, mut row) in first.w.rows_mut().into_iter().enumerate() {
+            row *= n.inv_std[i];
+        }
+        first.b = &first.b - &shift.dot(&w);
+        h
     }
 
     /// Every tensor, in a fixed order (optimizer and checkpoints).
@@ -101,6 +181,18 @@ pub struct HeadActs {
 
 /// Logits (B, classes). `rng` enables dropout (training); None = inference.
 pub fn head_forward(head: &Head, g: ArrayView2<f32>, rng: Option<&mut dyn rand::RngCore>) -> (Array2<f32>, HeadActs) {
+    match &head.norm {
+        Some(n) => head_forward_normed(head, n.apply(g).view(), rng),
+        None => head_forward_normed(head, g, rng),
+    }
+}
+
+/// [`head_forward`] from the (standardized) features.
+fn head_forward_normed(
+    head: &Head,
+    g: ArrayView2<f32>,
+    rng: Option<&mut dyn rand::RngCore>,
+) -> (Array2<f32>, HeadActs) {
     let mut rng = rng;
     let (x, h) = match &head.hidden {
         Some(d) => {
@@ -141,6 +233,17 @@ pub fn head_forward(head: &Head, g: ArrayView2<f32>, rng: Option<&mut dyn rand::
 
 /// Backward through the head: returns (dG (B, 512), head gradients).
 pub fn head_backward(head: &Head, acts: &HeadActs, dlogits: ArrayView2<f32>) -> (Array2<f32>, Head) {
+    let (mut dg, grads) = head_backward_normed(head, acts, dlogits);
+    if let Some(n) = &head.norm {
+        for mut row in dg.rows_mut() {
+            row *= &n.inv_std;
+        }
+    }
+    (dg, grads)
+}
+
+/// [`head_backward`] up to the (standardized) features.
+fn head_backward_normed(head: &Head, acts: &HeadActs, dlogits: ArrayView2<f32>) -> (Array2<f32>, Head) {
     let mut grads = head.zeros_like();
     match (&head.hidden, &acts.h) {
         (Some(d), Some((h, mask))) => {

@@ -111,7 +111,7 @@ impl SavedModel {
     pub fn new(base: &Vgg16, block5: &[ConvParams], head: &Head, meta: ModelMeta) -> SavedModel {
         SavedModel {
             base: base.with_block5(block5),
-            head: head.clone(),
+            head: head.folded(),
             meta,
         }
     }
@@ -184,7 +184,12 @@ impl SavedModel {
         let dropout = meta.config.as_ref().map_or(0.0, |c| c.dropout);
         Ok(SavedModel {
             base: Vgg16 { convs },
-            head: Head { hidden, out, dropout },
+            head: Head {
+                hidden,
+                out,
+                dropout,
+                norm: None,
+            },
             meta,
         })
     }

@@ -249,6 +249,38 @@ pub fn softmax_cross_entropy(logits: ArrayView2<f32>, labels: &[u8]) -> (f32, Ar
     ((total / bsz.max(1) as f64) as f32, grad)
 }
 
+/// [`softmax_cross_entropy`] against smoothed targets: class t gets
+/// `1 - eps + eps/K`, every other `eps/K`. Loss = mean over rows of
+/// `lse(x) - sum_j target_j x_j`; gradient (softmax - target) / B. With
+/// eps = 0 it is the plain loss (the seed recipe calls that one).
+pub fn softmax_cross_entropy_smoothed(logits: ArrayView2<f32>, labels: &[u8], eps: f32) -> (f32, Array2<f32>) {
+    let (bsz, k) = logits.dim();
+    assert_eq!(
+        labels.len(),
+        bsz,
+        "softmax_cross_entropy_smoothed: {} labels for {bsz} rows",
+        labels.len()
+    );
+    let off = eps as f64 / k as f64;
+    let on = 1.0 - eps as f64 + off;
+    let mut grad = Array2::<f32>::zeros((bsz, k));
+    let mut total = 0.0f64;
+    for (i, row) in logits.rows().into_iter().enumerate() {
+        let t = labels[i] as usize;
+        assert!(t < k, "softmax_cross_entropy_smoothed: label {t} out of range 0..{k}");
+        let mx = row.fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        let sum: f64 = row.iter().map(|&v| ((v - mx) as f64).exp()).sum();
+        let lse = mx as f64 + sum.ln();
+        let mut g = grad.row_mut(i);
+        for j in 0..k {
+            let target = if j == t { on } else { off };
+            total += target * (lse - row[j] as f64);
+            g[j] = ((((row[j] - mx) as f64).exp() / sum - target) / bsz as f64) as f32;
+        }
+    }
+    ((total / bsz.max(1) as f64) as f32, grad)
+}
+
 /// Per-sample cross-entropy (for evaluation: loss without the gradient).
 pub fn cross_entropy_per_sample(logits: ArrayView2<f32>, labels: &[u8]) -> Array1<f32> {
     Array1::from_iter(logits.rows().into_iter().zip(labels).map(|(row, &t)| {

@@ -7,9 +7,9 @@ use crate::config::TrainConfig;
 use crate::error::{Error, IoContext, Result};
 use crate::model::params::{NpzIn, NpzOut};
 use crate::model::vgg::{block5_names, convs, BLOCK5_CONVS};
-use crate::model::Head;
+use crate::model::{Head, Norm};
 use crate::report::history::{EpochRecord, StageResult};
-use crate::train::recipe::State;
+use crate::train::recipe::{Best, State};
 use ndarray::ArrayD;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -34,6 +34,10 @@ struct CheckpointMeta {
     /// SHA-256 of checkpoint.npz: the JSON and the arrays belong together.
     #[serde(default)]
     npz_digest: Option<String>,
+    /// The stage's best epoch so far and its validation accuracy
+    /// (`--restore-best`; its weights are under `best/` in the npz).
+    #[serde(default)]
+    best: Option<(usize, f64)>,
 }
 
 /// The data and weights a run trains on: `--resume` refuses a checkpoint
@@ -48,6 +52,9 @@ pub struct RunIdentity {
 
 const CHECKPOINT_VERSION: u32 = 1;
 const VELOCITY: &str = "velocity/";
+const BEST: &str = "best/";
+const NORM_MEAN: &str = "norm/mean";
+const NORM_INV_STD: &str = "norm/inv_std";
 
 /// Writes checkpoint.npz, then checkpoint.json, into `dir`.
 pub fn save_checkpoint(dir: &Path, cfg: &TrainConfig, identity: Option<&RunIdentity>, s: &State) -> Result<()> {
@@ -56,10 +63,20 @@ pub fn save_checkpoint(dir: &Path, cfg: &TrainConfig, identity: Option<&RunIdent
         let mut w = NpzOut::new(f);
         w.convs(block5_names().map(String::from).zip(&s.block5))?;
         w.convs(block5_names().map(|n| format!("{VELOCITY}{n}")).zip(&s.v_block5))?;
+        let as_array = |shape: &[usize], d: &[f32]| ArrayD::from_shape_vec(shape.to_vec(), d.to_vec()).expect("shape");
         for ((name, data, shape), (_, vdata, _)) in s.head.tensors().into_iter().zip(s.v_head.tensors()) {
-            let a = |d: &[f32]| ArrayD::from_shape_vec(shape.clone(), d.to_vec()).expect("shape");
-            w.add(name, &a(data))?;
-            w.add(format!("{VELOCITY}{name}"), &a(vdata))?;
+            w.add(name, &as_array(&shape, data))?;
+            w.add(format!("{VELOCITY}{name}"), &as_array(&shape, vdata))?;
+        }
+        if let Some(n) = &s.head.norm {
+            w.add(NORM_MEAN, &n.mean)?;
+            w.add(NORM_INV_STD, &n.inv_std)?;
+        }
+        if let Some(b) = &s.best {
+            w.convs(block5_names().map(|n| format!("{BEST}{n}")).zip(&b.block5))?;
+            for (name, data, shape) in b.head.tensors() {
+                w.add(format!("{BEST}{name}"), &as_array(&shape, data))?;
+            }
         }
         w.finish()
     })
@@ -74,6 +91,7 @@ pub fn save_checkpoint(dir: &Path, cfg: &TrainConfig, identity: Option<&RunIdent
         has_block5_velocity: !s.v_block5.is_empty(),
         identity: identity.cloned(),
         npz_digest: Some(file_digest(&npz)?),
+        best: s.best.as_ref().map(|b| (b.epoch, b.val_accuracy)),
     };
     let json = serde_json::to_vec_pretty(&meta).expect("plain data");
     let p = dir.join("checkpoint.json");
@@ -160,7 +178,15 @@ pub fn load_checkpoint(dir: &Path) -> Result<(TrainConfig, State)> {
     }
     let cfg = meta.config;
     let mut head = Head::new(&mut ChaCha8Rng::seed_from_u64(0), cfg.hidden, cfg.dropout, cfg.classes);
+    if npz.has(NORM_MEAN) {
+        let mut get = |k| -> Result<ndarray::Array1<f32>> {
+            Ok(npz.array(k, &[512])?.into_dimensionality().expect("shape checked"))
+        };
+        let (mean, inv_std) = (get(NORM_MEAN)?, get(NORM_INV_STD)?);
+        head.norm = Some(Norm { mean, inv_std });
+    }
     let mut v_head = head.zeros_like();
+    let mut best_head = meta.best.map(|_| head.clone());
     let shapes: Vec<(&'static str, Vec<usize>)> = head.tensors().into_iter().map(|(n, _, s)| (n, s)).collect();
     for ((name, shape), (w, v)) in shapes
         .iter()
@@ -171,6 +197,25 @@ pub fn load_checkpoint(dir: &Path) -> Result<(TrainConfig, State)> {
         w.copy_from_slice(a.as_slice().expect("fresh array"));
         v.copy_from_slice(va.as_slice().expect("fresh array"));
     }
+    let best = match (meta.best, best_head.as_mut()) {
+        (Some((epoch, val_accuracy)), Some(bh)) => {
+            for ((name, shape), w) in shapes.iter().zip(bh.tensors_mut()) {
+                let a = npz.array(&format!("{BEST}{name}"), shape)?;
+                w.copy_from_slice(a.as_slice().expect("fresh array"));
+            }
+            let block5 = convs()
+                .skip(BLOCK5_CONVS.start)
+                .map(|(_, name, cin, cout)| npz.conv(&format!("{BEST}{name}"), cin, cout))
+                .collect::<Result<_, _>>()?;
+            Some(Best {
+                epoch,
+                val_accuracy,
+                block5,
+                head: bh.clone(),
+            })
+        }
+        _ => None,
+    };
     let state = State {
         block5,
         head,
@@ -182,6 +227,7 @@ pub fn load_checkpoint(dir: &Path) -> Result<(TrainConfig, State)> {
         stage_results: meta.stage_results,
         test_logits: vec![],
         last_val_logits: None,
+        best,
     };
     Ok((cfg, state))
 }

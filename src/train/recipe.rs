@@ -16,11 +16,11 @@ use crate::config::{StageConfig, TrainConfig};
 use crate::error::{Error, Result};
 use crate::features::{logits_stage1, logits_stage2, Features};
 use crate::model::vgg::{ConvParams, Vgg16};
-use crate::model::{block5_backward, block5_forward, head_backward, head_forward, Head};
+use crate::model::{block5_backward, block5_forward, head_backward, head_forward, Head, Norm};
 use crate::observer::Observer;
 use crate::report::history::{EpochRecord, StageResult};
 use crate::report::metrics::loss_acc;
-use crate::tensor::ops::{argmax, softmax_cross_entropy};
+use crate::tensor::ops::{argmax, softmax_cross_entropy, softmax_cross_entropy_smoothed};
 use crate::train::optim::sgd_momentum_step;
 use ndarray::Array2;
 use rand::seq::SliceRandom;
@@ -47,6 +47,18 @@ pub struct State {
     pub test_logits: Vec<(u8, Array2<f32>)>,
     /// Logits of the latest validation pass (not checkpointed).
     pub last_val_logits: Option<Array2<f32>>,
+    /// The stage's best epoch so far by validation accuracy
+    /// (`--restore-best`).
+    pub best: Option<Best>,
+}
+
+/// A snapshot of the trainable weights at a stage's best epoch.
+#[derive(Clone, Debug)]
+pub struct Best {
+    pub epoch: usize,
+    pub val_accuracy: f64,
+    pub block5: Vec<ConvParams>,
+    pub head: Head,
 }
 
 impl State {
@@ -66,6 +78,7 @@ impl State {
             stage_results: vec![],
             test_logits: vec![],
             last_val_logits: None,
+            best: None,
         }
     }
 }
@@ -125,6 +138,14 @@ pub fn run(
             // Entering stage 2: a fresh optimizer.
             state.stage = stage;
             state.epochs_done = 0;
+            state.best = None;
+        }
+        if stage == 1 && state.epochs_done == 0 && cfg.standardize && state.head.norm.is_none() {
+            // The head sees standardized features: statistics of the
+            // training records' stage-1 features, fixed from here on.
+            let norm = Norm::of(inputs.train.gap(inputs.train_idx).view());
+            state.head.norm = Some(norm.clone());
+            state.v_head.norm = Some(norm);
         }
         if stage == 2 && state.v_block5.is_empty() {
             state.v_block5 = state.block5.iter().map(ConvParams::zeros_like).collect();
@@ -158,11 +179,30 @@ pub fn run(
                 images_per_second: inputs.train_idx.len() as f64 / train_secs.max(1e-9),
             };
             obs.epoch(&rec, sc.epochs);
+            if cfg.restore_best && va.is_finite() && state.best.as_ref().is_none_or(|b| va > b.val_accuracy) {
+                state.best = Some(Best {
+                    epoch,
+                    val_accuracy: va,
+                    block5: state.block5.clone(),
+                    head: state.head.clone(),
+                });
+            }
             state.history.push(rec);
             state.epochs_done = epoch;
             on_epoch(state)?;
         }
         if state.stage_results.iter().all(|r| r.stage != stage) {
+            if let Some(b) = state.best.take() {
+                if b.epoch != sc.epochs {
+                    obs.info(&format!(
+                        "stage {stage}: back to epoch {} (best validation accuracy {:.4})",
+                        b.epoch, b.val_accuracy
+                    ));
+                    state.block5 = b.block5;
+                    state.head = b.head;
+                    state.last_val_logits = None;
+                }
+            }
             // The validation set is the test split unless `test` is given;
             // then its last pass already holds the test metrics.
             let (f, idx) = inputs.test.unwrap_or((inputs.val, inputs.val_idx));
@@ -220,36 +260,49 @@ fn train_epoch(
         "img",
     );
     let (mut loss_sum, mut correct, mut seen) = (0.0f64, 0usize, 0usize);
-    for batch in order.chunks(sc.batch_size.max(1)) {
+    let per_epoch = order.len().div_ceil(sc.batch_size.max(1));
+    let loss_fn = |logits: &Array2<f32>, y: &[u8]| {
+        if cfg.label_smoothing > 0.0 {
+            softmax_cross_entropy_smoothed(logits.view(), y, cfg.label_smoothing as f32)
+        } else {
+            softmax_cross_entropy(logits.view(), y)
+        }
+    };
+    for (bi, batch) in order.chunks(sc.batch_size.max(1)).enumerate() {
         let y: Vec<u8> = batch.iter().map(|&i| labels[i]).collect();
+        let opt = Step {
+            lr: sc.lr_at((epoch - 1) * per_epoch + bi, sc.epochs * per_epoch, per_epoch) as f32,
+            momentum: sc.momentum as f32,
+            weight_decay: sc.weight_decay as f32,
+        };
         let (loss, logits) = if stage == 1 {
             let g = inputs.train.gap(batch);
             let (logits, acts) = head_forward(&state.head, g.view(), Some(&mut drop_rng));
-            let (loss, dlogits) = softmax_cross_entropy(logits.view(), &y);
+            let (loss, dlogits) = loss_fn(&logits, &y);
             let (_, gh) = head_backward(&state.head, &acts, dlogits.view());
-            step_head(&mut state.head, &mut state.v_head, &gh, sc);
+            opt.head(&mut state.head, &mut state.v_head, &gh);
             (loss, logits)
         } else {
             let x4 = inputs.train.block4(batch);
             let (g, b5) = block5_forward(&state.block5, x4);
             let (logits, acts) = head_forward(&state.head, g.view(), Some(&mut drop_rng));
-            let (loss, dlogits) = softmax_cross_entropy(logits.view(), &y);
+            let (loss, dlogits) = loss_fn(&logits, &y);
             let (dg, gh) = head_backward(&state.head, &acts, dlogits.view());
             let gconv = block5_backward(&state.block5, &b5, dg.view());
-            step_head(&mut state.head, &mut state.v_head, &gh, sc);
+            opt.head(&mut state.head, &mut state.v_head, &gh);
             for ((p, v), g) in state.block5.iter_mut().zip(state.v_block5.iter_mut()).zip(&gconv) {
                 let owned = "owned arrays are contiguous";
-                step(
+                opt.tensor(
                     p.w.as_slice_mut().expect(owned),
                     v.w.as_slice_mut().expect(owned),
                     g.dw.as_slice().expect(owned),
-                    sc,
+                    true,
                 );
-                step(
+                opt.tensor(
                     p.b.as_slice_mut().expect(owned),
                     v.b.as_slice_mut().expect(owned),
                     g.db.as_slice().expect(owned),
-                    sc,
+                    false,
                 );
             }
             (loss, logits)
@@ -279,13 +332,32 @@ fn train_epoch(
     Ok((loss_sum / seen.max(1) as f64, correct as f64 / seen.max(1) as f64))
 }
 
-/// One SGD step of the stage's optimizer on one tensor.
-fn step(w: &mut [f32], v: &mut [f32], g: &[f32], sc: &StageConfig) {
-    sgd_momentum_step(w, v, g, sc.lr as f32, sc.momentum as f32);
+/// One SGD step's settings: the scheduled rate, momentum, weight decay.
+struct Step {
+    lr: f32,
+    momentum: f32,
+    weight_decay: f32,
 }
 
-fn step_head(head: &mut Head, v: &mut Head, g: &Head, sc: &StageConfig) {
-    for ((w, vv), (_, gg, _)) in head.tensors_mut().into_iter().zip(v.tensors_mut()).zip(g.tensors()) {
-        step(w, vv, gg, sc);
+impl Step {
+    /// One tensor; kernels (not biases) get `weight_decay * w` added to
+    /// their gradient.
+    fn tensor(&self, w: &mut [f32], v: &mut [f32], g: &[f32], kernel: bool) {
+        if kernel && self.weight_decay > 0.0 {
+            let gd: Vec<f32> = g
+                .iter()
+                .zip(w.iter())
+                .map(|(&g, &w)| g + self.weight_decay * w)
+                .collect();
+            sgd_momentum_step(w, v, &gd, self.lr, self.momentum);
+        } else {
+            sgd_momentum_step(w, v, g, self.lr, self.momentum);
+        }
+    }
+
+    fn head(&self, head: &mut Head, v: &mut Head, g: &Head) {
+        for ((w, vv), (name, gg, _)) in head.tensors_mut().into_iter().zip(v.tensors_mut()).zip(g.tensors()) {
+            self.tensor(w, vv, gg, name.ends_with("kernel"));
+        }
     }
 }

@@ -272,18 +272,8 @@ pub fn paths_or_skip(test: &str, h: usize, w: usize) -> Vec<vgg16_cpu::tensor::c
 pub fn small_recipe(seed: u64, n_train: usize, n_test: usize, stage2_epochs: usize) -> vgg16_cpu::TrainConfig {
     use vgg16_cpu::StageConfig;
     let mut c = vgg16_cpu::TrainConfig::recipe(32, 10);
-    c.stage1 = StageConfig {
-        lr: 0.001,
-        momentum: 0.0,
-        batch_size: 16,
-        epochs: 1,
-    };
-    c.stage2 = StageConfig {
-        lr: 1e-4,
-        momentum: 0.9,
-        batch_size: 16,
-        epochs: stage2_epochs,
-    };
+    c.stage1 = StageConfig::sgd(0.001, 0.0, 16, 1);
+    c.stage2 = StageConfig::sgd(1e-4, 0.9, 16, stage2_epochs);
     c.seed = seed;
     c.limit_train = Some(n_train);
     c.limit_test = Some(n_test);
