@@ -125,21 +125,7 @@ fn train_job_reports_writes_the_run_and_matches_the_loop() {
     };
     let mut s = State::new(&model, &cfg);
     tr::run(&cfg, &inputs, &mut s, &mut |_| Ok(()), &mut Silent).unwrap();
-    let strip = |h: &[EpochRecord]| {
-        h.iter()
-            .map(|r| {
-                (
-                    r.stage,
-                    r.epoch,
-                    r.train_loss,
-                    r.train_accuracy,
-                    r.val_loss,
-                    r.val_accuracy,
-                )
-            })
-            .collect::<Vec<_>>()
-    };
-    assert_eq!(strip(&s.history), strip(&done.history));
+    assert_eq!(history_numbers(&s.history), history_numbers(&done.history));
 
     // Evaluate the saved model: through the cache and through the whole
     // network, the stage-2 test numbers again.

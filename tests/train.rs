@@ -328,22 +328,12 @@ fn resumed_run_ends_with_the_same_numbers() {
         assert_eq!(resumed.best.is_some(), cfg.restore_best);
         tr::run(&cfg2, &inputs, &mut resumed, &mut |_| Ok(()), &mut Silent).unwrap();
 
-        let strip = |s: &State| {
-            s.history
-                .iter()
-                .map(|r| {
-                    (
-                        r.stage,
-                        r.epoch,
-                        r.train_loss,
-                        r.train_accuracy,
-                        r.val_loss,
-                        r.val_accuracy,
-                    )
-                })
-                .collect::<Vec<_>>()
-        };
-        assert_eq!(strip(&whole), strip(&resumed), "{}", cfg.recipe);
+        assert_eq!(
+            history_numbers(&whole.history),
+            history_numbers(&resumed.history),
+            "{}",
+            cfg.recipe
+        );
         for (a, b) in whole.block5.iter().zip(&resumed.block5) {
             assert_eq!(a.w, b.w);
             assert_eq!(a.b, b.b);

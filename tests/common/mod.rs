@@ -266,6 +266,16 @@ pub fn paths_or_skip(test: &str, h: usize, w: usize) -> Vec<vgg16_cpu::tensor::c
     v
 }
 
+/// A run's history without its timings: what must repeat bit for bit.
+pub fn history_numbers(h: &[vgg16_cpu::report::history::EpochRecord]) -> Vec<(u8, usize, [u64; 4])> {
+    h.iter()
+        .map(|r| {
+            let v = [r.train_loss, r.train_accuracy, r.val_loss, r.val_accuracy];
+            (r.stage, r.epoch, v.map(f64::to_bits))
+        })
+        .collect()
+}
+
 /// The seed recipe shrunk for tests: 32 px, stage 1 lr 1e-3 batch 16 for
 /// one epoch, stage 2 lr 1e-4 momentum 0.9 batch 16 for `stage2_epochs`,
 /// on the first `n_train` / `n_test` records.
