@@ -197,6 +197,13 @@ impl TrainConfig {
         if self.classes < 2 {
             crate::config_bail!("{} classes: a classifier needs at least 2", self.classes);
         }
+        if self.classes > crate::data::folder::MAX_CLASSES {
+            crate::config_bail!(
+                "{} classes: at most {} are supported (labels are one byte)",
+                self.classes,
+                crate::data::folder::MAX_CLASSES
+            );
+        }
         for (name, v) in [("--limit-train", self.limit_train), ("--limit-test", self.limit_test)] {
             if v == Some(0) {
                 crate::config_bail!("{name} 0: must be at least 1");

@@ -2,8 +2,8 @@
 //! and confusion matrix on a split, through a matching activation cache
 //! when one exists) and [`PredictJob`] (top-k classes of image files).
 
-use crate::data::cifar::Dataset;
-use crate::data::image::load_as_cifar;
+use crate::data::image::load_resized_into;
+use crate::data::{Dataset, Records};
 use crate::error::{Error, Result};
 use crate::features::cache::{self, CacheKey, Dtype};
 use crate::features::{batched_logits, BatchedForward, Cached, Features, Live};
@@ -53,6 +53,23 @@ impl EvaluateJob<'_> {
                 data.split.name()
             );
         }
+        if data.class_names != model.meta.class_names {
+            crate::config_bail!(
+                "the model's {} classes ({}) are not the dataset's {} ({}): evaluate a model on data with its own classes",
+                model.meta.class_names.len(),
+                short_list(&model.meta.class_names),
+                data.class_names.len(),
+                short_list(&data.class_names)
+            );
+        }
+        if matches!(data.records, Records::Files(_)) && data.resize() != model.meta.resize() {
+            crate::config_bail!(
+                "the model was trained on images resized by '{}', the folder is read with '{}' (open it with --resize {})",
+                model.meta.resize,
+                data.resize().name(),
+                model.meta.resize
+            );
+        }
         let n = self.records.min(data.len());
         let idx: Vec<usize> = (0..n).collect();
         let found = self.cache_dir.as_ref().and_then(|dir| {
@@ -70,10 +87,10 @@ impl EvaluateJob<'_> {
         };
         obs.begin("evaluate", n as u64, "img");
         let logits = batched_logits(&idx, self.batch_size, model.meta.class_names.len(), |c| {
-            let g = block5_features(model.block5(), feats.block4(c).view());
+            let g = block5_features(model.block5(), feats.block4(c)?.view());
             obs.advance(c.len() as u64, "");
-            head_forward(&model.head, g.view(), None).0
-        });
+            Ok(head_forward(&model.head, g.view(), None).0)
+        })?;
         obs.end();
         let report = metrics::report(&logits, &data.labels[..n], &model.meta.class_names);
         Ok(EvaluateOutcome {
@@ -85,7 +102,10 @@ impl EvaluateJob<'_> {
     }
 }
 
-/// Top-k classes of image files (PNG, JPEG, BMP) under a saved model.
+/// Top-k classes of image files under a saved model, each image resized
+/// the way the model was trained ([`crate::model::saved::ModelMeta::resize`]).
+/// Images are decoded a batch at a time (in parallel), so any number of
+/// files takes the memory of one batch.
 pub struct PredictJob<'a> {
     pub model: &'a SavedModel,
     pub images: &'a [PathBuf],
@@ -101,40 +121,67 @@ impl PredictJob<'_> {
     /// cannot be read gets its error there and the others go on. Returns
     /// how many could not be read.
     pub fn run(&self, mut each: impl FnMut(&Path, Result<TopK>)) -> usize {
+        use rayon::prelude::*;
         let model = self.model;
         let names = &model.meta.class_names;
         let k = self.top_k.clamp(1, names.len().max(1));
-        let mut ok: Vec<(&Path, Vec<u8>)> = Vec::new();
-        let mut failed = Vec::new();
-        for p in self.images {
-            match load_as_cifar(p) {
-                Ok(rec) => ok.push((p, rec)),
-                Err(e) => failed.push((p, e)),
+        let (size, resize) = (model.meta.image_size, model.meta.resize());
+        let px = size * size * 3;
+        let forward = BatchedForward::new(&model.base, size, self.batch_size);
+        let mut failed = 0;
+        for chunk in self.images.chunks(self.batch_size.max(1)) {
+            // Decode the chunk in parallel; keep the readable ones in order.
+            let mut buf = vec![0.0f32; chunk.len() * px];
+            let loaded: Vec<Option<Error>> = buf
+                .par_chunks_mut(px)
+                .zip(chunk.par_iter())
+                .map(|(dst, p)| load_resized_into(p, resize, size, dst).err())
+                .collect();
+            let ok: Vec<usize> = (0..chunk.len()).filter(|&i| loaded[i].is_none()).collect();
+            let mut x = ndarray::Array4::<f32>::zeros((ok.len(), size, size, 3));
+            for (row, &i) in ok.iter().enumerate() {
+                x.as_slice_mut().expect("fresh")[row * px..(row + 1) * px].copy_from_slice(&buf[i * px..(i + 1) * px]);
+            }
+            drop(buf);
+            let mut answers: Vec<Option<TopK>> = vec![None; chunk.len()];
+            let r: Result<(), Error> = forward.run(
+                ok.len(),
+                |r| Ok(x.slice(ndarray::s![r, .., .., ..]).to_owned()),
+                0..BLOCK5_START,
+                |_, _, _| Ok(()),
+                |r, x4| {
+                    let g = block5_features(model.block5(), x4.view());
+                    let (logits, _) = head_forward(&model.head, g.view(), None);
+                    let probs = softmax(logits.view());
+                    for (&i, p) in ok[r].iter().zip(probs.rows()) {
+                        let mut order: Vec<usize> = (0..names.len()).collect();
+                        order.sort_by(|&a, &b| p[b].total_cmp(&p[a]));
+                        answers[i] = Some(order[..k].iter().map(|&c| (names[c].clone(), p[c])).collect());
+                    }
+                    Ok(())
+                },
+            );
+            r.expect("no step of predict's forward fails");
+            for ((p, err), ans) in chunk.iter().zip(loaded).zip(answers) {
+                match (err, ans) {
+                    (Some(e), _) => {
+                        failed += 1;
+                        each(p, Err(e))
+                    }
+                    (None, Some(top)) => each(p, Ok(top)),
+                    (None, None) => unreachable!("every readable image has an answer"),
+                }
             }
         }
-        let n_failed = failed.len();
-        for (p, e) in failed {
-            each(p, Err(e));
-        }
-        let forward = BatchedForward::new(&model.base, model.meta.image_size, self.batch_size);
-        let r: Result<(), Error> = forward.run(
-            ok.len(),
-            |j| ok[j].1.as_slice(),
-            0..BLOCK5_START,
-            |_, _, _| Ok(()),
-            |r, x4| {
-                let g = block5_features(model.block5(), x4.view());
-                let (logits, _) = head_forward(&model.head, g.view(), None);
-                let probs = softmax(logits.view());
-                for ((path, _), p) in ok[r].iter().zip(probs.rows()) {
-                    let mut order: Vec<usize> = (0..names.len()).collect();
-                    order.sort_by(|&a, &b| p[b].total_cmp(&p[a]));
-                    each(path, Ok(order[..k].iter().map(|&c| (names[c].clone(), p[c])).collect()));
-                }
-                Ok(())
-            },
-        );
-        r.expect("no step of predict's forward fails");
-        n_failed
+        failed
+    }
+}
+
+/// "a, b, c, ... (100)" for messages.
+fn short_list(names: &[String]) -> String {
+    if names.len() <= 4 {
+        names.join(", ")
+    } else {
+        format!("{}, ... {}", names[..3].join(", "), names[names.len() - 1])
     }
 }

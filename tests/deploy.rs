@@ -68,6 +68,7 @@ fn saved(dir: &Path, hidden: Option<usize>) -> PathBuf {
         stage: 2,
         image_size: 32,
         preprocessing: vgg16_cpu::data::image::PREPROCESSING.into(),
+        resize: "cifar32".into(),
         class_names: names(),
         base_weights_digest: base.digest(),
         hidden,

@@ -228,6 +228,7 @@ proptest! {
                 stage: 2,
                 image_size: 32,
                 preprocessing: vgg16_cpu::data::image::PREPROCESSING.into(),
+                resize: "cifar32".into(),
                 class_names: (0..10).map(|i| format!("c{i}")).collect(),
                 base_weights_digest: "ab".repeat(32),
                 hidden: None,

@@ -214,10 +214,10 @@ fn cached_and_live_paths_give_the_same_numbers() {
 
     // Features: the same records in another batch make-up.
     let idx = [5usize, 40, 3, 17, 0];
-    let (a, b) = (cached_tr.block4(&idx), live_tr.block4(&idx));
+    let (a, b) = (cached_tr.block4(&idx).unwrap(), live_tr.block4(&idx).unwrap());
     let e = rel_err(a.iter(), b.mapv(|v| v as f64).iter());
     assert!(e <= 1e-5, "block4 cached vs live: {e}");
-    let (a, b) = (cached_tr.gap(&idx), live_tr.gap(&idx));
+    let (a, b) = (cached_tr.gap(&idx).unwrap(), live_tr.gap(&idx).unwrap());
     let e = rel_err(a.iter(), b.mapv(|v| v as f64).iter());
     assert!(e <= 1e-5, "gap cached vs live: {e}");
 

@@ -10,17 +10,21 @@ use vgg16_cpu::model::vgg::{Vgg16, IMAGENET_DIGEST, IMAGENET_PROBES};
 
 #[derive(Subcommand)]
 pub enum DataWhat {
-    /// Download cifar-10-binary.tar.gz (resumable, MD5-verified) into --out.
+    /// Download cifar-10-binary.tar.gz (or, with --dataset cifar100,
+    /// cifar-100-binary.tar.gz), resumable and MD5-verified, into --out.
     Fetch {
         /// Directory to download into.
         #[arg(long, default_value = DEFAULT_DATA)]
         out: PathBuf,
-        /// Where to download from.
-        #[arg(long, default_value = fetch::CIFAR10_URL)]
-        url: String,
-        /// Expected MD5 of the whole file.
-        #[arg(long, default_value = fetch::CIFAR10_MD5)]
-        md5: String,
+        /// cifar10 or cifar100.
+        #[arg(long, default_value = "cifar10", value_parser = ["cifar10", "cifar100"])]
+        dataset: String,
+        /// Where to download from (default: the dataset's official URL).
+        #[arg(long)]
+        url: Option<String>,
+        /// Expected MD5 of the whole file (default: the official archive's).
+        #[arg(long)]
+        md5: Option<String>,
     },
 }
 
@@ -46,7 +50,25 @@ pub enum WeightsWhat {
 
 pub fn run_data(what: DataWhat) -> Result<()> {
     match what {
-        DataWhat::Fetch { out, url, md5 } => data_fetch(&out, &url, &md5),
+        DataWhat::Fetch { out, dataset, url, md5 } => {
+            let (name, url0, md50, archive) = if dataset == "cifar100" {
+                (
+                    "CIFAR-100",
+                    fetch::CIFAR100_URL,
+                    fetch::CIFAR100_MD5,
+                    cifar::ARCHIVE_NAME_100,
+                )
+            } else {
+                ("CIFAR-10", fetch::CIFAR10_URL, fetch::CIFAR10_MD5, cifar::ARCHIVE_NAME)
+            };
+            data_fetch(
+                &out,
+                name,
+                archive,
+                url.as_deref().unwrap_or(url0),
+                md5.as_deref().unwrap_or(md50),
+            )
+        }
     }
 }
 
@@ -57,8 +79,8 @@ pub fn run_weights(what: WeightsWhat) -> Result<()> {
     }
 }
 
-fn data_fetch(out: &Path, url: &str, md5: &str) -> Result<()> {
-    let dest = out.join(cifar::ARCHIVE_NAME);
+fn data_fetch(out: &Path, name: &str, archive: &str, url: &str, md5: &str) -> Result<()> {
+    let dest = out.join(archive);
     eprintln!("downloading {url}\n  -> {}", dest.display());
     let mut bar: Option<indicatif::ProgressBar> = None;
     let r = fetch::fetch(url, md5, &dest, |done, total| {
@@ -79,8 +101,7 @@ fn data_fetch(out: &Path, url: &str, md5: &str) -> Result<()> {
     })
     .with_context(|| {
         format!(
-            "could not download CIFAR-10 (offline? copy {} from a machine that has it into {}, or pass --data PATH to train/evaluate/extract)",
-            cifar::ARCHIVE_NAME,
+            "could not download {name} (offline? copy {archive} from a machine that has it into {}, or pass --data PATH to train/evaluate/extract)",
             out.display()
         )
     })?;

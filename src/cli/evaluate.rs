@@ -1,12 +1,12 @@
 //! `vgg16 evaluate`: a saved model on a split, as text or JSON.
 
 use super::progress::CliObserver;
-use super::{open_data, DEFAULT_CACHE, DEFAULT_DATA};
+use super::{open_data_with, DataArgs, DEFAULT_CACHE};
 use anyhow::{Context, Result};
 use clap::Args;
 use serde_json::json;
 use std::path::PathBuf;
-use vgg16_cpu::data::cifar::{self, Split};
+use vgg16_cpu::data::Split;
 use vgg16_cpu::model::saved::{resolve, SavedModel};
 use vgg16_cpu::model::vgg::auto_batch;
 use vgg16_cpu::EvaluateJob;
@@ -16,9 +16,8 @@ pub struct EvaluateArgs {
     /// A model.npz, or a run directory (meaning its model.npz).
     #[arg(long)]
     model: PathBuf,
-    /// CIFAR-10: the archive, or a directory holding it or cifar-10-batches-bin/.
-    #[arg(long, default_value = DEFAULT_DATA)]
-    data: PathBuf,
+    #[command(flatten)]
+    source: DataArgs,
     /// train or test.
     #[arg(long, default_value = "test")]
     split: String,
@@ -47,8 +46,11 @@ pub fn evaluate(args: &EvaluateArgs) -> Result<()> {
     let split =
         Split::parse(&args.split).with_context(|| format!("--split '{}': expected train or test", args.split))?;
     let size = model.meta.image_size;
-    let source = open_data(&args.data)?;
-    let data = cifar::load_split(&source, split)?;
+    // A folder is read exactly as the model was trained (its resize policy).
+    let mut opts = args.source.options();
+    opts.folder.resize = model.meta.resize();
+    let source = open_data_with(&args.source, opts)?;
+    let data = source.load(split)?;
     let job = EvaluateJob {
         model: &model,
         data: &data,

@@ -5,7 +5,7 @@ use super::{check_image_size, load_weights, open_data, InputArgs};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::path::PathBuf;
-use vgg16_cpu::data::cifar::{self, Split};
+use vgg16_cpu::data::Split;
 use vgg16_cpu::model::vgg::auto_batch;
 
 #[derive(Args)]
@@ -44,9 +44,9 @@ pub fn extract(args: &ExtractArgs) -> Result<()> {
     if batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
-    let source = open_data(&args.input.data)?;
+    let source = open_data(&args.input.source)?;
     let model = load_weights(&args.input.weights)?;
-    let data = cifar::load_split(&source, split)?;
+    let data = source.load(split)?;
     if args.offset > data.len() {
         bail!(
             "--offset {} is past the end of the {} split ({} records)",

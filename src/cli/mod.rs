@@ -13,7 +13,8 @@ mod train;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use std::path::{Path, PathBuf};
-use vgg16_cpu::data::cifar::{self, Source};
+use vgg16_cpu::data::cifar::{self, LabelMode};
+use vgg16_cpu::data::{DataOptions, DataSource, DatasetKind, FolderOptions, Resize};
 use vgg16_cpu::model::vgg::Vgg16;
 use vgg16_cpu::tensor::dispatch::Dispatch;
 
@@ -32,7 +33,7 @@ pub const DEFAULT_CACHE: &str = "data/cache";
 
 #[derive(Subcommand)]
 enum Command {
-    /// CIFAR-10: download the official archive.
+    /// CIFAR-10 / CIFAR-100: download the official archive.
     Data {
         #[command(subcommand)]
         what: data::DataWhat,
@@ -50,14 +51,17 @@ enum Command {
         /// 1: only the head trains; 2: block5 and the head train.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
         stage: u8,
+        /// Width of the Dense(classes) head (10 for CIFAR-10, 100 for CIFAR-100).
+        #[arg(long, default_value_t = cifar::NUM_CLASSES)]
+        classes: usize,
     },
-    /// VGG-16 activations of CIFAR-10 records into one .npz.
+    /// VGG-16 activations of a dataset's records (CIFAR or a folder) into one .npz.
     Extract(extract::ExtractArgs),
     /// The two-stage transfer-learning recipe (head, then block5 + head).
     Train(Box<train::TrainArgs>),
     /// Accuracy, loss, per-class report and confusion matrix of a saved model.
     Evaluate(evaluate::EvaluateArgs),
-    /// Classify image files (PNG, JPEG, BMP) with a saved model.
+    /// Classify image files and folders (JPEG, PNG, BMP, WebP, GIF) with a saved model.
     Predict(predict::PredictArgs),
     /// Activation caches: list or remove them.
     Cache {
@@ -71,12 +75,58 @@ enum Command {
     },
 }
 
+/// Which dataset, and how to read it.
+#[derive(Args, Clone)]
+pub struct DataArgs {
+    /// The dataset: a CIFAR-10 or CIFAR-100 binary archive (or its extracted
+    /// directory, or a directory holding either), or an image folder
+    /// (DIR/<class>/*, or DIR/train/<class>/* and DIR/test/<class>/*).
+    #[arg(long, default_value = DEFAULT_DATA)]
+    pub data: PathBuf,
+    /// What --data holds: auto (CIFAR-10, else CIFAR-100, else a folder),
+    /// cifar10, cifar100 or folder.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "cifar10", "cifar100", "folder"])]
+    pub dataset: String,
+    /// CIFAR-100 classes: fine (100) or coarse (20 superclasses).
+    #[arg(long, default_value = "fine", value_parser = ["fine", "coarse"])]
+    pub label_mode: String,
+    /// Folder of class sub-folders: the fraction of each class held out as
+    /// the test split (default 0.2; seeded, stratified, by file name).
+    #[arg(long)]
+    pub test_split: Option<f64>,
+    /// Seed of a folder's test split and of its --validation-split.
+    #[arg(long, default_value_t = 1337)]
+    pub split_seed: u64,
+    /// How folder images reach --image-size: stretch (bilinear, Keras's
+    /// default) or center-crop (the centred square first, Keras's
+    /// crop_to_aspect_ratio). evaluate uses the model's own.
+    #[arg(long, default_value = "stretch", value_parser = ["stretch", "center-crop"])]
+    pub resize: String,
+    /// An unreadable image in a folder is an error (default: named and skipped).
+    #[arg(long)]
+    pub strict: bool,
+}
+
+impl DataArgs {
+    pub fn options(&self) -> DataOptions {
+        DataOptions {
+            kind: DatasetKind::parse(&self.dataset).expect("clap checked"),
+            label_mode: LabelMode::parse(&self.label_mode).expect("clap checked"),
+            folder: FolderOptions {
+                test_split: self.test_split,
+                split_seed: self.split_seed,
+                resize: Resize::parse(&self.resize).expect("clap checked"),
+                strict: self.strict,
+            },
+        }
+    }
+}
+
 /// Where the data and the base weights are, and the network's input size.
 #[derive(Args, Clone)]
 pub struct InputArgs {
-    /// CIFAR-10: the archive, or a directory holding it or cifar-10-batches-bin/.
-    #[arg(long, default_value = DEFAULT_DATA)]
-    pub data: PathBuf,
+    #[command(flatten)]
+    pub source: DataArgs,
     /// VGG-16 base weights (.npz, Keras layout).
     #[arg(long, default_value = DEFAULT_WEIGHTS)]
     pub weights: PathBuf,
@@ -114,11 +164,21 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Data { what } => data::run_data(what),
         Command::Weights { what } => data::run_weights(what),
-        Command::Summary { image_size, stage } => {
+        Command::Summary {
+            image_size,
+            stage,
+            classes,
+        } => {
             check_image_size(image_size)?;
+            if !(2..=vgg16_cpu::data::folder::MAX_CLASSES).contains(&classes) {
+                bail!(
+                    "--classes {classes}: expected 2..={}",
+                    vgg16_cpu::data::folder::MAX_CLASSES
+                );
+            }
             print!(
                 "{}",
-                vgg16_cpu::model::summary::render(image_size, stage, None, cifar::NUM_CLASSES)
+                vgg16_cpu::model::summary::render(image_size, stage, None, classes)
             );
             Ok(())
         }
@@ -135,12 +195,40 @@ pub fn check_image_size(s: usize) -> Result<()> {
     Ok(vgg16_cpu::model::vgg::check_image_size(s)?)
 }
 
-/// Finds CIFAR-10 at `--data`; when the default `data/` holds none, falls
-/// back (loudly) to the small committed sample in data/sample/.
-pub fn open_data(data: &Path) -> Result<Source> {
-    match cifar::locate(data) {
-        Ok(s) => Ok(s),
-        Err(e) if data == Path::new(DEFAULT_DATA) => {
+/// Finds the dataset `--data` names; when the default `data/` holds none,
+/// falls back (loudly) to the small committed CIFAR-10 sample in
+/// data/sample/. A folder's skipped files are reported here.
+pub fn open_data(args: &DataArgs) -> Result<DataSource> {
+    open_data_with(args, args.options())
+}
+
+/// [`open_data`] with options adjusted by the caller.
+pub fn open_data_with(args: &DataArgs, opts: DataOptions) -> Result<DataSource> {
+    let data = &args.data;
+    let found = if data == Path::new(DEFAULT_DATA) && opts.kind == DatasetKind::Auto {
+        // The default place: CIFAR-10 or CIFAR-100 only (data/ also holds
+        // caches and the sample, which are not a folder dataset).
+        cifar::locate(data)
+            .map(DataSource::from)
+            .or_else(|_| {
+                vgg16_cpu::data::locate(
+                    data,
+                    &DataOptions {
+                        kind: DatasetKind::Cifar100,
+                        ..opts.clone()
+                    },
+                )
+            })
+            .map_err(|_| cifar::DataError::NotFound(data.clone()).into())
+    } else {
+        vgg16_cpu::data::locate(data, &opts)
+    };
+    match found {
+        Ok(s) => {
+            report_skipped(&s);
+            Ok(s)
+        }
+        Err(e) if data == Path::new(DEFAULT_DATA) && opts.kind == DatasetKind::Auto => {
             let sample = [
                 PathBuf::from(SAMPLE_DIR),
                 Path::new(env!("CARGO_MANIFEST_DIR")).join(SAMPLE_DIR),
@@ -161,13 +249,31 @@ pub fn open_data(data: &Path) -> Result<Source> {
                         cifar::ARCHIVE_NAME
                     );
                     eprintln!("{}", "!".repeat(78));
-                    Ok(s)
+                    Ok(s.into())
                 }
                 None => Err(e.into()),
             }
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// Names what a folder scan skipped (at most 10 unreadable files, then a count).
+fn report_skipped(s: &DataSource) {
+    let DataSource::Folder(f) = s else { return };
+    for (p, why) in f.skipped.unreadable.iter().take(10) {
+        eprintln!("warning: skipped {}: {why}", p.display());
+    }
+    if f.skipped.unreadable.len() > 10 {
+        eprintln!(
+            "warning: ... and {} more unreadable images",
+            f.skipped.unreadable.len() - 10
+        );
+    }
+    if let Some(line) = f.skipped_summary() {
+        eprintln!("{line} (--strict makes unreadable images an error)");
+    }
+    eprintln!("{}", s.describe());
 }
 
 pub fn load_weights(path: &Path) -> Result<Vgg16> {

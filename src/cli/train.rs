@@ -7,7 +7,6 @@ use anyhow::{Context, Result};
 use clap::Args;
 use std::path::PathBuf;
 use vgg16_cpu::config::Schedule;
-use vgg16_cpu::data::cifar;
 use vgg16_cpu::features::cache::Dtype;
 use vgg16_cpu::{TrainConfig, TrainJob};
 
@@ -122,8 +121,8 @@ pub struct TrainArgs {
 
 impl TrainArgs {
     /// The recipe these flags describe.
-    fn config(&self) -> Result<TrainConfig> {
-        let (size, classes) = (self.input.image_size, cifar::NUM_CLASSES);
+    fn config(&self, classes: usize) -> Result<TrainConfig> {
+        let size = self.input.image_size;
         let mut c = match self.recipe.as_str() {
             "tuned" => TrainConfig::tuned(size, classes),
             _ => TrainConfig::recipe(size, classes),
@@ -190,13 +189,16 @@ pub fn train(args: &TrainArgs) -> Result<()> {
         .with_context(|| format!("--cache-dtype '{}': expected f32 or f16", args.cache_dtype))?;
     let mut job = match &args.resume {
         Some(dir) => {
-            let source = open_data(&args.input.data)?;
+            let source = open_data(&args.input.source)?;
             TrainJob::resume(dir, source, load_weights(&args.input.weights)?)?
         }
         None => {
-            let config = args.config()?;
+            // Every flag is checked before any data is read (the class count,
+            // the dataset's, is filled in after).
+            args.config(2)?.check()?;
+            let source = open_data(&args.input.source)?;
+            let config = args.config(source.num_classes())?;
             config.check()?;
-            let source = open_data(&args.input.data)?;
             let out = args.out.clone().unwrap_or_else(|| {
                 PathBuf::from("runs").join(chrono::Local::now().format("%Y%m%d-%H%M%S").to_string())
             });

@@ -15,6 +15,9 @@ use thiserror::Error;
 pub const CIFAR10_URL: &str = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz";
 pub const CIFAR10_MD5: &str = "c32a1d4ab5d03f1284b67883e8d87530";
 pub const CIFAR10_BYTES: u64 = 170_052_171;
+pub const CIFAR100_URL: &str = "https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz";
+pub const CIFAR100_MD5: &str = "03b5dce01913d631647c71ecec9e9cb8";
+pub const CIFAR100_BYTES: u64 = 168_513_733;
 
 #[derive(Debug, Error)]
 pub enum FetchError {

@@ -2,8 +2,10 @@
 //! bilinear resize with half-pixel centers and no antialiasing (what the
 //! Keras `Resizing` layer, i.e. `tf.image.resize(..., "bilinear")`, does).
 
+use super::Resize;
 use ndarray::Array4;
 use rayon::prelude::*;
+use std::path::Path;
 
 /// ImageNet channel means in BGR order, subtracted after RGB -> BGR.
 pub const MEANS_BGR: [f32; 3] = [103.939, 116.779, 123.68];
@@ -40,6 +42,11 @@ pub fn resize_bilinear(src: &[f32], h: usize, w: usize, c: usize, oh: usize, ow:
         dst.copy_from_slice(src);
         return;
     }
+    bilinear(src, h, w, c, oh, ow, dst);
+}
+
+/// The sampling of [`resize_bilinear`] from any pixel type.
+fn bilinear<T: Copy + Into<f32>>(src: &[T], h: usize, w: usize, c: usize, oh: usize, ow: usize, dst: &mut [f32]) {
     let axis = |out: usize, inp: usize| -> Vec<(usize, usize, f32)> {
         let scale = inp as f32 / out as f32;
         (0..out)
@@ -58,7 +65,7 @@ pub fn resize_bilinear(src: &[f32], h: usize, w: usize, c: usize, oh: usize, ow:
     for (oy, &(y0, y1, fy)) in ys.iter().enumerate() {
         for (ox, &(x0, x1, fx)) in xs.iter().enumerate() {
             for ch in 0..c {
-                let at = |y: usize, x: usize| src[(y * w + x) * c + ch];
+                let at = |y: usize, x: usize| -> f32 { src[(y * w + x) * c + ch].into() };
                 let top = at(y0, x0) + (at(y0, x1) - at(y0, x0)) * fx;
                 let bot = at(y1, x0) + (at(y1, x1) - at(y1, x0)) * fx;
                 dst[(oy * ow + ox) * c + ch] = top + (bot - top) * fy;
@@ -86,19 +93,79 @@ pub fn preprocess_batch(records: &[&[u8]], size: usize) -> Array4<f32> {
     out
 }
 
-/// Reads any PNG, JPEG or BMP and makes it a CIFAR-like record: RGB,
-/// resized to 32x32 (image's triangle filter, which averages when
-/// shrinking), as 3,072 planar bytes. The model then resizes 32 -> S like
-/// its training images, so photos go through the same pipeline as CIFAR.
-pub fn load_as_cifar(path: &std::path::Path) -> crate::Result<Vec<u8>> {
+/// Decodes an image file of any supported format (JPEG, PNG, BMP, WebP,
+/// GIF's first frame) to 8-bit RGB, with its EXIF orientation applied.
+/// Grayscale, palette, 16-bit and alpha images are converted (alpha
+/// dropped, 16-bit scaled to 8).
+pub fn decode_rgb(path: &Path) -> crate::Result<image::RgbImage> {
     use crate::error::{Error, IoContext};
-    let img = image::ImageReader::open(path)
+    use image::ImageDecoder;
+    let unreadable =
+        |e: image::ImageError| Error::invalid(path, format!("not a readable JPEG, PNG, BMP, WebP or GIF image ({e})"));
+    let mut decoder = image::ImageReader::open(path)
         .at("cannot open", path)?
         .with_guessed_format()
         .at("cannot read", path)?
-        .decode()
-        .map_err(|e| Error::invalid(path, format!("not a readable PNG, JPEG or BMP image ({e})")))?
-        .to_rgb8();
+        .into_decoder()
+        .map_err(unreadable)?;
+    let orientation = decoder
+        .orientation()
+        .unwrap_or(image::metadata::Orientation::NoTransforms);
+    let mut img = image::DynamicImage::from_decoder(decoder).map_err(unreadable)?;
+    img.apply_orientation(orientation);
+    Ok(img.to_rgb8())
+}
+
+/// The largest centred square of an image (Keras's
+/// `crop_to_aspect_ratio=True` for a square target).
+pub fn center_square(img: &image::RgbImage) -> image::RgbImage {
+    let (w, h) = img.dimensions();
+    let side = w.min(h);
+    image::imageops::crop_imm(img, (w - side) / 2, (h - side) / 2, side, side).to_image()
+}
+
+/// 8-bit RGB (H, W, 3) -> (S, S, 3) network input: bilinear resize
+/// (half-pixel centers, no antialias), then RGB->BGR minus the means.
+pub fn rgb_to_input(img: &image::RgbImage, size: usize, dst: &mut [f32]) {
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    bilinear(img.as_raw(), h, w, 3, size, size, dst);
+    for px in dst.chunks_exact_mut(3) {
+        let (r, g, b) = (px[0], px[1], px[2]);
+        px[0] = b - MEANS_BGR[0];
+        px[1] = g - MEANS_BGR[1];
+        px[2] = r - MEANS_BGR[2];
+    }
+}
+
+/// One image file -> its (S, S, 3) network input in `dst`, the way
+/// `resize` says: straight to S (stretch or centre crop), or through a
+/// 32x32 CIFAR-like record for models trained on CIFAR.
+pub fn load_resized_into(path: &Path, resize: Resize, size: usize, dst: &mut [f32]) -> crate::Result<()> {
+    assert_eq!(
+        dst.len(),
+        size * size * 3,
+        "load_resized_into: output must hold S*S*3 floats"
+    );
+    match resize {
+        Resize::Cifar32 => {
+            let rec = load_as_cifar(path)?;
+            let side = crate::data::cifar::SIDE;
+            let mut small = vec![0.0f32; side * side * 3];
+            preprocess_planar(&rec, side, &mut small);
+            resize_bilinear(&small, side, side, 3, size, size, dst);
+        }
+        Resize::Stretch => rgb_to_input(&decode_rgb(path)?, size, dst),
+        Resize::CenterCrop => rgb_to_input(&center_square(&decode_rgb(path)?), size, dst),
+    }
+    Ok(())
+}
+
+/// Reads any supported image and makes it a CIFAR-like record: RGB,
+/// resized to 32x32 (image's triangle filter, which averages when
+/// shrinking), as 3,072 planar bytes. A CIFAR model then resizes 32 -> S
+/// like its training images, so photos go through the same pipeline.
+pub fn load_as_cifar(path: &Path) -> crate::Result<Vec<u8>> {
+    let img = decode_rgb(path)?;
     let side = crate::data::cifar::SIDE as u32;
     let small = if img.dimensions() == (side, side) {
         img

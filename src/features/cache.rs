@@ -19,8 +19,8 @@
 //! resumes at the first unfinished chunk. On open, sizes, headers and chunk
 //! digests are checked; a damaged cache is reported, removed and rebuilt.
 
-use crate::data::cifar::Dataset;
 use crate::data::image::PREPROCESSING;
+use crate::data::Dataset;
 use crate::error::{Error, IoContext, Result};
 use crate::features::BatchedForward;
 use crate::model::vgg::{layer_index, Vgg16, LAYERS};
@@ -73,8 +73,14 @@ pub struct CacheKey {
     pub weights_digest: String,
     pub image_size: usize,
     pub preprocessing: String,
-    /// SHA-256 over the split's labels and image bytes, in record order.
+    /// The split's identity ([`Dataset::digest`]): for CIFAR, SHA-256 over
+    /// its labels and image bytes in record order; for a folder, over the
+    /// file listing, class names and resize policy.
     pub dataset_digest: String,
+    /// How images reach S for a folder ("stretch", "center-crop"); absent
+    /// for CIFAR (so CIFAR keys are those of earlier versions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resize: Option<String>,
     pub split: String,
     /// Records 0..records of the split.
     pub records: usize,
@@ -88,7 +94,11 @@ impl CacheKey {
             weights_digest: weights_digest.to_string(),
             image_size,
             preprocessing: PREPROCESSING.to_string(),
-            dataset_digest: dataset_digest(data),
+            dataset_digest: data.digest(),
+            resize: match data.resize() {
+                crate::data::Resize::Cifar32 => None,
+                r => Some(r.name().to_string()),
+            },
             split: data.split.name().to_string(),
             records,
             dtype,
@@ -119,13 +129,9 @@ impl CacheKey {
     }
 }
 
-/// SHA-256 over a split's labels then images: the dataset's identity,
-/// whether it was read from the archive or a directory.
+/// The split's identity, [`Dataset::digest`].
 pub fn dataset_digest(data: &Dataset) -> String {
-    let mut h = Sha256::new();
-    h.update(&data.labels);
-    h.update(&data.images);
-    crate::data::fetch::hex(&h.finalize())
+    data.digest()
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -415,7 +421,7 @@ fn build(
         let mut chunk_hash = Sha256::new();
         forward.run(
             c1 - c0,
-            |j| data.image(c0 + j),
+            |r| data.input(&(c0 + r.start..c0 + r.end).collect::<Vec<_>>(), key.image_size),
             0..LAYERS.len(),
             |r, i, a| -> Result<()> {
                 if i != b4_idx {

@@ -4,7 +4,7 @@
 //! into its own temporary `.npy`, and the members are copied into the
 //! `.npz` (stored, ZIP64) at the end, which is then renamed into place.
 
-use crate::data::cifar::Dataset;
+use crate::data::Dataset;
 use crate::error::{IoContext, Result};
 use crate::features::BatchedForward;
 use crate::model::vgg::{layer_index, Kind, Vgg16, LAYERS};
@@ -135,7 +135,7 @@ pub fn extract(
     let forward = BatchedForward::new(model, size, batch);
     forward.run(
         count,
-        |j| data.image(offset + j),
+        |r| data.input(&(offset + r.start..offset + r.end).collect::<Vec<_>>(), size),
         0..last + 1,
         |_, i, y| -> Result<()> {
             for m in members.iter_mut() {

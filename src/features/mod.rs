@@ -14,8 +14,8 @@
 pub mod cache;
 pub mod extract;
 
-use crate::data::cifar::Dataset;
-use crate::data::image::preprocess_batch;
+use crate::data::Dataset;
+use crate::error::Result;
 use crate::model::block5::block5_features;
 use crate::model::head::{head_forward, Head};
 use crate::model::vgg::{auto_batch, ConvParams, Prepared, Vgg16, BLOCK5_START, LAYERS};
@@ -41,22 +41,22 @@ impl<'m> BatchedForward<'m> {
         }
     }
 
-    /// Runs `LAYERS[layers]` on records `0..n` (`image(i)` gives record
-    /// i's 3,072 CIFAR bytes), a batch at a time. After each layer of a
-    /// batch, `tap(records, layer, output)` sees its output; after the
-    /// batch, `done(records, last output)`. The first error stops the loop.
-    pub fn run<'r, E>(
+    /// Runs `LAYERS[layers]` on records `0..n`, a batch at a time;
+    /// `input(records)` gives a batch's (B, S, S, 3) network input (see
+    /// [`Dataset::input`]). After each layer of a batch, `tap(records,
+    /// layer, output)` sees its output; after the batch, `done(records,
+    /// last output)`. The first error stops the loop.
+    pub fn run<E>(
         &self,
         n: usize,
-        image: impl Fn(usize) -> &'r [u8],
+        input: impl Fn(Range<usize>) -> std::result::Result<Array4<f32>, E>,
         layers: Range<usize>,
-        mut tap: impl FnMut(Range<usize>, usize, &Array4<f32>) -> Result<(), E>,
-        mut done: impl FnMut(Range<usize>, Array4<f32>) -> Result<(), E>,
-    ) -> Result<(), E> {
+        mut tap: impl FnMut(Range<usize>, usize, &Array4<f32>) -> std::result::Result<(), E>,
+        mut done: impl FnMut(Range<usize>, Array4<f32>) -> std::result::Result<(), E>,
+    ) -> std::result::Result<(), E> {
         for start in (0..n).step_by(self.batch) {
             let end = (start + self.batch).min(n);
-            let recs: Vec<&[u8]> = (start..end).map(&image).collect();
-            let x = preprocess_batch(&recs, self.size);
+            let x = input(start..end)?;
             let mut err = None;
             let y = self.net.forward_range(x, layers.clone(), &mut |i, a| {
                 if err.is_none() {
@@ -71,22 +71,21 @@ impl<'m> BatchedForward<'m> {
         Ok(())
     }
 
-    /// `LAYERS[layers]` of records `0..n`, joined along the batch axis.
-    pub fn collect<'r>(&self, n: usize, image: impl Fn(usize) -> &'r [u8], layers: Range<usize>) -> Array4<f32> {
+    /// `LAYERS[layers]` of records `idx` of `data`, joined along the batch axis.
+    pub fn collect(&self, data: &Dataset, idx: &[usize], layers: Range<usize>) -> Result<Array4<f32>> {
         let mut parts = Vec::new();
-        let r: Result<(), std::convert::Infallible> = self.run(
-            n,
-            image,
+        self.run(
+            idx.len(),
+            |r| data.input(&idx[r], self.size),
             layers,
             |_, _, _| Ok(()),
             |_, y| {
                 parts.push(y);
                 Ok(())
             },
-        );
-        r.expect("infallible");
+        )?;
         let views: Vec<_> = parts.iter().map(|a| a.view()).collect();
-        ndarray::concatenate(ndarray::Axis(0), &views).expect("batches agree on shape")
+        Ok(ndarray::concatenate(ndarray::Axis(0), &views).expect("batches agree on shape"))
     }
 }
 
@@ -94,9 +93,9 @@ impl<'m> BatchedForward<'m> {
 pub trait Features: Sync {
     fn labels(&self) -> &[u8];
     /// Stage-1 features: GAP of block5_pool with the pretrained block5 (B, 512).
-    fn gap(&self, idx: &[usize]) -> Array2<f32>;
+    fn gap(&self, idx: &[usize]) -> Result<Array2<f32>>;
     /// block4_pool (B, S/16, S/16, 512).
-    fn block4(&self, idx: &[usize]) -> Array4<f32>;
+    fn block4(&self, idx: &[usize]) -> Result<Array4<f32>>;
 }
 
 /// From the activation cache (memory-mapped).
@@ -106,11 +105,11 @@ impl Features for Cached<'_> {
     fn labels(&self) -> &[u8] {
         &self.0.labels
     }
-    fn gap(&self, idx: &[usize]) -> Array2<f32> {
-        self.0.gap_rows(idx)
+    fn gap(&self, idx: &[usize]) -> Result<Array2<f32>> {
+        Ok(self.0.gap_rows(idx))
     }
-    fn block4(&self, idx: &[usize]) -> Array4<f32> {
-        self.0.block4(idx)
+    fn block4(&self, idx: &[usize]) -> Result<Array4<f32>> {
+        Ok(self.0.block4(idx))
     }
 }
 
@@ -138,15 +137,12 @@ impl Features for Live<'_> {
     fn labels(&self) -> &[u8] {
         &self.data.labels[..self.records]
     }
-    fn gap(&self, idx: &[usize]) -> Array2<f32> {
-        let y = self
-            .forward
-            .collect(idx.len(), |j| self.data.image(idx[j]), 0..LAYERS.len());
-        gap_forward(y.view())
+    fn gap(&self, idx: &[usize]) -> Result<Array2<f32>> {
+        let y = self.forward.collect(self.data, idx, 0..LAYERS.len())?;
+        Ok(gap_forward(y.view()))
     }
-    fn block4(&self, idx: &[usize]) -> Array4<f32> {
-        self.forward
-            .collect(idx.len(), |j| self.data.image(idx[j]), 0..BLOCK5_START)
+    fn block4(&self, idx: &[usize]) -> Result<Array4<f32>> {
+        self.forward.collect(self.data, idx, 0..BLOCK5_START)
     }
 }
 
@@ -156,22 +152,22 @@ pub fn batched_logits(
     idx: &[usize],
     batch: usize,
     classes: usize,
-    mut logits_of: impl FnMut(&[usize]) -> Array2<f32>,
-) -> Array2<f32> {
+    mut logits_of: impl FnMut(&[usize]) -> Result<Array2<f32>>,
+) -> Result<Array2<f32>> {
     let batch = batch.max(1);
     let mut all = Array2::<f32>::zeros((idx.len(), classes));
     for (bi, chunk) in idx.chunks(batch).enumerate() {
         all.slice_mut(ndarray::s![bi * batch..bi * batch + chunk.len(), ..])
-            .assign(&logits_of(chunk));
+            .assign(&logits_of(chunk)?);
     }
-    all
+    Ok(all)
 }
 
 /// Logits of stage 1's model (the head on the pretrained base's GAP
 /// features) for records `idx`, no dropout.
-pub fn logits_stage1(head: &Head, feats: &dyn Features, idx: &[usize], batch: usize) -> Array2<f32> {
+pub fn logits_stage1(head: &Head, feats: &dyn Features, idx: &[usize], batch: usize) -> Result<Array2<f32>> {
     batched_logits(idx, batch, head.out.b.len(), |c| {
-        head_forward(head, feats.gap(c).view(), None).0
+        Ok(head_forward(head, feats.gap(c)?.view(), None).0)
     })
 }
 
@@ -182,8 +178,8 @@ pub fn logits_stage2(
     feats: &dyn Features,
     idx: &[usize],
     batch: usize,
-) -> Array2<f32> {
+) -> Result<Array2<f32>> {
     batched_logits(idx, batch, head.out.b.len(), |c| {
-        head_forward(head, block5_features(block5, feats.block4(c).view()).view(), None).0
+        Ok(head_forward(head, block5_features(block5, feats.block4(c)?.view()).view(), None).0)
     })
 }

@@ -33,6 +33,12 @@ pub struct ModelMeta {
     pub stage: u8,
     pub image_size: usize,
     pub preprocessing: String,
+    /// How images reach `image_size` ([`crate::data::Resize`] name):
+    /// "cifar32" (CIFAR models, and every model saved before this field),
+    /// "stretch" or "center-crop" (folder models). `predict` and
+    /// `evaluate` apply exactly this.
+    #[serde(default = "cifar32")]
+    pub resize: String,
     pub class_names: Vec<String>,
     /// Content digest of the base weights training started from (the key of
     /// the activation caches this model can reuse: blocks 1-4 are those).
@@ -42,7 +48,16 @@ pub struct ModelMeta {
     pub config: Option<TrainConfig>,
 }
 
+fn cifar32() -> String {
+    crate::data::Resize::Cifar32.name().to_string()
+}
+
 impl ModelMeta {
+    /// The resize policy (checked by [`ModelMeta::check`]).
+    pub fn resize(&self) -> crate::data::Resize {
+        crate::data::Resize::parse(&self.resize).unwrap_or(crate::data::Resize::Cifar32)
+    }
+
     /// Every field within what this program can run; the reason otherwise.
     pub fn check(&self) -> Result<(), String> {
         if !matches!(self.stage, 1 | 2) {
@@ -60,6 +75,12 @@ impl ModelMeta {
                 "preprocessing {:?} (this program applies {:?})",
                 self.preprocessing,
                 crate::data::image::PREPROCESSING
+            ));
+        }
+        if crate::data::Resize::parse(&self.resize).is_none() {
+            return Err(format!(
+                "resize {:?} (expected cifar32, stretch or center-crop)",
+                self.resize
             ));
         }
         let n = self.class_names.len();

@@ -29,6 +29,39 @@ pub struct Report {
     pub per_class: Vec<ClassStats>,
     pub macro_avg: ClassStats,
     pub weighted_avg: ClassStats,
+    /// Top-k accuracy, reported for 20 classes or more (k = 5).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub top_k: Option<TopKAccuracy>,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct TopKAccuracy {
+    pub k: usize,
+    /// Fraction of samples whose true class is among the k highest logits.
+    pub accuracy: f64,
+}
+
+/// From this many classes on, reports carry top-5 accuracy and the text
+/// report leaves the confusion matrix to the plot and the JSON.
+pub const MANY_CLASSES: usize = 20;
+
+/// Fraction of rows whose label is among the row's `k` largest logits
+/// (ties broken toward the lower class index, like argmax).
+pub fn top_k_accuracy(logits: &Array2<f32>, labels: &[u8], k: usize) -> f64 {
+    let mut hits = 0usize;
+    for (row, &t) in logits.rows().into_iter().zip(labels) {
+        let v = row[t as usize];
+        // Classes ranked above the true one: larger logit, or equal and earlier.
+        let above = row
+            .iter()
+            .enumerate()
+            .filter(|&(c, &x)| x > v || (x == v && c < t as usize))
+            .count();
+        if above < k {
+            hits += 1;
+        }
+    }
+    ratio(hits, labels.len())
 }
 
 fn ratio(a: usize, b: usize) -> f64 {
@@ -90,6 +123,10 @@ pub fn report(logits: &Array2<f32>, labels: &[u8], names: &[String]) -> Report {
     };
     let macro_avg = avg("macro avg", &|_| 1.0);
     let weighted_avg = avg("weighted avg", &|c| c.support as f64);
+    let top_k = (k >= MANY_CLASSES).then(|| TopKAccuracy {
+        k: 5,
+        accuracy: top_k_accuracy(logits, labels, 5),
+    });
     Report {
         samples: n,
         accuracy: ratio(correct, n),
@@ -98,6 +135,7 @@ pub fn report(logits: &Array2<f32>, labels: &[u8], names: &[String]) -> Report {
         per_class,
         macro_avg,
         weighted_avg,
+        top_k,
     }
 }
 
@@ -113,9 +151,13 @@ impl Report {
             .max()
             .unwrap_or(0)
             .max("weighted avg".len());
+        let top = match &self.top_k {
+            Some(t) => format!("  top-{} accuracy: {:.4}", t.k, t.accuracy),
+            None => String::new(),
+        };
         let _ = writeln!(
             s,
-            "accuracy: {:.4}  loss: {:.4}  ({} samples)\n",
+            "accuracy: {:.4}{top}  loss: {:.4}  ({} samples)\n",
             self.accuracy, self.loss, self.samples
         );
         let _ = writeln!(
@@ -142,6 +184,15 @@ impl Report {
                 "{:>w$} {:>9.2} {:>9.2} {:>9.2} {:>9}",
                 c.name, c.precision, c.recall, c.f1, c.support
             );
+        }
+        if self.per_class.len() >= MANY_CLASSES {
+            let _ = writeln!(
+                s,
+                "\nconfusion matrix: {} x {} (in the JSON report and the plot)",
+                self.per_class.len(),
+                self.per_class.len()
+            );
+            return s;
         }
         let _ = writeln!(s, "\nconfusion matrix (rows: true class, columns: predicted)");
         let cw = self

@@ -158,6 +158,9 @@ pub fn plot_history(history: &[EpochRecord], path: &Path) -> Result<()> {
 /// with the counts written in the cells.
 pub fn plot_confusion(cm: &[Vec<usize>], names: &[String], title: &str, path: &Path) -> Result<()> {
     let k = names.len();
+    if k >= crate::report::metrics::MANY_CLASSES {
+        return plot_confusion_many(cm, names, title, path);
+    }
     png(path, (1000, 900), |root| {
         root.fill(&WHITE).map_err(err)?;
         let mut chart = ChartBuilder::on(&root)
@@ -218,6 +221,97 @@ pub fn plot_confusion(cm: &[Vec<usize>], names: &[String], title: &str, path: &P
                     .map_err(err)?;
             }
         }
+        Ok(())
+    })
+}
+
+/// The colour of a row-normalised fraction f in [0, 1] (white to blue).
+fn heat(f: f64) -> RGBColor {
+    let f = f.clamp(0.0, 1.0);
+    RGBColor(
+        (255.0 - 225.0 * f) as u8,
+        (255.0 - 160.0 * f) as u8,
+        (255.0 - 60.0 * f) as u8,
+    )
+}
+
+/// The confusion matrix of many classes (20 or more): cells coloured by
+/// the fraction of the true class's images, no per-cell numbers, every
+/// class named on both axes in a font sized to fit, and a colour bar.
+fn plot_confusion_many(cm: &[Vec<usize>], names: &[String], title: &str, path: &Path) -> Result<()> {
+    let k = names.len();
+    let side = 1400u32;
+    png(path, (side + 160, side), |root| {
+        root.fill(&WHITE).map_err(err)?;
+        let (main, bar) = root.split_horizontally(side);
+        let label_px = ((1000.0 / k as f64) as u32).clamp(6, 16);
+        let longest = names.iter().map(|n| n.chars().count()).max().unwrap_or(4) as u32;
+        let area = (longest * label_px * 6 / 10 + 30).min(260);
+        let mut chart = ChartBuilder::on(&main)
+            .caption(title, ("sans-serif", 24))
+            .margin(20)
+            .x_label_area_size(area)
+            .y_label_area_size(area)
+            .build_cartesian_2d(-0.5f64..(k as f64 - 0.5), (k as f64 - 0.5)..-0.5f64)
+            .map_err(err)?;
+        let name_at = |v: &f64| {
+            let i = v.round();
+            if (v - i).abs() < 1e-6 && i >= 0.0 && (i as usize) < k {
+                names[i as usize].clone()
+            } else {
+                String::new()
+            }
+        };
+        chart
+            .configure_mesh()
+            .disable_mesh()
+            .x_labels(k)
+            .y_labels(k)
+            .x_label_formatter(&name_at)
+            .y_label_formatter(&name_at)
+            .x_label_style(
+                ("sans-serif", label_px)
+                    .into_font()
+                    .transform(plotters::style::FontTransform::Rotate90),
+            )
+            .y_label_style(("sans-serif", label_px))
+            .x_desc("predicted class")
+            .y_desc("true class")
+            .axis_desc_style(("sans-serif", 18))
+            .draw()
+            .map_err(err)?;
+        let cells = cm.iter().enumerate().flat_map(|(r, row)| {
+            let total: usize = row.iter().sum();
+            row.iter().enumerate().map(move |(c, &v)| {
+                let f = if total > 0 { v as f64 / total as f64 } else { 0.0 };
+                let (x, y) = (c as f64, r as f64);
+                Rectangle::new([(x - 0.5, y - 0.5), (x + 0.5, y + 0.5)], heat(f).filled())
+            })
+        });
+        chart.draw_series(cells).map_err(err)?;
+        // Colour bar: fraction of the true class's images, 0 at the bottom.
+        let mut cb = ChartBuilder::on(&bar)
+            .margin_top(80)
+            .margin_bottom(80)
+            .margin_right(60)
+            .y_label_area_size(0)
+            .right_y_label_area_size(50)
+            .build_cartesian_2d(0.0f64..1.0, 0.0f64..1.0)
+            .map_err(err)?;
+        cb.configure_mesh()
+            .disable_mesh()
+            .disable_x_axis()
+            .y_labels(6)
+            .y_label_formatter(&|v| format!("{:.0}%", 100.0 * v))
+            .label_style(("sans-serif", 14))
+            .draw()
+            .map_err(err)?;
+        let steps = 100;
+        cb.draw_series((0..steps).map(|i| {
+            let (a, b) = (i as f64 / steps as f64, (i + 1) as f64 / steps as f64);
+            Rectangle::new([(0.0, a), (1.0, b)], heat((a + b) / 2.0).filled())
+        }))
+        .map_err(err)?;
         Ok(())
     })
 }

@@ -10,8 +10,8 @@
 //! ```
 
 use crate::config::TrainConfig;
-use crate::data::cifar::{self, Source, Split};
 use crate::data::image::PREPROCESSING;
+use crate::data::{DataSource, Split};
 use crate::error::{IoContext, Result};
 use crate::features::cache::dataset_digest;
 use crate::features::cache::{self, Cache, CacheKey, Dtype};
@@ -47,8 +47,9 @@ pub const RUN_FILES: &[&str] = &[
 /// A training run: what to train on, with what, and where its files go.
 pub struct TrainJob {
     pub config: TrainConfig,
-    /// Where CIFAR-10 is ([`cifar::locate`]).
-    pub data: Source,
+    /// The dataset ([`crate::data::locate`]; a CIFAR-10 location converts
+    /// with `.into()`).
+    pub data: DataSource,
     /// The ImageNet base (blocks 1-4 frozen, block5 the starting point).
     pub base: Vgg16,
     /// The run directory.
@@ -84,10 +85,10 @@ pub struct TrainOutcome {
 impl TrainJob {
     /// A fresh run of `config` into `out`, with the default cache settings
     /// (`data/cache`, f32).
-    pub fn new(config: TrainConfig, data: Source, base: Vgg16, out: PathBuf) -> TrainJob {
+    pub fn new(config: TrainConfig, data: impl Into<DataSource>, base: Vgg16, out: PathBuf) -> TrainJob {
         TrainJob {
             config,
-            data,
+            data: data.into(),
             base,
             out,
             resume: false,
@@ -101,7 +102,7 @@ impl TrainJob {
 
     /// Continues the run in `dir` with the configuration its checkpoint
     /// was made with.
-    pub fn resume(dir: &Path, data: Source, base: Vgg16) -> Result<TrainJob> {
+    pub fn resume(dir: &Path, data: impl Into<DataSource>, base: Vgg16) -> Result<TrainJob> {
         let (config, _) = checkpoint_config(dir)?;
         Ok(TrainJob {
             resume: true,
@@ -151,16 +152,21 @@ impl TrainJob {
         std::fs::create_dir_all(out).at("cannot create run directory", out)?;
         let model = &self.base;
         let digest = model.digest();
-        obs.info(&format!("loading CIFAR-10 from {} ...", self.data.path().display()));
-        let train_ds = cifar::load_split(&self.data, Split::Train)?;
-        let test_ds = cifar::load_split(&self.data, Split::Test)?;
+        obs.info(&format!("loading {} ...", self.data.describe()));
+        let train_ds = self.data.load(Split::Train)?;
+        let test_ds = self.data.load(Split::Test)?;
+        if cfg.classes != train_ds.class_names.len() {
+            crate::config_bail!(
+                "the configuration has {} classes, the dataset {} ({})",
+                cfg.classes,
+                train_ds.class_names.len(),
+                self.data.describe()
+            );
+        }
         let n_train = cfg.limit_train.unwrap_or(train_ds.len()).min(train_ds.len());
         let n_test = cfg.limit_test.unwrap_or(test_ds.len()).min(test_ds.len());
         let (train_idx, val_from_train): (Vec<usize>, Vec<usize>) = match cfg.validation_split {
-            Some(f) => {
-                let n_val = ((n_train as f64) * f).round() as usize;
-                ((0..n_train - n_val).collect(), (n_train - n_val..n_train).collect())
-            }
+            Some(f) => train_ds.validation_split(n_train, f),
             None => ((0..n_train).collect(), vec![]),
         };
         let test_idx: Vec<usize> = (0..n_test).collect();
@@ -245,6 +251,7 @@ impl TrainJob {
             stage,
             image_size: cfg.image_size,
             preprocessing: PREPROCESSING.into(),
+            resize: train_ds.resize().name().into(),
             class_names: train_ds.class_names.clone(),
             base_weights_digest: digest.clone(),
             hidden: cfg.hidden,

@@ -91,14 +91,14 @@ fn stream(seed: u64, stage: u8, epoch: usize, which: u64) -> ChaCha8Rng {
 }
 
 /// Mean loss, accuracy and logits over `idx` with the stage's model.
-fn evaluate(state: &State, stage: u8, f: &dyn Features, idx: &[usize]) -> (f64, f64, Array2<f32>) {
+fn evaluate(state: &State, stage: u8, f: &dyn Features, idx: &[usize]) -> Result<(f64, f64, Array2<f32>)> {
     let logits = if stage == 1 {
-        logits_stage1(&state.head, f, idx, 256)
+        logits_stage1(&state.head, f, idx, 256)?
     } else {
-        logits_stage2(&state.block5, &state.head, f, idx, 64)
+        logits_stage2(&state.block5, &state.head, f, idx, 64)?
     };
     let (l, a) = loss_acc(&logits, f.labels(), idx);
-    (l, a, logits)
+    Ok((l, a, logits))
 }
 
 /// Inputs of a training run.
@@ -143,7 +143,7 @@ pub fn run(
         if stage == 1 && state.epochs_done == 0 && cfg.standardize && state.head.norm.is_none() {
             // The head sees standardized features: statistics of the
             // training records' stage-1 features, fixed from here on.
-            let norm = Norm::of(inputs.train.gap(inputs.train_idx).view());
+            let norm = Norm::of(inputs.train.gap(inputs.train_idx)?.view());
             state.head.norm = Some(norm.clone());
             state.v_head.norm = Some(norm);
         }
@@ -161,7 +161,7 @@ pub fn run(
             let (vl, va) = if inputs.val_idx.is_empty() {
                 (f64::NAN, f64::NAN)
             } else {
-                let (l, a, logits) = evaluate(state, stage, inputs.val, inputs.val_idx);
+                let (l, a, logits) = evaluate(state, stage, inputs.val, inputs.val_idx)?;
                 state.last_val_logits = Some(logits);
                 (l, a)
             };
@@ -212,7 +212,7 @@ pub fn run(
                 let (l, a) = loss_acc(&logits, f.labels(), idx);
                 (l, a, logits)
             } else {
-                evaluate(state, stage, f, idx)
+                evaluate(state, stage, f, idx)?
             };
             state.test_logits.push((stage, logits));
             let secs: f64 = state
@@ -276,14 +276,14 @@ fn train_epoch(
             weight_decay: sc.weight_decay as f32,
         };
         let (loss, logits) = if stage == 1 {
-            let g = inputs.train.gap(batch);
+            let g = inputs.train.gap(batch)?;
             let (logits, acts) = head_forward(&state.head, g.view(), Some(&mut drop_rng));
             let (loss, dlogits) = loss_fn(&logits, &y);
             let (_, gh) = head_backward(&state.head, &acts, dlogits.view());
             opt.head(&mut state.head, &mut state.v_head, &gh);
             (loss, logits)
         } else {
-            let x4 = inputs.train.block4(batch);
+            let x4 = inputs.train.block4(batch)?;
             let (g, b5) = block5_forward(&state.block5, x4);
             let (logits, acts) = head_forward(&state.head, g.view(), Some(&mut drop_rng));
             let (loss, dlogits) = loss_fn(&logits, &y);
