@@ -219,3 +219,31 @@ pub fn bench_conv(size: usize, batch: usize, min_time: Duration, mut each: impl 
     );
     Ok(())
 }
+
+/// The input pipeline alone: records `0..n` of `data` turned into (B, S, S,
+/// 3) network input `batch` at a time (for a folder: read, decode, EXIF,
+/// resize, preprocess, in parallel), timed once end to end. Set beside the
+/// cache build's img/s, it says what share of a build the input costs.
+pub fn bench_input(data: &crate::data::Dataset, n: usize, size: usize, batch: usize) -> crate::Result<Value> {
+    let n = n.min(data.len());
+    let idx: Vec<usize> = (0..n).collect();
+    let t = std::time::Instant::now();
+    let mut checksum = 0.0f64;
+    for chunk in idx.chunks(batch.max(1)) {
+        let x = data.input(chunk, size)?;
+        checksum += x.iter().take(16).map(|&v| v as f64).sum::<f64>();
+    }
+    let secs = t.elapsed().as_secs_f64();
+    let files = match &data.records {
+        crate::data::Records::Files(f) => f.files[..n]
+            .iter()
+            .map(|p| std::fs::metadata(p).map_or(0, |m| m.len()))
+            .sum::<u64>(),
+        crate::data::Records::Cifar(_) => (n * crate::data::cifar::IMAGE_BYTES) as u64,
+    };
+    Ok(json!({"bench": "input", "dataset": data.origin, "split": data.split.name(), "images": n,
+              "image_size": size, "batch": batch, "resize": data.resize().name(),
+              "threads": rayon::current_num_threads(), "cpu": cpu_model(),
+              "seconds": secs, "images_per_second": n as f64 / secs,
+              "mean_file_bytes": files as f64 / n.max(1) as f64, "checksum": checksum}))
+}

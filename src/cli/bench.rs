@@ -1,4 +1,4 @@
-//! `vgg16 bench gemm|conv`: the library's measurements, one JSON object a line.
+//! `vgg16 bench gemm|conv|input`: the library's measurements, one JSON object a line.
 
 use super::with_threads;
 use anyhow::{bail, Result};
@@ -20,6 +20,27 @@ pub enum BenchWhat {
         /// Batch size.
         #[arg(long, default_value_t = 1)]
         batch: usize,
+    },
+    /// The input pipeline alone (read, decode, resize, preprocess) on a
+    /// dataset's records: compare with the cache build's img/s.
+    Input {
+        #[command(flatten)]
+        source: super::DataArgs,
+        /// Input image size.
+        #[arg(long, default_value_t = 224)]
+        image_size: usize,
+        /// train or test.
+        #[arg(long, default_value = "train")]
+        split: String,
+        /// How many records (from the first).
+        #[arg(long, default_value_t = 512)]
+        limit: usize,
+        /// Images per batch.
+        #[arg(long, default_value_t = 16)]
+        batch: usize,
+        /// Worker threads (default: every core).
+        #[arg(long)]
+        threads: Option<usize>,
     },
 }
 
@@ -59,6 +80,24 @@ pub fn run(what: BenchWhat) -> Result<()> {
             Ok(vgg16_cpu::bench::bench_conv(image_size, batch, min_time, |v| {
                 println!("{v}")
             })?)
+        }),
+        BenchWhat::Input {
+            source,
+            image_size,
+            split,
+            limit,
+            batch,
+            threads,
+        } => with_threads(threads, || {
+            super::check_image_size(image_size)?;
+            let split = vgg16_cpu::data::Split::parse(&split)
+                .ok_or_else(|| anyhow::anyhow!("--split '{split}': expected train or test"))?;
+            let data = super::open_data(&source)?.load(split)?;
+            println!(
+                "{}",
+                vgg16_cpu::bench::bench_input(&data, limit, image_size, batch)?
+            );
+            Ok(())
         }),
     }
 }
