@@ -241,9 +241,11 @@ pub fn bench_input(data: &crate::data::Dataset, n: usize, size: usize, batch: us
             .sum::<u64>(),
         crate::data::Records::Cifar(_) => (n * crate::data::cifar::IMAGE_BYTES) as u64,
     };
-    Ok(json!({"bench": "input", "dataset": data.origin, "split": data.split.name(), "images": n,
+    Ok(
+        json!({"bench": "input", "dataset": data.origin, "split": data.split.name(), "images": n,
               "image_size": size, "batch": batch, "resize": data.resize().name(),
               "threads": rayon::current_num_threads(), "cpu": cpu_model(),
               "seconds": secs, "images_per_second": n as f64 / secs,
-              "mean_file_bytes": files as f64 / n.max(1) as f64, "checksum": checksum}))
+              "mean_file_bytes": files as f64 / n.max(1) as f64, "checksum": checksum}),
+    )
 }

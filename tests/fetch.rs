@@ -235,3 +235,39 @@ fn cli_fetches_the_shared_archive_with_resume() {
     assert_eq!(md5_file(&dest).unwrap(), md5);
     assert!(Path::new(&dest).is_file());
 }
+
+/// `data fetch --dataset cifar100` names its archive, and checks the
+/// official archive's MD5 unless told another.
+#[test]
+fn cli_fetch_of_cifar100_names_the_archive_and_checks_its_md5() {
+    let body = Arc::new(b"a stand-in for cifar-100-binary.tar.gz".to_vec());
+    let md5 = hex(&<md5::Md5 as md5::Digest>::digest(&body[..]));
+    let b = Behaviour {
+        honour_range: true,
+        cut_after: None,
+        cut_times: 0,
+    };
+    let url = serve(body.clone(), b, 4);
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |extra: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_vgg16"))
+            .args(["data", "fetch", "--dataset", "cifar100", "--url", &url, "--out"])
+            .arg(tmp.path())
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    // The default MD5 is the official archive's: this body is refused.
+    let out = run(&[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("03b5dce01913d631647c71ecec9e9cb8"), "{err}");
+    assert!(!tmp.path().join("cifar-100-binary.tar.gz").exists());
+    let out = run(&["--md5", &md5]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert_eq!(
+        std::fs::read(tmp.path().join("cifar-100-binary.tar.gz")).unwrap(),
+        *body
+    );
+}

@@ -761,3 +761,136 @@ fn the_job_runs_on_a_folder_then_evaluate_and_predict_use_its_resize() {
         .to_string();
     assert!(e.contains("10 classes, the dataset 3"), "{e}");
 }
+
+#[test]
+fn palette_png_is_converted_to_rgb() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("pal.png");
+    let f = std::fs::File::create(&p).unwrap();
+    let mut enc = png::Encoder::new(std::io::BufWriter::new(f), 2, 1);
+    enc.set_color(png::ColorType::Indexed);
+    enc.set_depth(png::BitDepth::Eight);
+    enc.set_palette(vec![10, 20, 30, 200, 100, 50]);
+    enc.write_header().unwrap().write_image_data(&[1, 0]).unwrap();
+    let img = decode_rgb(&p).unwrap();
+    assert_eq!(*img.get_pixel(0, 0), Rgb([200, 100, 50]));
+    assert_eq!(*img.get_pixel(1, 0), Rgb([10, 20, 30]));
+}
+
+/// The binary on a folder: train, evaluate, predict --csv, extract, and
+/// summary for 100 classes.
+#[test]
+fn cli_trains_evaluates_predicts_and_extracts_on_a_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("photos");
+    make_flat(&root, [8, 8, 8]);
+    let w = tmp.path().join("w.npz");
+    fake_vgg(8).save_npz(&w).unwrap();
+    let (w, r, run, cache) = (
+        w.to_str().unwrap().to_string(),
+        root.to_str().unwrap().to_string(),
+        tmp.path().join("run"),
+        tmp.path().join("cache"),
+    );
+    let (run_s, cache_s) = (run.to_str().unwrap(), cache.to_str().unwrap());
+    let common = ["--data", &r, "--weights", &w, "--image-size", "32"];
+    let mut args = vec!["train"];
+    args.extend(common);
+    args.extend([
+        "--stage1-epochs",
+        "1",
+        "--stage2-epochs",
+        "1",
+        "--test-split",
+        "0.3",
+        "--out",
+        run_s,
+        "--cache-dir",
+        cache_s,
+    ]);
+    let out = vgg16(&args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("skipped 1 unreadable image(s)") && err.contains("corrupt.jpg"),
+        "{err}"
+    );
+    assert!(err.contains("3 classes"), "{err}");
+    // evaluate: the same folder split (--test-split as in training).
+    let out = vgg16(&[
+        "evaluate",
+        "--model",
+        run_s,
+        "--data",
+        &r,
+        "--test-split",
+        "0.3",
+        "--cache-dir",
+        cache_s,
+        "--json",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("test_report.json")).unwrap()).unwrap();
+    assert_eq!(v["confusion_matrix"], saved["confusion_matrix"]);
+    assert!(err.contains("cache hit"), "{err}");
+    // predict a folder into a CSV.
+    let csv = tmp.path().join("p.csv");
+    let out = vgg16(&[
+        "predict",
+        "--model",
+        run_s,
+        root.join("sea lion").to_str().unwrap(),
+        root.join("Zebra").to_str().unwrap(),
+        "--top-k",
+        "2",
+        "--csv",
+        csv.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "corrupt.jpg is named and counted: {err}");
+    assert!(err.contains("1 of 21 images could not be read"), "{err}");
+    let mut rd = csv::Reader::from_path(&csv).unwrap();
+    assert_eq!(
+        rd.headers().unwrap(),
+        vec!["path", "class_1", "probability_1", "class_2", "probability_2", "error"]
+    );
+    let rows: Vec<csv::StringRecord> = rd.records().map(|r| r.unwrap()).collect();
+    assert_eq!(rows.len(), 21, "8 + 8 + 4 odd formats + corrupt.jpg");
+    for row in &rows {
+        if row[0].ends_with("corrupt.jpg") {
+            assert!(row[5].contains("not a readable"), "{row:?}");
+        } else {
+            assert!(CLASSES.contains(&&row[1]) && row[5].is_empty(), "{row:?}");
+            let (p1, p2): (f64, f64) = (row[2].parse().unwrap(), row[4].parse().unwrap());
+            assert!(p1 >= p2 && p1 <= 1.0 && p2 >= 0.0, "{row:?}");
+        }
+    }
+    // extract from the folder: labels are the folder's.
+    let npz = tmp.path().join("g.npz");
+    let mut args = vec!["extract"];
+    args.extend(common);
+    args.extend(["--split", "train", "--layers", "gap", "--out", npz.to_str().unwrap()]);
+    let out = vgg16(&args);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut z = ndarray_npy::NpzReader::new(std::fs::File::open(&npz).unwrap()).unwrap();
+    let labels: ndarray::Array1<u8> = z.by_name("label.npy").unwrap();
+    let want = Folder::scan(
+        &root,
+        &FolderOptions {
+            test_split: Some(0.2),
+            ..Default::default()
+        },
+    )
+    .unwrap()
+    .dataset(Split::Train)
+    .labels;
+    assert_eq!(labels.to_vec(), want);
+    // summary for 100 classes: the head is 512 x 100 + 100.
+    let out = vgg16(&["summary", "--image-size", "32", "--classes", "100"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    assert!(text.contains("51,300") || text.contains("51300"), "{text}");
+}

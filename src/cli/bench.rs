@@ -93,10 +93,7 @@ pub fn run(what: BenchWhat) -> Result<()> {
             let split = vgg16_cpu::data::Split::parse(&split)
                 .ok_or_else(|| anyhow::anyhow!("--split '{split}': expected train or test"))?;
             let data = super::open_data(&source)?.load(split)?;
-            println!(
-                "{}",
-                vgg16_cpu::bench::bench_input(&data, limit, image_size, batch)?
-            );
+            println!("{}", vgg16_cpu::bench::bench_input(&data, limit, image_size, batch)?);
             Ok(())
         }),
     }
