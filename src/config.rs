@@ -217,9 +217,9 @@ impl TrainConfig {
         if !self.label_smoothing.is_finite() || !(0.0..1.0).contains(&self.label_smoothing) {
             crate::config_bail!("--label-smoothing {}: must be in [0, 1)", self.label_smoothing);
         }
-        if self.restore_best && !self.validation_split.is_some_and(|f| f > 0.0) {
+        if self.restore_best && self.validation_split.is_some_and(|f| f <= 0.0) {
             crate::config_bail!(
-                "--restore-best needs --validation-split F: the best epoch is chosen on held-out training records, never on the test set"
+                "--restore-best needs --validation-split F > 0: the best epoch is chosen on held-out training records, never on the test set"
             );
         }
         Ok(())

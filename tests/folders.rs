@@ -134,7 +134,8 @@ fn split_layout_with_test_or_val_folder() {
             f.layout,
             Layout::Split {
                 train: "train".into(),
-                test: test_name.into()
+                test: test_name.into(),
+                val: None
             }
         );
         assert_eq!(f.class_names, CLASSES, "classes come from train/");
@@ -893,4 +894,85 @@ fn cli_trains_evaluates_predicts_and_extracts_on_a_folder() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success());
     assert!(text.contains("51,300") || text.contains("51300"), "{text}");
+}
+
+#[test]
+fn a_val_folder_beside_test_is_the_validation_set() {
+    use vgg16_cpu::{Observer, Silent, TrainJob};
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("photos");
+    make_flat(&root.join("train"), [6, 6, 6]);
+    for (c, class) in CLASSES.iter().enumerate() {
+        for i in 0..2 {
+            save_png(
+                &root.join("test").join(class).join(format!("t{i}.png")),
+                &solid(8, 8, [c as u8, 0, 0]),
+            );
+            save_png(
+                &root.join("val").join(class).join(format!("v{i}.png")),
+                &solid(8, 8, [0, c as u8, 0]),
+            );
+        }
+    }
+    let f = Folder::scan(&root, &FolderOptions::default()).unwrap();
+    assert_eq!(
+        f.layout,
+        Layout::Split {
+            train: "train".into(),
+            test: "test".into(),
+            val: Some("val".into())
+        }
+    );
+    assert_eq!(f.test.len(), 6);
+    let ds = f.dataset(Split::Train);
+    assert!(ds.has_validation_folder());
+    assert_eq!(ds.len(), 10 + 6 + 6 + 6);
+    let (tr, val) = ds.validation_split(ds.len(), 0.5);
+    assert_eq!(val.len(), 6, "the val/ files, whatever the fraction");
+    let Records::Files(r) = &ds.records else { panic!() };
+    assert!(val.iter().all(|&i| r.files[i].starts_with(root.join("val"))));
+    assert!(tr.iter().all(|&i| r.files[i].starts_with(root.join("train"))));
+    // The job validates on val/ and tests on test/.
+    struct Lines(Vec<String>);
+    impl Observer for Lines {
+        fn info(&mut self, l: &str) {
+            self.0.push(l.to_string());
+        }
+    }
+    let source = DataSource::Folder(Box::new(f));
+    let mut cfg = small_recipe(1, 1000, 1000, 1);
+    cfg.classes = 3;
+    cfg.restore_best = true;
+    let mut job = TrainJob::new(cfg.clone(), source.clone(), fake_vgg(2), tmp.path().join("run"));
+    job.cache_dir = tmp.path().join("cache");
+    let mut lines = Lines(vec![]);
+    job.run(&mut lines).unwrap();
+    assert!(
+        lines
+            .0
+            .iter()
+            .any(|l| l.contains("training on 22 records, validating on 6 held-out")),
+        "{:?}",
+        lines.0
+    );
+    // --validation-split on top of it is refused, not silently ignored.
+    cfg.validation_split = Some(0.2);
+    let e = TrainJob::new(cfg, source, fake_vgg(2), tmp.path().join("run2"))
+        .run(&mut Silent)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("own validation folder"), "{e}");
+    // --restore-best with nothing held out is refused (never on the test set).
+    let mut c = small_recipe(1, 40, 20, 1);
+    c.restore_best = true;
+    let e = TrainJob::new(
+        c,
+        cifar::locate(&sample_dir()).unwrap(),
+        fake_vgg(2),
+        tmp.path().join("run3"),
+    )
+    .run(&mut Silent)
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("--restore-best needs --validation-split"), "{e}");
 }

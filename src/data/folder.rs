@@ -4,7 +4,8 @@
 //! ```text
 //! DIR/train/<class>/**/*.jpg     DIR/<class>/**/*.jpg
 //! DIR/test/<class>/**/*.jpg      (split here: --test-split, --validation-split)
-//!   (test/ may be called val/ or validation/)
+//!   (test/ may be called val/ or validation/; with both test/ and val/,
+//!    val/ is the validation set)
 //! ```
 //!
 //! Class names are the class sub-folders' names in sorted (byte) order, the
@@ -71,6 +72,9 @@ pub struct Entry {
     pub label: u8,
     pub bytes: u64,
     pub mtime_ns: i128,
+    /// From the `val/` folder of a layout that also has `test/`: a
+    /// training-split record held out for validation.
+    pub held_out: bool,
 }
 
 /// What the scan left out.
@@ -88,8 +92,14 @@ pub struct Skipped {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Layout {
-    /// `train/` and a test folder (`test/`, `val/` or `validation/`).
-    Split { train: String, test: String },
+    /// `train/` and a test folder (`test/`, `val/` or `validation/`); with
+    /// both `test/` and `val/` (or `validation/`), the latter is the
+    /// validation set.
+    Split {
+        train: String,
+        test: String,
+        val: Option<String>,
+    },
     /// Class folders at the top; the test split is drawn from them.
     Flat { test_split: u64 },
 }
@@ -199,21 +209,27 @@ impl Folder {
             }
             let classes = class_list(&root.join("train"))?;
             let train = scan_split(root, "train", &classes, opts, &mut skipped)?;
-            // The test folder may lack classes, not add any.
-            let test_classes: Vec<String> = subdirs(&root.join(test_dir))?
-                .into_iter()
-                .map(|d| d.to_string_lossy().into_owned())
-                .collect();
-            if let Some(extra) = test_classes.iter().find(|c| !classes.contains(c)) {
-                return Err(Error::invalid(
-                    &root.join(test_dir).join(extra),
-                    format!("class '{extra}' is not in train/ (the classes are train/'s sub-folders)"),
-                ));
-            }
+            check_subset(root, test_dir, &classes)?;
             let test = scan_split(root, test_dir, &classes, opts, &mut skipped)?;
+            // test/ and val/ both: val/ is the validation set, scanned into
+            // the training split and marked held out.
+            let val_dir = if test_dir == "test" {
+                ["val", "validation"].into_iter().find(|n| named(n))
+            } else {
+                None
+            };
+            let mut train = train;
+            if let Some(v) = val_dir {
+                check_subset(root, v, &classes)?;
+                let mut val = scan_split(root, v, &classes, opts, &mut skipped)?;
+                val.iter_mut().for_each(|e| e.held_out = true);
+                train.extend(val);
+                train.sort_by_cached_key(order_key);
+            }
             let layout = Layout::Split {
                 train: "train".into(),
                 test: test_dir.into(),
+                val: val_dir.map(String::from),
             };
             (layout, classes, train, test)
         } else {
@@ -283,6 +299,7 @@ impl Folder {
                 .iter()
                 .map(|e| fnv1a(&[b"val", &seed, rel_bytes(&e.rel)]))
                 .collect(),
+            held_out: entries.iter().map(|e| e.held_out).collect(),
         }
         .into_dataset(
             split,
@@ -308,7 +325,7 @@ impl Folder {
         }
         for e in entries {
             h.update(rel_bytes(&e.rel));
-            h.update([0, e.label]);
+            h.update([0, e.label, e.held_out as u8]);
             h.update(e.bytes.to_le_bytes());
             h.update(e.mtime_ns.to_le_bytes());
         }
@@ -345,6 +362,25 @@ impl FileRecords {
             origin,
         }
     }
+}
+
+/// A test or validation folder may lack classes, not add any.
+fn check_subset(root: &Path, dir: &str, classes: &[String]) -> Result<()> {
+    for d in subdirs(&root.join(dir))? {
+        let name = d.to_string_lossy();
+        if !classes.iter().any(|c| *c == name) {
+            return Err(Error::invalid(
+                &root.join(dir).join(&d),
+                format!("class '{name}' is not in train/ (the classes are train/'s sub-folders)"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Record order: a fixed hash of the relative path (then the path).
+fn order_key(e: &Entry) -> (u64, PathBuf) {
+    (fnv1a(&[b"order", rel_bytes(&e.rel)]), e.rel.clone())
 }
 
 /// The class names under `dir`: its visible sub-folders, sorted.
@@ -460,6 +496,7 @@ fn scan_split(
                 label,
                 bytes: md.len(),
                 mtime_ns,
+                held_out: false,
             })
         })
         .collect();
@@ -476,7 +513,7 @@ fn scan_split(
             Err(bad) => skipped.unreadable.push(bad),
         }
     }
-    entries.sort_by_cached_key(|e| (fnv1a(&[b"order", rel_bytes(&e.rel)]), e.rel.clone()));
+    entries.sort_by_cached_key(order_key);
     Ok(entries)
 }
 

@@ -100,6 +100,9 @@ pub struct FileRecords {
     /// A per-record hash that orders records within a class for the
     /// seeded, stratified validation split.
     pub order_keys: Vec<u64>,
+    /// Records from a `val/` folder (the validation set of a layout with
+    /// its own): all false without one.
+    pub held_out: Vec<bool>,
 }
 
 /// One split: labels, class names and the records.
@@ -185,9 +188,16 @@ impl Dataset {
         }
     }
 
+    /// True for a folder with its own validation set (`val/` beside
+    /// `train/` and `test/`): [`Dataset::validation_split`] returns it.
+    pub fn has_validation_folder(&self) -> bool {
+        matches!(&self.records, Records::Files(r) if r.held_out.iter().any(|&h| h))
+    }
+
     /// Splits records `0..n` into (train, validation) with a fraction `f`
     /// held out. CIFAR: the last round(n f) records (the seed recipe's
-    /// split). Folders: stratified, per class the records with the
+    /// split). A folder with a `val/` folder: its records, whatever `f`.
+    /// Other folders: stratified, per class the records with the
     /// smallest seeded hash of their path, so adding files to one class
     /// does not move another class's records.
     pub fn validation_split(&self, n: usize, f: f64) -> (Vec<usize>, Vec<usize>) {
@@ -195,6 +205,10 @@ impl Dataset {
             Records::Cifar(_) => {
                 let n_val = ((n as f64) * f).round() as usize;
                 ((0..n - n_val).collect(), (n - n_val..n).collect())
+            }
+            Records::Files(r) if self.has_validation_folder() => {
+                let _ = f; // the folder's own validation set
+                (0..n).partition(|&i| !r.held_out[i])
             }
             Records::Files(r) => {
                 let held = folder::stratified_pick(&self.labels[..n], &r.order_keys[..n], f);

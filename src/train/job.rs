@@ -165,8 +165,15 @@ impl TrainJob {
         }
         let n_train = cfg.limit_train.unwrap_or(train_ds.len()).min(train_ds.len());
         let n_test = cfg.limit_test.unwrap_or(test_ds.len()).min(test_ds.len());
+        if train_ds.has_validation_folder() && cfg.validation_split.is_some() {
+            crate::config_bail!(
+                "{} has its own validation folder: drop --validation-split (its records are the validation set)",
+                self.data.path().display()
+            );
+        }
         let (train_idx, val_from_train): (Vec<usize>, Vec<usize>) = match cfg.validation_split {
             Some(f) => train_ds.validation_split(n_train, f),
+            None if train_ds.has_validation_folder() => train_ds.validation_split(n_train, 0.0),
             None => ((0..n_train).collect(), vec![]),
         };
         let test_idx: Vec<usize> = (0..n_test).collect();
@@ -195,7 +202,12 @@ impl TrainJob {
                 }
             }
         }
-        let held_out = cfg.validation_split.is_some();
+        let held_out = cfg.validation_split.is_some() || train_ds.has_validation_folder();
+        if cfg.restore_best && !held_out {
+            crate::config_bail!(
+                "--restore-best needs --validation-split F (or a folder with its own val/): the best epoch is chosen on held-out training records, never on the test set"
+            );
+        }
         obs.info(&format!(
             "training on {} records, validating on {} {} records, testing on {n_test}; {}x{} input; run directory {}",
             train_idx.len(),
