@@ -111,6 +111,11 @@ pub struct TrainConfig {
     /// validation accuracy (needs --validation-split: never the test set).
     #[serde(default)]
     pub restore_best: bool,
+    /// Augment with horizontally flipped training images: a second cache
+    /// view (built once, keyed on its own), each record's view drawn per
+    /// epoch from the seed.
+    #[serde(default)]
+    pub flip: bool,
 }
 
 fn seed_name() -> String {
@@ -137,6 +142,7 @@ impl TrainConfig {
             standardize: false,
             label_smoothing: 0.0,
             restore_best: false,
+            flip: false,
         }
     }
 

@@ -976,3 +976,84 @@ fn a_val_folder_beside_test_is_the_validation_set() {
     .to_string();
     assert!(e.contains("--restore-best needs --validation-split"), "{e}");
 }
+
+#[test]
+fn the_flipped_view_mirrors_every_image_and_is_keyed_apart() {
+    use vgg16_cpu::features::cache::Dtype;
+    // CIFAR records and folder files alike.
+    let cifar_ds = cifar::load_split(&cifar::locate(&sample_dir()).unwrap(), Split::Test).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    make_flat(tmp.path(), [3, 3, 3]);
+    let folder_ds = Folder::scan(tmp.path(), &FolderOptions::default())
+        .unwrap()
+        .dataset(Split::Train);
+    for ds in [cifar_ds, folder_ds] {
+        let fl = ds.flipped();
+        let idx = [0usize, 2, 1];
+        for size in [32, 40] {
+            let (a, b) = (ds.input(&idx, size).unwrap(), fl.input(&idx, size).unwrap());
+            for n in 0..3 {
+                for y in 0..size {
+                    for x in 0..size {
+                        for c in 0..3 {
+                            assert_eq!(a[[n, y, x, c]], b[[n, y, size - 1 - x, c]]);
+                        }
+                    }
+                }
+            }
+        }
+        assert_ne!(ds.digest(), fl.digest());
+        let (k, kf) = (
+            CacheKey::new(&"0".repeat(64), 32, &ds, 3, Dtype::F32),
+            CacheKey::new(&"0".repeat(64), 32, &fl, 3, Dtype::F32),
+        );
+        assert_ne!(k.id(), kf.id());
+        assert!(kf.dir_name().contains("-hflip-32px-"), "{}", kf.dir_name());
+        assert!(!k.dir_name().contains("hflip"));
+    }
+}
+
+#[test]
+fn each_record_is_flipped_about_half_the_epochs_from_the_seed() {
+    use vgg16_cpu::train::recipe::flipped;
+    let n = (0..10_000).filter(|&r| flipped(7, 2, 3, r)).count();
+    assert!((4_800..=5_200).contains(&n), "{n} of 10000");
+    // Another epoch or seed draws again; the same ones draw the same.
+    let a: Vec<bool> = (0..64).map(|r| flipped(7, 2, 3, r)).collect();
+    assert_eq!(a, (0..64).map(|r| flipped(7, 2, 3, r)).collect::<Vec<_>>());
+    assert_ne!(a, (0..64).map(|r| flipped(7, 2, 4, r)).collect::<Vec<_>>());
+    assert_ne!(a, (0..64).map(|r| flipped(8, 2, 3, r)).collect::<Vec<_>>());
+}
+
+#[test]
+fn a_flip_run_builds_the_mirrored_cache_and_differs_from_a_plain_one() {
+    use vgg16_cpu::{Silent, TrainJob};
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |flip: bool, name: &str| {
+        let mut cfg = small_recipe(5, 48, 16, 1);
+        cfg.flip = flip;
+        let mut job = TrainJob::new(
+            cfg,
+            cifar::locate(&sample_dir()).unwrap(),
+            fake_vgg(3),
+            tmp.path().join(name),
+        );
+        job.cache_dir = tmp.path().join("cache");
+        job.run(&mut Silent).unwrap()
+    };
+    let plain = run(false, "plain");
+    let f1 = run(true, "f1");
+    let f2 = run(true, "f2");
+    let dirs: Vec<String> = std::fs::read_dir(tmp.path().join("cache"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    assert_eq!(
+        dirs.iter().filter(|d| d.starts_with("train-hflip-32px-n48-")).count(),
+        1,
+        "{dirs:?}"
+    );
+    assert_eq!(history_numbers(&f1.history), history_numbers(&f2.history), "seeded");
+    assert_ne!(history_numbers(&plain.history), history_numbers(&f1.history));
+}

@@ -118,6 +118,7 @@ fn train_job_reports_writes_the_run_and_matches_the_loop() {
     let (tidx, eidx): (Vec<usize>, Vec<usize>) = ((0..48).collect(), (0..20).collect());
     let inputs = Inputs {
         train: &Cached(&ct),
+        train_flipped: None,
         train_idx: &tidx,
         val: &Cached(&ce),
         val_idx: &eidx,

@@ -229,6 +229,7 @@ fn cached_and_live_paths_give_the_same_numbers() {
         let mut s = State::new(&model, &cfg);
         let inputs = Inputs {
             train: ftr,
+            train_flipped: None,
             train_idx: &tidx,
             val: fte,
             val_idx: &eidx,
@@ -265,13 +266,16 @@ fn resumed_run_ends_with_the_same_numbers() {
     let test = cifar::load_split(&src, Split::Test).unwrap();
     let live_tr = Live::new(&model, &train, 32, 40);
     let live_te = Live::new(&model, &test, 32, 10);
+    let train_flipped = train.flipped();
+    let live_fl = Live::new(&model, &train_flipped, 32, 40);
     let mut seed = config(5);
     seed.hidden = Some(16);
     seed.dropout = 0.25;
     // The tuned recipe's parts, all at once: standardized head, weight
     // decay, cosine with warm-up, label smoothing, best-epoch restore on
-    // held-out training records.
+    // held-out training records, and the mirrored view.
     let mut tuned = TrainConfig::tuned(32, 10);
+    tuned.flip = true;
     tuned.stage1 = StageConfig {
         epochs: 2,
         batch_size: 8,
@@ -294,6 +298,7 @@ fn resumed_run_ends_with_the_same_numbers() {
         let held_out = cfg.validation_split.is_some();
         let inputs = Inputs {
             train: &live_tr,
+            train_flipped: cfg.flip.then_some(&live_fl as &dyn Features),
             train_idx: tr_idx,
             val: if held_out { &live_tr } else { &live_te },
             val_idx,
@@ -370,6 +375,7 @@ fn small_real_run_learns() {
     let eidx: Vec<usize> = (0..100).collect();
     let inputs = Inputs {
         train: &Cached(&ct),
+        train_flipped: None,
         train_idx: &tidx,
         val: &Cached(&ce),
         val_idx: &eidx,

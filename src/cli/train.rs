@@ -68,6 +68,11 @@ pub struct TrainArgs {
     /// Label smoothing of the loss's targets, in [0, 1) (seed: 0).
     #[arg(long)]
     label_smoothing: Option<f64>,
+    /// Train on horizontally flipped images too, true or false (seed:
+    /// false): a second cache view of the training split (twice the cache),
+    /// each record's view drawn per epoch.
+    #[arg(long)]
+    flip: Option<bool>,
     /// End each stage at its best epoch by validation accuracy (needs
     /// --validation-split; never chosen on the test set).
     #[arg(long)]
@@ -179,6 +184,7 @@ impl TrainArgs {
         c.validation_split = self.validation_split;
         c.standardize = self.standardize.unwrap_or(c.standardize);
         c.label_smoothing = self.label_smoothing.unwrap_or(c.label_smoothing);
+        c.flip = self.flip.unwrap_or(c.flip);
         c.restore_best = self.restore_best;
         Ok(c)
     }

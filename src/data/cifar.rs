@@ -311,6 +311,7 @@ pub fn load(source: &Source, kind: Kind, split: Split) -> Result<Dataset, DataEr
         class_names,
         records: Records::Cifar(images),
         origin: format!("{} at {}", kind.name(), source.path().display()),
+        flip: false,
     })
 }
 

@@ -360,6 +360,7 @@ impl FileRecords {
             class_names,
             records: Records::Files(self),
             origin,
+            flip: false,
         }
     }
 }

@@ -114,6 +114,8 @@ pub struct Dataset {
     pub records: Records,
     /// What it was read from, for messages ("CIFAR-10 at data/...").
     pub origin: String,
+    /// Every image mirrored left-right (the augmentation view).
+    pub flip: bool,
 }
 
 impl Dataset {
@@ -134,6 +136,15 @@ impl Dataset {
         }
     }
 
+    /// The same records mirrored left to right (a view with its own digest,
+    /// so its activation cache is keyed apart).
+    pub fn flipped(&self) -> Dataset {
+        Dataset {
+            flip: true,
+            ..self.clone()
+        }
+    }
+
     /// How this dataset's images reach S x S.
     pub fn resize(&self) -> Resize {
         match &self.records {
@@ -147,6 +158,17 @@ impl Dataset {
     /// images are decoded here, in parallel; one that fails is an error
     /// naming the file.
     pub fn input(&self, idx: &[usize], size: usize) -> Result<Array4<f32>> {
+        let mut x = self.input_unflipped(idx, size)?;
+        if self.flip {
+            // Mirroring commutes with the half-pixel bilinear resize (its
+            // sampling grid is symmetric), so it is applied at size S.
+            x.invert_axis(ndarray::Axis(2));
+            x = x.as_standard_layout().into_owned();
+        }
+        Ok(x)
+    }
+
+    fn input_unflipped(&self, idx: &[usize], size: usize) -> Result<Array4<f32>> {
         match &self.records {
             Records::Cifar(_) => {
                 let recs: Vec<&[u8]> = idx.iter().map(|&i| self.image(i)).collect();
@@ -177,6 +199,14 @@ impl Dataset {
     /// digest for a folder (paths, sizes, modification times, labels, class
     /// names and resize policy).
     pub fn digest(&self) -> String {
+        if self.flip {
+            let base = Dataset {
+                flip: false,
+                ..self.clone()
+            }
+            .digest();
+            return fetch::hex(&Sha256::digest(format!("{base}\nhflip").as_bytes()));
+        }
         match &self.records {
             Records::Cifar(images) => {
                 let mut h = Sha256::new();

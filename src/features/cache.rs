@@ -81,6 +81,9 @@ pub struct CacheKey {
     /// for CIFAR (so CIFAR keys are those of earlier versions).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resize: Option<String>,
+    /// "hflip" for the mirrored augmentation view; absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub view: Option<String>,
     pub split: String,
     /// Records 0..records of the split.
     pub records: usize,
@@ -99,6 +102,7 @@ impl CacheKey {
                 crate::data::Resize::Cifar32 => None,
                 r => Some(r.name().to_string()),
             },
+            view: data.flip.then(|| "hflip".to_string()),
             split: data.split.name().to_string(),
             records,
             dtype,
@@ -112,7 +116,14 @@ impl CacheKey {
     }
 
     pub fn dir_name(&self) -> String {
-        format!("{}-{}px-n{}-{}", self.split, self.image_size, self.records, self.id())
+        let view = self.view.as_ref().map_or(String::new(), |v| format!("-{v}"));
+        format!(
+            "{}{view}-{}px-n{}-{}",
+            self.split,
+            self.image_size,
+            self.records,
+            self.id()
+        )
     }
 
     /// Spatial side of block4_pool.

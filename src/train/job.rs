@@ -221,7 +221,9 @@ impl TrainJob {
         // Blocks 1-4, once: the activation cache (or the network per batch).
         let fwd_batch = self.forward_batch.unwrap_or(auto_batch(cfg.image_size)).max(1);
         let t_cache = Instant::now();
-        let caches: Option<(Cache, Cache)> = if self.use_cache {
+        // The mirrored view of the training split (--flip): its own cache.
+        let train_flipped = cfg.flip.then(|| train_ds.flipped());
+        let caches: Option<(Cache, Cache, Option<Cache>)> = if self.use_cache {
             let key = |ds, n| CacheKey::new(&digest, cfg.image_size, ds, n, self.cache_dtype);
             let (ctr, _) = cache::open_or_build(
                 &self.cache_dir,
@@ -233,7 +235,13 @@ impl TrainJob {
             )?;
             let (cte, _) =
                 cache::open_or_build(&self.cache_dir, &key(&test_ds, n_test), model, &test_ds, fwd_batch, obs)?;
-            Some((ctr, cte))
+            let cfl = match &train_flipped {
+                Some(ds) => {
+                    Some(cache::open_or_build(&self.cache_dir, &key(ds, n_train), model, ds, fwd_batch, obs)?.0)
+                }
+                None => None,
+            };
+            Some((ctr, cte, cfl))
         } else {
             obs.info("--no-cache: blocks 1-4 run for every batch of every epoch (as Keras does)");
             None
@@ -241,13 +249,23 @@ impl TrainJob {
         let cache_seconds = t_cache.elapsed().as_secs_f64();
         let live_train = Live::new(model, &train_ds, cfg.image_size, n_train);
         let live_test = Live::new(model, &test_ds, cfg.image_size, n_test);
-        let cached = caches.as_ref().map(|(a, b)| (Cached(a), Cached(b)));
-        let (ftrain, ftest): (&dyn Features, &dyn Features) = match &cached {
-            Some((a, b)) => (a, b),
-            None => (&live_train, &live_test),
+        let live_flipped = train_flipped
+            .as_ref()
+            .map(|ds| Live::new(model, ds, cfg.image_size, n_train));
+        let cached = caches
+            .as_ref()
+            .map(|(a, b, f)| (Cached(a), Cached(b), f.as_ref().map(Cached)));
+        let (ftrain, ftest, fflip): (&dyn Features, &dyn Features, Option<&dyn Features>) = match &cached {
+            Some((a, b, f)) => (a, b, f.as_ref().map(|f| f as &dyn Features)),
+            None => (
+                &live_train,
+                &live_test,
+                live_flipped.as_ref().map(|f| f as &dyn Features),
+            ),
         };
         let inputs = Inputs {
             train: ftrain,
+            train_flipped: fflip,
             train_idx: &train_idx,
             val: if held_out { ftrain } else { ftest },
             val_idx: if held_out { &val_from_train } else { &test_idx },

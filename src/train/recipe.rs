@@ -90,6 +90,47 @@ fn stream(seed: u64, stage: u8, epoch: usize, which: u64) -> ChaCha8Rng {
     r
 }
 
+/// Whether `record` is seen mirrored in (stage, epoch): a fair coin from
+/// the seed (SplitMix64 of the four), the same on resume and for any
+/// batch make-up.
+pub fn flipped(seed: u64, stage: u8, epoch: usize, record: usize) -> bool {
+    let mut z =
+        seed ^ ((stage as u64) << 56) ^ ((epoch as u64) << 40) ^ (record as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    (z ^ (z >> 31)) & 1 == 1
+}
+
+/// Rows of `batch` from two sources: row j from `flipped_src` where
+/// `flips[j]`, else from `plain_src` (each asked only for its own rows).
+fn mixed<D: ndarray::RemoveAxis>(
+    batch: &[usize],
+    flips: &[bool],
+    plain_src: impl Fn(&[usize]) -> Result<ndarray::Array<f32, D>>,
+    flipped_src: impl Fn(&[usize]) -> Result<ndarray::Array<f32, D>>,
+) -> Result<ndarray::Array<f32, D>> {
+    let (fl, pl): (Vec<usize>, Vec<usize>) = (0..batch.len()).partition(|&j| flips[j]);
+    if fl.is_empty() {
+        return plain_src(batch);
+    }
+    let pick = |js: &[usize]| js.iter().map(|&j| batch[j]).collect::<Vec<_>>();
+    let f = flipped_src(&pick(&fl))?;
+    if pl.is_empty() {
+        return Ok(f);
+    }
+    let p = plain_src(&pick(&pl))?;
+    let mut dim = f.raw_dim();
+    dim[0] = batch.len();
+    let mut out = ndarray::Array::<f32, D>::zeros(dim);
+    for (src, js) in [(&p, &pl), (&f, &fl)] {
+        for (row, &j) in js.iter().enumerate() {
+            out.index_axis_mut(ndarray::Axis(0), j)
+                .assign(&src.index_axis(ndarray::Axis(0), row));
+        }
+    }
+    Ok(out)
+}
+
 /// Mean loss, accuracy and logits over `idx` with the stage's model.
 fn evaluate(state: &State, stage: u8, f: &dyn Features, idx: &[usize]) -> Result<(f64, f64, Array2<f32>)> {
     let logits = if stage == 1 {
@@ -104,6 +145,9 @@ fn evaluate(state: &State, stage: u8, f: &dyn Features, idx: &[usize]) -> Result
 /// Inputs of a training run.
 pub struct Inputs<'a> {
     pub train: &'a dyn Features,
+    /// The training records mirrored (`flip`): each record's view is drawn
+    /// per epoch by [`flipped`].
+    pub train_flipped: Option<&'a dyn Features>,
     pub train_idx: &'a [usize],
     pub val: &'a dyn Features,
     pub val_idx: &'a [usize],
@@ -275,15 +319,20 @@ fn train_epoch(
             momentum: sc.momentum as f32,
             weight_decay: sc.weight_decay as f32,
         };
+        let flips: Vec<bool> = match inputs.train_flipped {
+            Some(_) => batch.iter().map(|&i| flipped(cfg.seed, stage, epoch, i)).collect(),
+            None => vec![false; batch.len()],
+        };
+        let (plain, mirror) = (inputs.train, inputs.train_flipped.unwrap_or(inputs.train));
         let (loss, logits) = if stage == 1 {
-            let g = inputs.train.gap(batch)?;
+            let g = mixed(batch, &flips, |b| plain.gap(b), |b| mirror.gap(b))?;
             let (logits, acts) = head_forward(&state.head, g.view(), Some(&mut drop_rng));
             let (loss, dlogits) = loss_fn(&logits, &y);
             let (_, gh) = head_backward(&state.head, &acts, dlogits.view());
             opt.head(&mut state.head, &mut state.v_head, &gh);
             (loss, logits)
         } else {
-            let x4 = inputs.train.block4(batch)?;
+            let x4 = mixed(batch, &flips, |b| plain.block4(b), |b| mirror.block4(b))?;
             let (g, b5) = block5_forward(&state.block5, x4);
             let (logits, acts) = head_forward(&state.head, g.view(), Some(&mut drop_rng));
             let (loss, dlogits) = loss_fn(&logits, &y);
