@@ -1057,3 +1057,48 @@ fn a_flip_run_builds_the_mirrored_cache_and_differs_from_a_plain_one() {
     assert_eq!(history_numbers(&f1.history), history_numbers(&f2.history), "seeded");
     assert_ne!(history_numbers(&plain.history), history_numbers(&f1.history));
 }
+
+/// CIFAR-100 through the binary: train on the coarse labels, then evaluate
+/// finds CIFAR-100 by itself (the model has 20 classes) and reports top-5.
+#[test]
+fn cli_trains_and_evaluates_on_cifar100_coarse() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("c100");
+    write_cifar100(&dir, 60, 12);
+    let w = tmp.path().join("w.npz");
+    fake_vgg(8).save_npz(&w).unwrap();
+    let run = tmp.path().join("run");
+    let d = dir.to_str().unwrap();
+    let out = vgg16(&[
+        "train",
+        "--data",
+        d,
+        "--dataset",
+        "cifar100",
+        "--label-mode",
+        "coarse",
+        "--weights",
+        w.to_str().unwrap(),
+        "--image-size",
+        "32",
+        "--stage1-epochs",
+        "1",
+        "--stage2-epochs",
+        "1",
+        "--out",
+        run.to_str().unwrap(),
+        "--cache-dir",
+        tmp.path().join("cache").to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("CIFAR-100 (coarse labels)"), "{err}");
+    let out = vgg16(&["evaluate", "--model", run.to_str().unwrap(), "--data", d, "--json"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["samples"], 12);
+    assert_eq!(v["confusion_matrix"].as_array().unwrap().len(), 20);
+    assert_eq!(v["top_k"]["k"], 5);
+    assert_eq!(v["per_class"][3]["name"], "coarse_3");
+}

@@ -6,7 +6,8 @@ use anyhow::{Context, Result};
 use clap::Args;
 use serde_json::json;
 use std::path::PathBuf;
-use vgg16_cpu::data::Split;
+use vgg16_cpu::data::cifar::LabelMode;
+use vgg16_cpu::data::{DataOptions, DatasetKind, Resize, Split};
 use vgg16_cpu::model::saved::{resolve, SavedModel};
 use vgg16_cpu::model::vgg::auto_batch;
 use vgg16_cpu::EvaluateJob;
@@ -49,6 +50,23 @@ pub fn evaluate(args: &EvaluateArgs) -> Result<()> {
     // A folder is read exactly as the model was trained (its resize policy).
     let mut opts = args.source.options();
     opts.folder.resize = model.meta.resize();
+    // A CIFAR-100 model (100 fine or 20 coarse classes) with --dataset
+    // auto reads CIFAR-100 where there is one.
+    let classes = model.meta.class_names.len();
+    if opts.kind == DatasetKind::Auto && model.meta.resize() == Resize::Cifar32 && (classes == 100 || classes == 20) {
+        let c100 = DataOptions {
+            kind: DatasetKind::Cifar100,
+            label_mode: if classes == 100 {
+                LabelMode::Fine
+            } else {
+                LabelMode::Coarse
+            },
+            ..opts.clone()
+        };
+        if vgg16_cpu::data::locate(&args.source.data, &c100).is_ok() {
+            opts = c100;
+        }
+    }
     let source = open_data_with(&args.source, opts)?;
     let data = source.load(split)?;
     let job = EvaluateJob {
