@@ -69,8 +69,8 @@ pub struct TrainArgs {
     #[arg(long)]
     label_smoothing: Option<f64>,
     /// Train on horizontally flipped images too, true or false (seed:
-    /// false): a second cache view of the training split (twice the cache),
-    /// each record's view drawn per epoch.
+    /// false, tuned: true): a second cache view of the training split
+    /// (twice the cache), each record's view drawn per epoch.
     #[arg(long)]
     flip: Option<bool>,
     /// End each stage at its best epoch by validation accuracy (needs
