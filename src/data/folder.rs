@@ -414,6 +414,29 @@ fn class_list(dir: &Path) -> Result<Vec<String>> {
         .collect()
 }
 
+/// Files under `dir`, recursively, in sorted order, hidden files and
+/// folders left out; a folder that cannot be read is an error naming it.
+fn visible_files(dir: &Path) -> impl Iterator<Item = Result<walkdir::DirEntry>> + '_ {
+    walkdir::WalkDir::new(dir)
+        .follow_links(true)
+        .sort_by_file_name()
+        .into_iter()
+        .filter_entry(|e| e.depth() == 0 || !is_hidden(e.file_name()))
+        .map(move |e| {
+            e.map_err(|err| {
+                let at = err.path().map(Path::to_path_buf).unwrap_or_else(|| dir.to_path_buf());
+                Error::Io {
+                    what: "cannot read folder",
+                    path: at,
+                    source: err
+                        .into_io_error()
+                        .unwrap_or_else(|| std::io::Error::other("file system loop")),
+                }
+            })
+        })
+        .filter(|e| e.as_ref().map_or(true, |e| e.file_type().is_file()))
+}
+
 fn is_image_name(p: &Path) -> bool {
     p.extension()
         .and_then(|e| e.to_str())
@@ -446,26 +469,8 @@ fn scan_split(
         if !dir.is_dir() {
             continue; // a test folder may lack a class
         }
-        let walk = walkdir::WalkDir::new(&dir)
-            .follow_links(true)
-            .sort_by_file_name()
-            .into_iter()
-            .filter_entry(|e| e.depth() == 0 || !is_hidden(e.file_name()));
-        for e in walk {
-            let e = e.map_err(|err| {
-                let p = err.path().map(Path::to_path_buf).unwrap_or_else(|| dir.clone());
-                let io = err
-                    .into_io_error()
-                    .unwrap_or_else(|| std::io::Error::other("file system loop"));
-                Error::Io {
-                    what: "cannot read folder",
-                    path: p,
-                    source: io,
-                }
-            })?;
-            if !e.file_type().is_file() {
-                continue;
-            }
+        for e in visible_files(&dir) {
+            let e = e?;
             if is_image_name(e.path()) {
                 candidates.push((e.into_path(), label as u8));
             } else {
@@ -549,25 +554,8 @@ pub fn image_files(paths: &[PathBuf]) -> Result<(Vec<PathBuf>, usize)> {
             out.push(p.clone());
             continue;
         }
-        let walk = walkdir::WalkDir::new(p)
-            .follow_links(true)
-            .sort_by_file_name()
-            .into_iter()
-            .filter_entry(|e| e.depth() == 0 || !is_hidden(e.file_name()));
-        for e in walk {
-            let e = e.map_err(|err| {
-                let at = err.path().map(Path::to_path_buf).unwrap_or_else(|| p.clone());
-                Error::Io {
-                    what: "cannot read folder",
-                    path: at,
-                    source: err
-                        .into_io_error()
-                        .unwrap_or_else(|| std::io::Error::other("file system loop")),
-                }
-            })?;
-            if !e.file_type().is_file() {
-                continue;
-            }
+        for e in visible_files(p) {
+            let e = e?;
             if is_image_name(e.path()) {
                 out.push(e.into_path());
             } else {

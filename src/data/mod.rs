@@ -199,14 +199,15 @@ impl Dataset {
     /// digest for a folder (paths, sizes, modification times, labels, class
     /// names and resize policy).
     pub fn digest(&self) -> String {
+        let base = self.records_digest();
         if self.flip {
-            let base = Dataset {
-                flip: false,
-                ..self.clone()
-            }
-            .digest();
             return fetch::hex(&Sha256::digest(format!("{base}\nhflip").as_bytes()));
         }
+        base
+    }
+
+    /// [`Dataset::digest`] of the records as stored (no view).
+    fn records_digest(&self) -> String {
         match &self.records {
             Records::Cifar(images) => {
                 let mut h = Sha256::new();

@@ -170,14 +170,7 @@ pub fn plot_confusion(cm: &[Vec<usize>], names: &[String], title: &str, path: &P
             .y_label_area_size(120)
             .build_cartesian_2d(-0.5f64..(k as f64 - 0.5), (k as f64 - 0.5)..-0.5f64)
             .map_err(err)?;
-        let name_at = |v: &f64| {
-            let i = v.round();
-            if (v - i).abs() < 1e-6 && i >= 0.0 && (i as usize) < k {
-                names[i as usize].clone()
-            } else {
-                String::new()
-            }
-        };
+        let name_at = |v: &f64| class_at(names, *v);
         chart
             .configure_mesh()
             .disable_mesh()
@@ -254,14 +247,7 @@ fn plot_confusion_many(cm: &[Vec<usize>], names: &[String], title: &str, path: &
             .y_label_area_size(area)
             .build_cartesian_2d(-0.5f64..(k as f64 - 0.5), (k as f64 - 0.5)..-0.5f64)
             .map_err(err)?;
-        let name_at = |v: &f64| {
-            let i = v.round();
-            if (v - i).abs() < 1e-6 && i >= 0.0 && (i as usize) < k {
-                names[i as usize].clone()
-            } else {
-                String::new()
-            }
-        };
+        let name_at = |v: &f64| class_at(names, *v);
         chart
             .configure_mesh()
             .disable_mesh()
@@ -314,4 +300,14 @@ fn plot_confusion_many(cm: &[Vec<usize>], names: &[String], title: &str, path: &
         .map_err(err)?;
         Ok(())
     })
+}
+
+/// The class name at an integer axis position (ticks elsewhere are blank).
+fn class_at(names: &[String], v: f64) -> String {
+    let i = v.round();
+    if (v - i).abs() < 1e-6 && i >= 0.0 && (i as usize) < names.len() {
+        names[i as usize].clone()
+    } else {
+        String::new()
+    }
 }
