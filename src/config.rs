@@ -116,6 +116,15 @@ pub struct TrainConfig {
     /// epoch from the seed.
     #[serde(default)]
     pub flip: bool,
+    /// Gradient accumulation: each rank computes its share of a batch in
+    /// this many parts, one after another, before the step (the batch is
+    /// cut into ranks x accumulate parts; see `train::parallel`). 1: whole.
+    #[serde(default = "one")]
+    pub accumulate: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 fn seed_name() -> String {
@@ -143,6 +152,7 @@ impl TrainConfig {
             label_smoothing: 0.0,
             restore_best: false,
             flip: false,
+            accumulate: 1,
         }
     }
 
@@ -195,6 +205,9 @@ impl TrainConfig {
                     sc.epochs
                 );
             }
+        }
+        if self.accumulate == 0 {
+            crate::config_bail!("--accumulate must be at least 1");
         }
         if !(0.0..1.0).contains(&self.dropout) {
             crate::config_bail!("--dropout {}: must be in [0, 1)", self.dropout);

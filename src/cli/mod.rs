@@ -17,6 +17,7 @@ use vgg16_cpu::data::cifar::{self, LabelMode};
 use vgg16_cpu::data::{DataOptions, DataSource, DatasetKind, FolderOptions, Resize};
 use vgg16_cpu::model::vgg::Vgg16;
 use vgg16_cpu::tensor::dispatch::Dispatch;
+use vgg16_cpu::train::parallel::{Collective, Solo};
 
 #[derive(Parser)]
 #[command(name = "vgg16", version, about = "VGG-16 transfer learning on plain multicore CPUs")]
@@ -183,7 +184,11 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Extract(args) => with_threads(args.threads, || extract::extract(&args)),
-        Command::Train(args) => with_threads(args.threads, || train::train(&args)),
+        Command::Train(args) => {
+            let comm = collective()?;
+            let threads = rank_threads(args.threads, comm.size());
+            with_threads(threads, || train::train(&args, comm))
+        }
         Command::Evaluate(args) => with_threads(args.threads, || evaluate::evaluate(&args)),
         Command::Predict(args) => with_threads(args.threads, || predict::predict(&args)),
         Command::Cache { what } => cache::run(what),
@@ -297,6 +302,52 @@ pub fn load_weights(path: &Path) -> Result<Vgg16> {
 }
 
 /// Runs `f` in a rayon pool of `threads` workers (all cores when None).
+/// The ranks this process runs with: MPI when this build has it and an
+/// MPI launcher started the process, else one process. A launcher without
+/// MPI in the build is refused (N copies would each run the whole job).
+pub fn collective() -> Result<Box<dyn Collective>> {
+    #[cfg(feature = "mpi")]
+    if vgg16_cpu::train::mpi::Mpi::launched() {
+        return Ok(Box::new(vgg16_cpu::train::mpi::Mpi::init()?));
+    }
+    #[cfg(not(feature = "mpi"))]
+    if ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE"].iter().any(|v| {
+        std::env::var(v)
+            .ok()
+            .and_then(|n| n.parse::<usize>().ok())
+            .is_some_and(|n| n > 1)
+    }) {
+        bail!(
+            "started by an MPI launcher, but this vgg16 was built without MPI: build it with `cargo build --release --features mpi` (README, section MPI)"
+        );
+    }
+    Ok(Box::new(Solo))
+}
+
+/// Worker threads of one rank: --threads, else the node's cores shared
+/// among the ranks the launcher put on it.
+pub fn rank_threads(threads: Option<usize>, ranks: usize) -> Option<usize> {
+    if threads.is_some() || ranks == 1 {
+        return threads;
+    }
+    #[cfg(feature = "mpi")]
+    let local = vgg16_cpu::train::mpi::Mpi::local_size().unwrap_or(ranks);
+    #[cfg(not(feature = "mpi"))]
+    let local = ranks;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    Some((cores / local.max(1)).max(1))
+}
+
+/// A rank's result: under MPI an error on one rank ends every rank (the
+/// others would wait for it forever in the next collective).
+pub fn end_rank<T>(r: Result<T>, comm: &dyn Collective) -> Result<T> {
+    if let (Err(e), true) = (&r, comm.size() > 1) {
+        eprintln!("error on rank {}: {e:#}", comm.rank());
+        std::process::exit(1);
+    }
+    r
+}
+
 pub fn with_threads<T>(threads: Option<usize>, f: impl FnOnce() -> Result<T>) -> Result<T> {
     // The global pool, with the command itself on the main thread: its big
     // activation buffers then come from the main heap, which tune_allocator

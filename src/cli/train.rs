@@ -8,6 +8,7 @@ use clap::Args;
 use std::path::PathBuf;
 use vgg16_cpu::config::Schedule;
 use vgg16_cpu::features::cache::Dtype;
+use vgg16_cpu::train::parallel::Collective;
 use vgg16_cpu::{TrainConfig, TrainJob};
 
 #[derive(Args, Clone)]
@@ -122,6 +123,11 @@ pub struct TrainArgs {
     /// above, so activations stay a few hundred MB: 16 at 224).
     #[arg(long)]
     forward_batch_size: Option<usize>,
+    /// Compute each batch's gradients in K parts, one after another, and
+    /// step once (under mpirun: K parts per rank). Same step as K = 1 up
+    /// to float rounding; bit-identical to N ranks with K = 1 when K = N.
+    #[arg(long, default_value_t = 1)]
+    accumulate: usize,
 }
 
 impl TrainArgs {
@@ -186,11 +192,32 @@ impl TrainArgs {
         c.label_smoothing = self.label_smoothing.unwrap_or(c.label_smoothing);
         c.flip = self.flip.unwrap_or(c.flip);
         c.restore_best = self.restore_best;
+        c.accumulate = self.accumulate;
         Ok(c)
     }
 }
 
-pub fn train(args: &TrainArgs) -> Result<()> {
+/// `vgg16 train` as one of `comm`'s ranks (one process: [`Solo`]).
+pub fn train(args: &TrainArgs, comm: Box<dyn Collective>) -> Result<()> {
+    if comm.size() > 1 && args.out.is_none() && args.resume.is_none() {
+        return super::end_rank(
+            Err(anyhow::anyhow!(
+                "under mpirun give the run directory with --out DIR (on a filesystem every rank sees): each rank would otherwise name its own"
+            )),
+            &*comm,
+        );
+    }
+    let rank = comm.rank();
+    let size = comm.size();
+    let r = train_rank(args, comm);
+    if let (Err(e), true) = (&r, size > 1) {
+        eprintln!("error on rank {rank}: {e:#}");
+        std::process::exit(1);
+    }
+    r
+}
+
+fn train_rank(args: &TrainArgs, comm: Box<dyn Collective>) -> Result<()> {
     let cache_dtype = Dtype::parse(&args.cache_dtype)
         .with_context(|| format!("--cache-dtype '{}': expected f32 or f16", args.cache_dtype))?;
     let mut job = match &args.resume {
@@ -216,6 +243,13 @@ pub fn train(args: &TrainArgs) -> Result<()> {
     job.use_cache = !args.no_cache;
     job.forward_batch = args.forward_batch_size;
     job.overwrite = args.overwrite;
+    let writer = comm.rank() == 0;
+    job.comm = comm;
+    if !writer {
+        // Rank 0 reports and writes; the others compute quietly.
+        job.run(&mut vgg16_cpu::Silent)?;
+        return Ok(());
+    }
     let done = job.run(&mut CliObserver::default())?;
     if let Some(rep) = &done.test_report {
         eprintln!("\n{}", rep.text());

@@ -332,107 +332,73 @@ pub fn open_or_build(
     ))
 }
 
-/// Builds (or resumes) the cache in `dir`. Returns (seconds, resumed_at).
-fn build(
-    dir: &Path,
-    key: &CacheKey,
-    model: &Vgg16,
-    data: &Dataset,
-    batch: usize,
-    obs: &mut dyn Observer,
-) -> Result<(f64, usize)> {
-    let (meta_p, b4_p, gap_p, lab_p) = files(dir);
-    let n = key.records;
-    if n > data.len() {
-        crate::config_bail!(
-            "cache for {n} records requested, but the {} split has {}",
-            data.split.name(),
-            data.len()
-        );
-    }
-    let mut meta = match read_meta(&meta_p) {
-        Ok(m) if m.key == *key && !m.complete && m.chunk == CHUNK && m.chunk_digests.len() * CHUNK >= m.done.min(n) => {
-            m
-        }
-        _ => Meta {
-            key: key.clone(),
-            chunk: CHUNK,
-            done: 0,
-            chunk_digests: vec![],
-            complete: false,
-            build_seconds: 0.0,
-            gap_digest: String::new(),
-            label_digest: String::new(),
-        },
-    };
-    std::fs::create_dir_all(dir).at("cannot create", dir)?;
-    let side = key.side();
-    let rec_b4 = side * side * 512;
-    let b4_header = header_for(key);
-    let gap_header = header::<f32>(&[n, 512]);
-    let lab_header = header::<u8>(&[n]);
-    let b4_total = (b4_header.len() + n * rec_b4 * key.dtype.bytes()) as u64;
-    let total_bytes = b4_total + (gap_header.len() + n * 2048) as u64 + (lab_header.len() + n) as u64;
+/// The three files of a cache being written, sized and headed, and the
+/// network that fills them one chunk at a time. Chunks are the unit of
+/// work for a serial build and for shards alike: a chunk's records always
+/// run in the same batches, so its bytes do not depend on who wrote it.
+struct Writer<'a> {
+    key: &'a CacheKey,
+    data: &'a Dataset,
+    forward: BatchedForward<'a>,
+    files: [(File, PathBuf); 3],
+    b4_header: usize,
+    gap_header: usize,
+    lab_header: usize,
+}
 
-    let resumed_at = meta.done;
-    let remaining = n - meta.done;
-    let need = total_bytes.saturating_sub(std::fs::metadata(&b4_p).map(|m| m.len()).unwrap_or(0));
-    let free = free_bytes(dir);
-    let gflop = 30.7 * (key.image_size as f64 / 224.0).powi(2) * remaining as f64;
-    obs.info(&format!(
-        "cache: building {} ({} {} records at {}x{}{}): {:.2} GB on disk, {} free; {:.1} TFLOP, time estimated after the first batch",
-        dir.display(),
-        remaining,
-        key.split,
-        key.image_size,
-        key.image_size,
-        if resumed_at > 0 {
-            format!(", resuming at record {resumed_at}")
-        } else {
-            String::new()
-        },
-        total_bytes as f64 / 1e9,
-        free.map_or("unknown".into(), |f| format!("{:.2} GB", f as f64 / 1e9)),
-        gflop / 1000.0
-    ));
-    if let Some(f) = free {
-        if need > f {
-            crate::config_bail!(
-                "not enough disk space for the cache in {}: it needs {} more, {} are free (use --cache-dir elsewhere, --cache-dtype f16, or a smaller --limit-train)",
-                dir.display(),
-                human_bytes(need - f),
-                human_bytes(f)
-            );
-        }
+impl<'a> Writer<'a> {
+    /// Opens (creating and sizing) the files in `dir`; they may already
+    /// hold chunks written by an earlier pass or by other shards.
+    fn open(dir: &Path, key: &'a CacheKey, model: &'a Vgg16, data: &'a Dataset, batch: usize) -> Result<Writer<'a>> {
+        let (_, b4_p, gap_p, lab_p) = files(dir);
+        let n = key.records;
+        std::fs::create_dir_all(dir).at("cannot create", dir)?;
+        let b4_header = header_for(key);
+        let gap_header = header::<f32>(&[n, 512]);
+        let lab_header = header::<u8>(&[n]);
+        let rec_b4 = key.side() * key.side() * 512 * key.dtype.bytes();
+        let open_rw = |p: &Path, header: &[u8], len: u64| -> Result<File> {
+            let f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(p)
+                .at("cannot open", p)?;
+            f.set_len(len).at("cannot size", p)?;
+            f.write_all_at(header, 0).at("cannot write", p)?;
+            Ok(f)
+        };
+        let b4 = open_rw(&b4_p, &b4_header, (b4_header.len() + n * rec_b4) as u64)?;
+        let gap = open_rw(&gap_p, &gap_header, (gap_header.len() + n * 2048) as u64)?;
+        let lab = open_rw(&lab_p, &lab_header, (lab_header.len() + n) as u64)?;
+        Ok(Writer {
+            key,
+            data,
+            forward: BatchedForward::new(model, key.image_size, batch),
+            files: [(b4, b4_p), (gap, gap_p), (lab, lab_p)],
+            b4_header: b4_header.len(),
+            gap_header: gap_header.len(),
+            lab_header: lab_header.len(),
+        })
     }
-    let open_rw = |p: &Path, header: &[u8], len: u64| -> Result<File> {
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(p)
-            .at("cannot open", p)?;
-        f.set_len(len).at("cannot size", p)?;
-        f.write_all_at(header, 0).at("cannot write", p)?;
-        Ok(f)
-    };
-    let b4 = open_rw(&b4_p, &b4_header, b4_total)?;
-    let gap = open_rw(&gap_p, &gap_header, (gap_header.len() + n * 2048) as u64)?;
-    let lab = open_rw(&lab_p, &lab_header, (lab_header.len() + n) as u64)?;
 
-    let b4_idx = layer_index("block4_pool").expect("known layer");
-    obs.begin("cache", remaining as u64, "img");
-    let start = std::time::Instant::now();
-    let mut bytes = Vec::new();
-    let forward = BatchedForward::new(model, key.image_size, batch);
-    while meta.done < n {
-        let c0 = meta.done;
-        let c1 = (c0 + CHUNK).min(n);
+    /// Computes records `c0..c1` (one chunk) into the files, syncs them,
+    /// and returns the SHA-256 of the chunk's block4 bytes. `done(r)` is
+    /// called after each batch with the records it finished.
+    fn chunk(&self, c0: usize, c1: usize, done: &mut dyn FnMut(usize, usize)) -> Result<String> {
+        let key = self.key;
+        let rec_b4 = key.side() * key.side() * 512;
+        let b4_idx = layer_index("block4_pool").expect("known layer");
+        let [(b4, b4_p), (gap, gap_p), (lab, lab_p)] = &self.files;
         let mut chunk_hash = Sha256::new();
-        forward.run(
+        let mut bytes = Vec::new();
+        self.forward.run(
             c1 - c0,
-            |r| data.input(&(c0 + r.start..c0 + r.end).collect::<Vec<_>>(), key.image_size),
+            |r| {
+                self.data
+                    .input(&(c0 + r.start..c0 + r.end).collect::<Vec<_>>(), key.image_size)
+            },
             0..LAYERS.len(),
             |r, i, a| -> Result<()> {
                 if i != b4_idx {
@@ -450,42 +416,168 @@ fn build(
                 }
                 chunk_hash.update(&bytes);
                 let s = c0 + r.start;
-                b4.write_all_at(&bytes, (b4_header.len() + s * rec_b4 * key.dtype.bytes()) as u64)
-                    .at("cannot write", &b4_p)
+                b4.write_all_at(&bytes, (self.b4_header + s * rec_b4 * key.dtype.bytes()) as u64)
+                    .at("cannot write", b4_p)
             },
             |r, y| -> Result<()> {
                 let (s, e) = (c0 + r.start, c0 + r.end);
                 let g = gap_forward(y.view());
                 let mut gb = Vec::with_capacity(g.len() * 4);
                 f32::extend_le(g.as_slice().expect("contiguous"), &mut gb);
-                gap.write_all_at(&gb, (gap_header.len() + s * 2048) as u64)
-                    .at("cannot write", &gap_p)?;
-                lab.write_all_at(&data.labels[s..e], (lab_header.len() + s) as u64)
-                    .at("cannot write", &lab_p)?;
-                obs.advance((e - s) as u64, "");
-                if s == resumed_at {
-                    // The estimate comes from this CPU and these kernels, measured
-                    // on the first batch (which also prepares the kernels, so it
-                    // errs long).
-                    let per = start.elapsed().as_secs_f64() / (e - s) as f64;
-                    obs.info(&format!(
-                        "cache: first batch of {} at {:.1} img/s: about {} for the {} records",
-                        e - s,
-                        1.0 / per,
-                        human_secs(per * remaining as f64),
-                        remaining
-                    ));
-                }
+                gap.write_all_at(&gb, (self.gap_header + s * 2048) as u64)
+                    .at("cannot write", gap_p)?;
+                lab.write_all_at(&self.data.labels[s..e], (self.lab_header + s) as u64)
+                    .at("cannot write", lab_p)?;
+                done(s, e);
                 Ok(())
             },
         )?;
-        for (f, p) in [(&b4, &b4_p), (&gap, &gap_p), (&lab, &lab_p)] {
+        for (f, p) in &self.files {
             f.sync_data().at("cannot sync", p)?;
         }
-        meta.chunk_digests.truncate(c0 / CHUNK);
-        meta.chunk_digests.push(crate::data::fetch::hex(&chunk_hash.finalize()));
-        meta.done = c1;
-        write_meta(&meta_p, &meta)?;
+        Ok(crate::data::fetch::hex(&chunk_hash.finalize()))
+    }
+}
+
+/// Checks the request against the split and the disk, and says what is
+/// about to be built. Returns the bytes the finished cache takes.
+fn announce(
+    dir: &Path,
+    key: &CacheKey,
+    data: &Dataset,
+    remaining: usize,
+    note: &str,
+    obs: &mut dyn Observer,
+) -> Result<()> {
+    let (_, b4_p, _, _) = files(dir);
+    let n = key.records;
+    if n > data.len() {
+        crate::config_bail!(
+            "cache for {n} records requested, but the {} split has {}",
+            data.split.name(),
+            data.len()
+        );
+    }
+    let total_bytes = (header_for(key).len() + n * key.side() * key.side() * 512 * key.dtype.bytes()) as u64
+        + (header::<f32>(&[n, 512]).len() + n * 2048) as u64
+        + (header::<u8>(&[n]).len() + n) as u64;
+    let need = total_bytes.saturating_sub(std::fs::metadata(&b4_p).map(|m| m.len()).unwrap_or(0));
+    let free = free_bytes(dir.parent().unwrap_or(dir));
+    let gflop = 30.7 * (key.image_size as f64 / 224.0).powi(2) * remaining as f64;
+    obs.info(&format!(
+        "cache: building {} ({} {} records at {}x{}{note}): {:.2} GB on disk, {} free; {:.1} TFLOP, time estimated after the first batch",
+        dir.display(),
+        remaining,
+        key.split,
+        key.image_size,
+        key.image_size,
+        total_bytes as f64 / 1e9,
+        free.map_or("unknown".into(), |f| format!("{:.2} GB", f as f64 / 1e9)),
+        gflop / 1000.0
+    ));
+    if let Some(f) = free {
+        if need > f {
+            crate::config_bail!(
+                "not enough disk space for the cache in {}: it needs {} more, {} are free (use --cache-dir elsewhere, --cache-dtype f16, or a smaller --limit-train)",
+                dir.display(),
+                human_bytes(need - f),
+                human_bytes(f)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The progress callback of a build: advances the bar and, after the
+/// first batch, prints the time estimate measured on this CPU.
+fn progress<'o>(
+    obs: &'o mut dyn Observer,
+    remaining: usize,
+    start: std::time::Instant,
+) -> impl FnMut(usize, usize) + 'o {
+    let mut first = true;
+    move |s, e| {
+        obs.advance((e - s) as u64, "");
+        if first {
+            first = false;
+            // Measured on the first batch (which also prepares the kernels,
+            // so it errs long).
+            let per = start.elapsed().as_secs_f64() / (e - s) as f64;
+            obs.info(&format!(
+                "cache: first batch of {} at {:.1} img/s: about {} for the {} records",
+                e - s,
+                1.0 / per,
+                human_secs(per * remaining as f64),
+                remaining
+            ));
+        }
+    }
+}
+
+/// Builds (or resumes) the cache in `dir`. Returns (seconds, resumed_at).
+/// Chunks that shards ([`build_shard`]) already finished are taken as
+/// they are (their digests are checked when the cache is opened).
+fn build(
+    dir: &Path,
+    key: &CacheKey,
+    model: &Vgg16,
+    data: &Dataset,
+    batch: usize,
+    obs: &mut dyn Observer,
+) -> Result<(f64, usize)> {
+    let (meta_p, _, gap_p, lab_p) = files(dir);
+    let n = key.records;
+    let mut meta = match read_meta(&meta_p) {
+        Ok(m) if m.key == *key && !m.complete && m.chunk == CHUNK && m.chunk_digests.len() * CHUNK >= m.done.min(n) => {
+            m
+        }
+        _ => Meta {
+            key: key.clone(),
+            chunk: CHUNK,
+            done: 0,
+            chunk_digests: vec![],
+            complete: false,
+            build_seconds: 0.0,
+            gap_digest: String::new(),
+            label_digest: String::new(),
+        },
+    };
+    let by_shards = shard_digests(dir, key);
+    let resumed_at = meta.done;
+    let remaining = (meta.done / CHUNK..n.div_ceil(CHUNK))
+        .filter(|c| !by_shards.contains_key(c))
+        .map(|c| (c * CHUNK + CHUNK).min(n) - (c * CHUNK).max(meta.done))
+        .sum::<usize>();
+    let note = if resumed_at > 0 || !by_shards.is_empty() {
+        format!(
+            ", resuming at record {resumed_at}{}",
+            if by_shards.is_empty() {
+                String::new()
+            } else {
+                format!(", {} chunks done by shards", by_shards.len())
+            }
+        )
+    } else {
+        String::new()
+    };
+    announce(dir, key, data, remaining, &note, obs)?;
+    let w = Writer::open(dir, key, model, data, batch)?;
+    obs.begin("cache", remaining as u64, "img");
+    let start = std::time::Instant::now();
+    {
+        let mut done = progress(obs, remaining, start);
+        while meta.done < n {
+            let c0 = meta.done;
+            let c1 = (c0 + CHUNK).min(n);
+            let digest = match by_shards.get(&(c0 / CHUNK)) {
+                Some(d) if c0 % CHUNK == 0 => d.clone(),
+                _ => w.chunk(c0, c1, &mut done)?,
+            };
+            meta.chunk_digests.truncate(c0 / CHUNK);
+            meta.chunk_digests.push(digest);
+            meta.done = c1;
+            write_meta(&meta_p, &meta)?;
+        }
     }
     obs.end();
     let secs = start.elapsed().as_secs_f64();
@@ -494,7 +586,361 @@ fn build(
     meta.complete = true;
     meta.build_seconds += secs;
     write_meta(&meta_p, &meta)?;
+    remove_shard_progress(dir);
     Ok((secs, resumed_at))
+}
+
+/// One process's share of a cache build: chunk `c` belongs to shard
+/// `c % count`, so shards never write the same bytes and any number of
+/// them can run at once, on one machine or many sharing `--cache-dir`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Shard {
+    pub index: usize,
+    pub count: usize,
+}
+
+impl Shard {
+    /// "i/n", 0 <= i < n (Slurm's `--array=0-(n-1)` gives i).
+    pub fn parse(s: &str) -> Result<Shard> {
+        let bad = || Error::Config(format!("--shard '{s}': expected i/n with 0 <= i < n, e.g. 0/4"));
+        let (i, n) = s.split_once('/').ok_or_else(bad)?;
+        let (index, count): (usize, usize) = (
+            i.trim().parse().map_err(|_| bad())?,
+            n.trim().parse().map_err(|_| bad())?,
+        );
+        if count == 0 || index >= count {
+            return Err(bad());
+        }
+        Ok(Shard { index, count })
+    }
+
+    pub fn owns(&self, chunk: usize) -> bool {
+        chunk % self.count == self.index
+    }
+
+    fn file_name(&self) -> String {
+        format!("{}-of-{}.json", self.index, self.count)
+    }
+}
+
+impl std::fmt::Display for Shard {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        write!(f, "{}/{}", self.index, self.count)
+    }
+}
+
+/// What one shard has finished: written to `<cache>/shards/i-of-n.json`
+/// (atomically, after the chunk's bytes are synced) after every chunk.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ShardProgress {
+    pub key: CacheKey,
+    pub chunk: usize,
+    pub shard: Shard,
+    /// Chunk index -> SHA-256 of its block4 bytes.
+    pub chunks: std::collections::BTreeMap<usize, String>,
+    pub seconds: f64,
+}
+
+fn shards_dir(dir: &Path) -> PathBuf {
+    dir.join("shards")
+}
+
+/// Every shard progress file in `dir` for this key (others are ignored).
+fn shard_progress(dir: &Path, key: &CacheKey) -> Vec<(PathBuf, ShardProgress)> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(shards_dir(dir)) else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.extension().is_none_or(|x| x != "json") {
+            continue;
+        }
+        let Ok(text) = std::fs::read_to_string(&p) else {
+            continue;
+        };
+        if let Ok(sp) = serde_json::from_str::<ShardProgress>(&text) {
+            if sp.key == *key && sp.chunk == CHUNK {
+                out.push((p, sp));
+            }
+        }
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+/// Chunk -> digest over every shard's finished chunks.
+fn shard_digests(dir: &Path, key: &CacheKey) -> std::collections::BTreeMap<usize, String> {
+    let mut all = std::collections::BTreeMap::new();
+    for (_, sp) in shard_progress(dir, key) {
+        all.extend(sp.chunks);
+    }
+    all
+}
+
+fn remove_shard_progress(dir: &Path) {
+    let _ = std::fs::remove_dir_all(shards_dir(dir));
+}
+
+/// A lock held while one shard of one key is built (two processes given
+/// the same shard do not both write it).
+fn shard_lock(cache_dir: &Path, key: &CacheKey, shard: Shard) -> Result<File> {
+    use std::os::fd::AsRawFd;
+    let p = cache_dir.join(format!(
+        ".{}.shard-{}-of-{}.lock",
+        key.dir_name(),
+        shard.index,
+        shard.count
+    ));
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&p)
+        .at("cannot create the lock file", &p)?;
+    // SAFETY: flock on a file descriptor this function owns.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        crate::config_bail!(
+            "shard {shard} of {} is being built by another process",
+            cache_dir.join(key.dir_name()).display()
+        );
+    }
+    Ok(f)
+}
+
+/// What [`build_shard`] and [`seal`] found or did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ShardOutcome {
+    /// The whole cache is complete (sealed now or before).
+    Complete,
+    /// This shard is done; `missing` chunks of other shards are not yet.
+    Waiting { missing: usize },
+}
+
+/// Builds shard `shard` of the cache for `key` in `cache_dir` (resuming
+/// where its progress file says), then seals the cache if every chunk is
+/// done: the last shard to finish seals it. The sealed cache is byte-for-
+/// byte the one a single process builds (same files, same chunk digests).
+pub fn build_shard(
+    cache_dir: &Path,
+    key: &CacheKey,
+    model: &Vgg16,
+    data: &Dataset,
+    batch: usize,
+    shard: Shard,
+    obs: &mut dyn Observer,
+) -> Result<ShardOutcome> {
+    std::fs::create_dir_all(cache_dir).at("cannot create cache directory", cache_dir)?;
+    if let Some(d) = find(cache_dir, key) {
+        if read_meta(&d.join("meta.json")).is_ok_and(|m| m.complete) {
+            obs.info(&format!("cache: {} is already complete", d.display()));
+            return Ok(ShardOutcome::Complete);
+        }
+    }
+    let _lock = shard_lock(cache_dir, key, shard)?;
+    let dir = cache_dir.join(key.dir_name());
+    let n = key.records;
+    let chunks = n.div_ceil(CHUNK);
+    let prog_p = shards_dir(&dir).join(shard.file_name());
+    let mut prog = match std::fs::read_to_string(&prog_p)
+        .ok()
+        .and_then(|t| serde_json::from_str::<ShardProgress>(&t).ok())
+    {
+        Some(p) if p.key == *key && p.chunk == CHUNK && p.shard == shard => p,
+        _ => ShardProgress {
+            key: key.clone(),
+            chunk: CHUNK,
+            shard,
+            chunks: Default::default(),
+            seconds: 0.0,
+        },
+    };
+    // Chunks a serial pass already finished count as done too.
+    let serial_done = read_meta(&dir.join("meta.json"))
+        .ok()
+        .filter(|m| m.key == *key && m.chunk == CHUNK)
+        .map_or(0, |m| m.chunk_digests.len().min(m.done / CHUNK));
+    let todo: Vec<usize> = (serial_done..chunks)
+        .filter(|&c| shard.owns(c) && !prog.chunks.contains_key(&c))
+        .collect();
+    let remaining: usize = todo.iter().map(|&c| (c * CHUNK + CHUNK).min(n) - c * CHUNK).sum();
+    std::fs::create_dir_all(shards_dir(&dir)).at("cannot create", &shards_dir(&dir))?;
+    announce(&dir, key, data, remaining, &format!(", shard {shard}"), obs)?;
+    let w = Writer::open(&dir, key, model, data, batch)?;
+    obs.begin(&format!("cache shard {shard}"), remaining as u64, "img");
+    let start = std::time::Instant::now();
+    let before = prog.seconds;
+    {
+        let mut done = progress(obs, remaining, start);
+        for c in todo {
+            let digest = w.chunk(c * CHUNK, (c * CHUNK + CHUNK).min(n), &mut done)?;
+            prog.chunks.insert(c, digest);
+            prog.seconds = before + start.elapsed().as_secs_f64();
+            let json = serde_json::to_vec_pretty(&prog).expect("plain data");
+            crate::atomic_write(&prog_p, |f| std::io::Write::write_all(f, &json)).at("cannot write", &prog_p)?;
+        }
+    }
+    obs.end();
+    seal(cache_dir, key, obs)
+}
+
+/// Seals a cache built by shards once every chunk is done: checks each
+/// chunk's bytes against the digest its shard recorded, then writes the
+/// complete `meta.json` (what a serial build writes) and removes the shard
+/// progress. Safe to call at any time and from any process.
+pub fn seal(cache_dir: &Path, key: &CacheKey, obs: &mut dyn Observer) -> Result<ShardOutcome> {
+    let _lock = BuildLock::take(cache_dir, key, obs)?;
+    let dir = cache_dir.join(key.dir_name());
+    let (meta_p, b4_p, gap_p, lab_p) = files(&dir);
+    let old = read_meta(&meta_p).ok().filter(|m| m.key == *key && m.chunk == CHUNK);
+    if old.as_ref().is_some_and(|m| m.complete) {
+        return Ok(ShardOutcome::Complete);
+    }
+    let n = key.records;
+    let chunks = n.div_ceil(CHUNK);
+    let mut digests = shard_digests(&dir, key);
+    if let Some(m) = &old {
+        for (c, d) in m.chunk_digests.iter().enumerate().take(m.done / CHUNK) {
+            digests.entry(c).or_insert_with(|| d.clone());
+        }
+    }
+    let missing = (0..chunks).filter(|c| !digests.contains_key(c)).count();
+    if missing > 0 {
+        return Ok(ShardOutcome::Waiting { missing });
+    }
+    // Every chunk's bytes against its digest: a merge from the wrong
+    // directory, or a shard that wrote elsewhere, is caught here.
+    let rec = key.side() * key.side() * 512 * key.dtype.bytes();
+    let off = header_for(key).len();
+    let f = File::open(&b4_p).at("cannot open", &b4_p)?;
+    let mut buf = vec![0u8; CHUNK * rec];
+    for c in 0..chunks {
+        let (r0, r1) = (c * CHUNK, (c * CHUNK + CHUNK).min(n));
+        let b = &mut buf[..(r1 - r0) * rec];
+        f.read_exact_at(b, (off + r0 * rec) as u64).at("cannot read", &b4_p)?;
+        if crate::data::fetch::hex(&Sha256::digest(&*b)) != digests[&c] {
+            return Err(Error::invalid(
+                &b4_p,
+                format!("records {r0}..{r1} do not match the digest their shard recorded"),
+            ));
+        }
+    }
+    let seconds = shard_progress(&dir, key)
+        .iter()
+        .map(|(_, p)| p.seconds)
+        .fold(old.as_ref().map_or(0.0, |m| m.build_seconds), f64::max);
+    let meta = Meta {
+        key: key.clone(),
+        chunk: CHUNK,
+        done: n,
+        chunk_digests: (0..chunks).map(|c| digests[&c].clone()).collect(),
+        complete: true,
+        build_seconds: seconds,
+        gap_digest: file_digest(&gap_p)?,
+        label_digest: file_digest(&lab_p)?,
+    };
+    write_meta(&meta_p, &meta)?;
+    remove_shard_progress(&dir);
+    obs.info(&format!(
+        "cache: sealed {} ({n} records, all {chunks} chunks checked)",
+        dir.display()
+    ));
+    Ok(ShardOutcome::Complete)
+}
+
+/// Copies the chunks shards built into other cache directories (node-local
+/// disks) into `cache_dir`, then seals it. Each source is one cache's
+/// directory (`<cache-dir>/<split>-<S>px-n<N>-<id>`) holding shard
+/// progress; all must be the same cache. Returns the key merged.
+pub fn merge(cache_dir: &Path, sources: &[PathBuf], obs: &mut dyn Observer) -> Result<(CacheKey, ShardOutcome)> {
+    let mut key: Option<CacheKey> = None;
+    let mut found = Vec::new();
+    for src in sources {
+        let mut any = false;
+        let entries = std::fs::read_dir(shards_dir(src)).at("no shard progress in", &shards_dir(src))?;
+        for e in entries.flatten() {
+            let p = e.path();
+            let text = std::fs::read_to_string(&p).at("cannot read", &p)?;
+            let sp: ShardProgress = serde_json::from_str(&text)
+                .map_err(|e| Error::invalid(&p, format!("not a shard progress file ({e})")))?;
+            match &key {
+                None => key = Some(sp.key.clone()),
+                Some(k) if *k != sp.key => {
+                    return Err(Error::invalid(
+                        &p,
+                        format!("is shard progress of {}, not of {}", sp.key.dir_name(), k.dir_name()),
+                    ))
+                }
+                _ => {}
+            }
+            if sp.chunk != CHUNK {
+                return Err(Error::invalid(&p, format!("chunk {} (expected {CHUNK})", sp.chunk)));
+            }
+            any = true;
+            found.push((src.clone(), p, sp));
+        }
+        if !any {
+            return Err(Error::invalid(src, "holds no shard progress to merge"));
+        }
+    }
+    let key = key.ok_or_else(|| Error::Config("name the shard cache directories to merge".into()))?;
+    let dir = cache_dir.join(key.dir_name());
+    std::fs::create_dir_all(shards_dir(&dir)).at("cannot create", &shards_dir(&dir))?;
+    let n = key.records;
+    let rec = key.side() * key.side() * 512 * key.dtype.bytes();
+    let (_, b4_p, gap_p, lab_p) = files(&dir);
+    let headers = [header_for(&key), header::<f32>(&[n, 512]), header::<u8>(&[n])];
+    let per_rec = [rec, 2048, 1];
+    let dst: Vec<(File, PathBuf)> = [&b4_p, &gap_p, &lab_p]
+        .iter()
+        .zip(&headers)
+        .zip(per_rec)
+        .map(|((p, h), r)| -> Result<(File, PathBuf)> {
+            let f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(p)
+                .at("cannot open", p)?;
+            f.set_len((h.len() + n * r) as u64).at("cannot size", p)?;
+            f.write_all_at(h, 0).at("cannot write", p)?;
+            Ok((f, p.to_path_buf()))
+        })
+        .collect::<Result<_>>()?;
+    let mut copied = 0usize;
+    for (src, p, sp) in &found {
+        let same = std::fs::canonicalize(src).ok() == std::fs::canonicalize(&dir).ok();
+        if !same {
+            let (_, sb4, sgap, slab) = files(src);
+            for &c in sp.chunks.keys() {
+                let (r0, r1) = (c * CHUNK, (c * CHUNK + CHUNK).min(n));
+                for (((sp_, (df, dp)), h), r) in [&sb4, &sgap, &slab].iter().zip(&dst).zip(&headers).zip(per_rec) {
+                    let sf = File::open(sp_).at("cannot open", sp_)?;
+                    let mut b = vec![0u8; (r1 - r0) * r];
+                    let at = (h.len() + r0 * r) as u64;
+                    sf.read_exact_at(&mut b, at).at("cannot read", sp_)?;
+                    df.write_all_at(&b, at).at("cannot write", dp)?;
+                }
+                copied += r1 - r0;
+            }
+            for (f, p) in &dst {
+                f.sync_data().at("cannot sync", p)?;
+            }
+            let to = shards_dir(&dir).join(sp.shard.file_name());
+            let json = serde_json::to_vec_pretty(sp).expect("plain data");
+            crate::atomic_write(&to, |f| std::io::Write::write_all(f, &json)).at("cannot write", &to)?;
+        }
+        obs.info(&format!(
+            "cache merge: shard {} ({} chunks) from {}",
+            sp.shard,
+            sp.chunks.len(),
+            p.display()
+        ));
+    }
+    obs.info(&format!("cache merge: {copied} records copied into {}", dir.display()));
+    let out = seal(cache_dir, &key, obs)?;
+    Ok((key, out))
 }
 
 /// Bytes as a person reads them: "512 B", "3.4 MB", "1.25 GB".

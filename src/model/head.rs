@@ -113,6 +113,18 @@ impl Head {
 
     /// Zeros of the trained tensors' shapes (velocities, gradients); the
     /// fixed norm is kept.
+    /// How many random numbers [`head_forward`] draws for `rows` rows in
+    /// training (one per dropout mask element; 0 without dropout).
+    pub fn dropout_draws(&self, rows: usize) -> usize {
+        if self.dropout <= 0.0 {
+            return 0;
+        }
+        rows * match &self.hidden {
+            Some(d) => d.w.dim().1,
+            None => self.out.w.dim().0,
+        }
+    }
+
     pub fn zeros_like(&self) -> Head {
         Head {
             hidden: self.hidden.as_ref().map(Dense::zeros_like),

@@ -14,7 +14,7 @@ use crate::data::image::PREPROCESSING;
 use crate::data::{DataSource, Split};
 use crate::error::{IoContext, Result};
 use crate::features::cache::dataset_digest;
-use crate::features::cache::{self, Cache, CacheKey, Dtype};
+use crate::features::cache::{self, Cache, CacheKey, Dtype, Shard};
 use crate::features::{Cached, Features, Live};
 use crate::model::saved::{ModelMeta, SavedModel, FORMAT, FORMAT_VERSION};
 use crate::model::vgg::{auto_batch, Vgg16};
@@ -22,6 +22,7 @@ use crate::observer::Observer;
 use crate::report::history::{write_history, write_text, EpochRecord, StageResult};
 use crate::report::metrics::{self, Report};
 use crate::train::checkpoint::{checkpoint_config, load_checkpoint, save_checkpoint, RunIdentity};
+use crate::train::parallel::{Collective, Solo};
 use crate::train::recipe::{self, Inputs, State};
 use serde_json::json;
 use std::path::{Path, PathBuf};
@@ -66,6 +67,10 @@ pub struct TrainJob {
     pub forward_batch: Option<usize>,
     /// Replace a run already in `out` (a fresh run refuses otherwise).
     pub overwrite: bool,
+    /// The ranks training together ([`crate::train::parallel`]): [`Solo`]
+    /// for one process. Every rank runs the same job; rank 0 alone writes
+    /// the run directory; caches are built in shards, one per rank.
+    pub comm: Box<dyn Collective>,
 }
 
 /// What a finished run reports (its files are in `out`).
@@ -97,6 +102,7 @@ impl TrainJob {
             use_cache: true,
             forward_batch: None,
             overwrite: false,
+            comm: Box::new(Solo),
         }
     }
 
@@ -149,7 +155,24 @@ impl TrainJob {
             }
             None
         };
-        std::fs::create_dir_all(out).at("cannot create run directory", out)?;
+        let comm = &*self.comm;
+        let writer = comm.rank() == 0;
+        if writer {
+            std::fs::create_dir_all(out).at("cannot create run directory", out)?;
+        }
+        if comm.size() > 1 {
+            let parts = comm.size() * cfg.accumulate;
+            obs.info(&format!(
+                "data parallel: {}; each batch in {parts} parts ({} per rank), gradients summed in rank order",
+                comm.describe(),
+                cfg.accumulate
+            ));
+        } else if cfg.accumulate > 1 {
+            obs.info(&format!(
+                "each batch in {} parts (--accumulate), gradients summed in order",
+                cfg.accumulate
+            ));
+        }
         let model = &self.base;
         let digest = model.digest();
         obs.info(&format!("loading {} ...", self.data.describe()));
@@ -225,6 +248,22 @@ impl TrainJob {
         let train_flipped = cfg.flip.then(|| train_ds.flipped());
         let caches: Option<(Cache, Cache, Option<Cache>)> = if self.use_cache {
             let key = |ds, n| CacheKey::new(&digest, cfg.image_size, ds, n, self.cache_dtype);
+            if comm.size() > 1 {
+                // Each rank builds its shard of every cache; the last to
+                // finish seals it; then all open the sealed caches.
+                let shard = Shard {
+                    index: comm.rank(),
+                    count: comm.size(),
+                };
+                let mut splits = vec![(&train_ds, n_train), (&test_ds, n_test)];
+                if let Some(ds) = &train_flipped {
+                    splits.push((ds, n_train));
+                }
+                for (ds, n) in splits {
+                    cache::build_shard(&self.cache_dir, &key(ds, n), model, ds, fwd_batch, shard, obs)?;
+                    comm.barrier()?;
+                }
+            }
             let (ctr, _) = cache::open_or_build(
                 &self.cache_dir,
                 &key(&train_ds, n_train),
@@ -289,6 +328,9 @@ impl TrainJob {
             config: Some(cfg.clone()),
         };
         let mut on_epoch = |s: &State| -> Result<()> {
+            if !writer {
+                return Ok(());
+            }
             save_checkpoint(out, cfg, Some(&identity), s)?;
             write_history(&out.join("history.csv"), &s.history)?;
             if let Some(r) = s.stage_results.last() {
@@ -300,7 +342,7 @@ impl TrainJob {
             }
             Ok(())
         };
-        recipe::run(cfg, &inputs, &mut state, &mut on_epoch, obs)?;
+        recipe::run_parallel(cfg, &inputs, &mut state, &mut on_epoch, obs, comm)?;
         let total_seconds = t_start.elapsed().as_secs_f64();
 
         // The recipe's last steps: metrics, curves, confusion matrix, and
@@ -315,12 +357,27 @@ impl TrainJob {
             "train_records": train_idx.len(),
             "test_records": n_test,
             "cached": self.use_cache,
+            "ranks": comm.size(),
             "config": cfg,
         });
         let pretty = |v: &serde_json::Value| serde_json::to_string_pretty(v).expect("plain data");
+        let (md, js) =
+            crate::report::comparison::comparison(cache_seconds, self.use_cache, &state.stage_results, total_seconds);
+        let mut test_report = None;
+        if !writer {
+            // Rank 0 writes the run directory; the others only computed.
+            return Ok(TrainOutcome {
+                out: out.clone(),
+                history: state.history,
+                stage_results: state.stage_results,
+                test_report,
+                comparison: md,
+                cache_seconds,
+                total_seconds,
+            });
+        }
         write_text(&out.join("metrics.json"), &pretty(&metrics))?;
         crate::report::plots::plot_history(&state.history, &out.join("history.png"))?;
-        let mut test_report = None;
         if let Some((st, logits)) = state.test_logits.last() {
             let rep = metrics::report(logits, &test_ds.labels[..n_test], &test_ds.class_names);
             write_text(&out.join("test_report.txt"), &rep.text())?;
@@ -340,8 +397,6 @@ impl TrainJob {
             )?;
             test_report = Some(rep);
         }
-        let (md, js) =
-            crate::report::comparison::comparison(cache_seconds, self.use_cache, &state.stage_results, total_seconds);
         write_text(&out.join("comparison.md"), &md)?;
         write_text(&out.join("comparison.json"), &pretty(&js))?;
         Ok(TrainOutcome {

@@ -4,7 +4,10 @@
 
 pub mod checkpoint;
 pub mod job;
+#[cfg(feature = "mpi")]
+pub mod mpi;
 pub mod optim;
+pub mod parallel;
 pub mod recipe;
 
 pub use checkpoint::{load_checkpoint, save_checkpoint};

@@ -20,8 +20,10 @@ use crate::model::{block5_backward, block5_forward, head_backward, head_forward,
 use crate::observer::Observer;
 use crate::report::history::{EpochRecord, StageResult};
 use crate::report::metrics::loss_acc;
+use crate::tensor::conv::ConvGrads;
 use crate::tensor::ops::{argmax, softmax_cross_entropy, softmax_cross_entropy_smoothed};
 use crate::train::optim::sgd_momentum_step;
+use crate::train::parallel::{gather_rows, part_rows, rank_rows, sum_in_rank_order, Collective, Solo};
 use ndarray::Array2;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -131,12 +133,29 @@ fn mixed<D: ndarray::RemoveAxis>(
     Ok(out)
 }
 
-/// Mean loss, accuracy and logits over `idx` with the stage's model.
-fn evaluate(state: &State, stage: u8, f: &dyn Features, idx: &[usize]) -> Result<(f64, f64, Array2<f32>)> {
+/// Mean loss, accuracy and logits over `idx` with the stage's model; with
+/// several ranks, each computes whole batches of its share
+/// ([`rank_rows`]) and the logits are gathered to all.
+fn evaluate(
+    state: &State,
+    stage: u8,
+    f: &dyn Features,
+    idx: &[usize],
+    comm: &dyn Collective,
+) -> Result<(f64, f64, Array2<f32>)> {
+    let batch = if stage == 1 { 256 } else { 64 };
+    let mine = &idx[rank_rows(idx.len(), batch, comm.rank(), comm.size())];
     let logits = if stage == 1 {
-        logits_stage1(&state.head, f, idx, 256)?
+        logits_stage1(&state.head, f, mine, batch)?
     } else {
-        logits_stage2(&state.block5, &state.head, f, idx, 64)?
+        logits_stage2(&state.block5, &state.head, f, mine, batch)?
+    };
+    let logits = if comm.size() > 1 {
+        let width = state.head.out.b.len();
+        let all = gather_rows(comm, logits.as_slice().expect("fresh"), idx.len(), width, batch)?;
+        Array2::from_shape_vec((idx.len(), width), all).expect("gathered rows")
+    } else {
+        logits
     };
     let (l, a) = loss_acc(&logits, f.labels(), idx);
     Ok((l, a, logits))
@@ -162,13 +181,29 @@ pub struct Inputs<'a> {
 pub type OnEpoch<'a> = dyn FnMut(&State) -> Result<()> + 'a;
 
 /// Runs (or continues) the recipe from `state` to the end, reporting to
-/// `obs`.
+/// `obs`, in one process.
 pub fn run(
     cfg: &TrainConfig,
     inputs: &Inputs,
     state: &mut State,
     on_epoch: &mut OnEpoch,
     obs: &mut dyn Observer,
+) -> Result<()> {
+    run_parallel(cfg, inputs, state, on_epoch, obs, &Solo)
+}
+
+/// [`run`] as one of `comm.size()` ranks ([`crate::train::parallel`]):
+/// every rank calls it with the same configuration and inputs; each
+/// computes its parts of every batch and its share of every evaluation,
+/// and all end with the same state. `on_epoch` runs on every rank (the
+/// caller decides who writes files).
+pub fn run_parallel(
+    cfg: &TrainConfig,
+    inputs: &Inputs,
+    state: &mut State,
+    on_epoch: &mut OnEpoch,
+    obs: &mut dyn Observer,
+    comm: &dyn Collective,
 ) -> Result<()> {
     if inputs.train_idx.is_empty() {
         crate::config_bail!("no training records");
@@ -200,12 +235,12 @@ pub fn run(
         while state.epochs_done < sc.epochs {
             let epoch = state.epochs_done + 1;
             let t0 = Instant::now();
-            let (tl, ta) = train_epoch(cfg, &sc, inputs, state, stage, epoch, obs)?;
+            let (tl, ta) = train_epoch(cfg, &sc, inputs, state, stage, epoch, obs, comm)?;
             let train_secs = t0.elapsed().as_secs_f64();
             let (vl, va) = if inputs.val_idx.is_empty() {
                 (f64::NAN, f64::NAN)
             } else {
-                let (l, a, logits) = evaluate(state, stage, inputs.val, inputs.val_idx)?;
+                let (l, a, logits) = evaluate(state, stage, inputs.val, inputs.val_idx, comm)?;
                 state.last_val_logits = Some(logits);
                 (l, a)
             };
@@ -256,7 +291,7 @@ pub fn run(
                 let (l, a) = loss_acc(&logits, f.labels(), idx);
                 (l, a, logits)
             } else {
-                evaluate(state, stage, f, idx)?
+                evaluate(state, stage, f, idx, comm)?
             };
             state.test_logits.push((stage, logits));
             let secs: f64 = state
@@ -285,6 +320,7 @@ pub fn run(
 }
 
 /// One epoch of one stage; returns (mean train loss, train accuracy).
+#[allow(clippy::too_many_arguments)]
 fn train_epoch(
     cfg: &TrainConfig,
     sc: &StageConfig,
@@ -293,6 +329,7 @@ fn train_epoch(
     stage: u8,
     epoch: usize,
     obs: &mut dyn Observer,
+    comm: &dyn Collective,
 ) -> Result<(f64, f64)> {
     let mut order = inputs.train_idx.to_vec();
     order.shuffle(&mut stream(cfg.seed, stage, epoch, 0));
@@ -305,13 +342,8 @@ fn train_epoch(
     );
     let (mut loss_sum, mut correct, mut seen) = (0.0f64, 0usize, 0usize);
     let per_epoch = order.len().div_ceil(sc.batch_size.max(1));
-    let loss_fn = |logits: &Array2<f32>, y: &[u8]| {
-        if cfg.label_smoothing > 0.0 {
-            softmax_cross_entropy_smoothed(logits.view(), y, cfg.label_smoothing as f32)
-        } else {
-            softmax_cross_entropy(logits.view(), y)
-        }
-    };
+    let parts = comm.size() * cfg.accumulate.max(1);
+    let mine = comm.rank() * cfg.accumulate.max(1)..(comm.rank() + 1) * cfg.accumulate.max(1);
     for (bi, batch) in order.chunks(sc.batch_size.max(1)).enumerate() {
         let y: Vec<u8> = batch.iter().map(|&i| labels[i]).collect();
         let opt = Step {
@@ -323,50 +355,88 @@ fn train_epoch(
             Some(_) => batch.iter().map(|&i| flipped(cfg.seed, stage, epoch, i)).collect(),
             None => vec![false; batch.len()],
         };
-        let (plain, mirror) = (inputs.train, inputs.train_flipped.unwrap_or(inputs.train));
-        let (loss, logits) = if stage == 1 {
-            let g = mixed(batch, &flips, |b| plain.gap(b), |b| mirror.gap(b))?;
-            let (logits, acts) = head_forward(&state.head, g.view(), Some(&mut drop_rng));
-            let (loss, dlogits) = loss_fn(&logits, &y);
-            let (_, gh) = head_backward(&state.head, &acts, dlogits.view());
-            opt.head(&mut state.head, &mut state.v_head, &gh);
-            (loss, logits)
+        let (loss, right) = if parts == 1 {
+            // The whole batch at once: the seed recipe, exactly.
+            let g = batch_grads(cfg, inputs, state, stage, batch, &flips, &y, 1.0, &mut drop_rng)?;
+            opt.apply(state, &g.head, &g.conv);
+            (g.loss, g.correct)
         } else {
-            let x4 = mixed(batch, &flips, |b| plain.block4(b), |b| mirror.block4(b))?;
-            let (g, b5) = block5_forward(&state.block5, x4);
-            let (logits, acts) = head_forward(&state.head, g.view(), Some(&mut drop_rng));
-            let (loss, dlogits) = loss_fn(&logits, &y);
-            let (dg, gh) = head_backward(&state.head, &acts, dlogits.view());
-            let gconv = block5_backward(&state.block5, &b5, dg.view());
-            opt.head(&mut state.head, &mut state.v_head, &gh);
-            for ((p, v), g) in state.block5.iter_mut().zip(state.v_block5.iter_mut()).zip(&gconv) {
-                let owned = "owned arrays are contiguous";
-                opt.tensor(
-                    p.w.as_slice_mut().expect(owned),
-                    v.w.as_slice_mut().expect(owned),
-                    g.dw.as_slice().expect(owned),
-                    true,
-                );
-                opt.tensor(
-                    p.b.as_slice_mut().expect(owned),
-                    v.b.as_slice_mut().expect(owned),
-                    g.db.as_slice().expect(owned),
-                    false,
-                );
+            // Parts r*K..(r+1)*K of the batch here, summed in order; then
+            // summed over ranks in rank order (train::parallel).
+            let mut acc: Option<(Vec<f32>, f32, f32)> = None;
+            for p in 0..parts {
+                let rows = part_rows(batch.len(), parts, p);
+                if !mine.contains(&p) {
+                    // Another rank's rows: draw their dropout masks anyway,
+                    // so this rank's draws are the ones one process makes.
+                    for _ in 0..state.head.dropout_draws(rows.len()) {
+                        rand::Rng::gen::<f32>(&mut drop_rng);
+                    }
+                    continue;
+                }
+                if rows.is_empty() {
+                    continue;
+                }
+                let scale = rows.len() as f32 / batch.len() as f32;
+                let g = batch_grads(
+                    cfg,
+                    inputs,
+                    state,
+                    stage,
+                    &batch[rows.clone()],
+                    &flips[rows.clone()],
+                    &y[rows.clone()],
+                    scale,
+                    &mut drop_rng,
+                )?;
+                let mut flat = Vec::new();
+                flatten(&g.head, &g.conv, &mut flat);
+                let (l, c) = (g.loss * rows.len() as f32, g.correct as f32);
+                acc = Some(match acc {
+                    None => (flat, l, c),
+                    Some((mut a, al, ac)) => {
+                        for (x, y) in a.iter_mut().zip(&flat) {
+                            *x += y;
+                        }
+                        (a, al + l, ac + c)
+                    }
+                });
             }
-            (loss, logits)
+            // A rank whose parts were all empty (a last batch smaller than
+            // the part count) adds zeros.
+            let mut head = state.head.zeros_like();
+            let mut conv: Vec<ConvGrads> = if stage == 2 {
+                state
+                    .block5
+                    .iter()
+                    .map(|p| ConvGrads {
+                        dw: ndarray::Array4::zeros(p.w.dim()),
+                        db: ndarray::Array1::zeros(p.b.len()),
+                        dx: None,
+                    })
+                    .collect()
+            } else {
+                vec![]
+            };
+            let (mut flat, l, c) = acc.unwrap_or_else(|| {
+                let mut z = Vec::new();
+                flatten(&head, &conv, &mut z);
+                (z, 0.0, 0.0)
+            });
+            flat.push(l);
+            flat.push(c);
+            sum_in_rank_order(comm, &mut flat)?;
+            unflatten(&flat, &mut head, &mut conv);
+            let n = flat.len();
+            opt.apply(state, &head, &conv);
+            (flat[n - 2] / batch.len() as f32, flat[n - 1].round() as usize)
         };
         if !loss.is_finite() {
             obs.end();
             return Err(Error::Diverged { stage, epoch, loss });
         }
         loss_sum += loss as f64 * batch.len() as f64;
-        correct += logits
-            .rows()
-            .into_iter()
-            .zip(&y)
-            .filter(|(r, &t)| argmax(r.as_slice().expect("row")) == t as usize)
-            .count();
+        correct += right;
         seen += batch.len();
         obs.advance(
             batch.len() as u64,
@@ -379,6 +449,99 @@ fn train_epoch(
     }
     obs.end();
     Ok((loss_sum / seen.max(1) as f64, correct as f64 / seen.max(1) as f64))
+}
+
+/// Gradients of one batch (or part of one): the head's, block5's in
+/// stage 2, the mean loss over its rows and how many it got right.
+struct Grads {
+    head: Head,
+    conv: Vec<ConvGrads>,
+    loss: f32,
+    correct: usize,
+}
+
+/// Forward and backward over `batch` (rows `y`, views `flips`), the loss
+/// gradient scaled by `scale` (a part's share of its batch; 1 for a whole
+/// batch).
+#[allow(clippy::too_many_arguments)]
+fn batch_grads(
+    cfg: &TrainConfig,
+    inputs: &Inputs,
+    state: &State,
+    stage: u8,
+    batch: &[usize],
+    flips: &[bool],
+    y: &[u8],
+    scale: f32,
+    drop_rng: &mut ChaCha8Rng,
+) -> Result<Grads> {
+    let loss_fn = |logits: &Array2<f32>, y: &[u8]| {
+        let (l, mut d) = if cfg.label_smoothing > 0.0 {
+            softmax_cross_entropy_smoothed(logits.view(), y, cfg.label_smoothing as f32)
+        } else {
+            softmax_cross_entropy(logits.view(), y)
+        };
+        if scale != 1.0 {
+            d *= scale;
+        }
+        (l, d)
+    };
+    let (plain, mirror) = (inputs.train, inputs.train_flipped.unwrap_or(inputs.train));
+    let (loss, logits, head, conv) = if stage == 1 {
+        let g = mixed(batch, flips, |b| plain.gap(b), |b| mirror.gap(b))?;
+        let (logits, acts) = head_forward(&state.head, g.view(), Some(drop_rng));
+        let (loss, dlogits) = loss_fn(&logits, y);
+        let (_, gh) = head_backward(&state.head, &acts, dlogits.view());
+        (loss, logits, gh, vec![])
+    } else {
+        let x4 = mixed(batch, flips, |b| plain.block4(b), |b| mirror.block4(b))?;
+        let (g, b5) = block5_forward(&state.block5, x4);
+        let (logits, acts) = head_forward(&state.head, g.view(), Some(drop_rng));
+        let (loss, dlogits) = loss_fn(&logits, y);
+        let (dg, gh) = head_backward(&state.head, &acts, dlogits.view());
+        let gconv = block5_backward(&state.block5, &b5, dg.view());
+        (loss, logits, gh, gconv)
+    };
+    let correct = logits
+        .rows()
+        .into_iter()
+        .zip(y)
+        .filter(|(r, &t)| argmax(r.as_slice().expect("row")) == t as usize)
+        .count();
+    Ok(Grads {
+        head,
+        conv,
+        loss,
+        correct,
+    })
+}
+
+/// The gradients as one flat buffer: the head's tensors, then each conv
+/// layer's dW and db.
+fn flatten(head: &Head, conv: &[ConvGrads], out: &mut Vec<f32>) {
+    for (_, t, _) in head.tensors() {
+        out.extend_from_slice(t);
+    }
+    for g in conv {
+        out.extend_from_slice(g.dw.as_slice().expect("owned"));
+        out.extend_from_slice(g.db.as_slice().expect("owned"));
+    }
+}
+
+/// [`flatten`]'s inverse, into gradients of the right shapes.
+fn unflatten(flat: &[f32], head: &mut Head, conv: &mut [ConvGrads]) {
+    let mut at = 0;
+    let mut take = |dst: &mut [f32]| {
+        dst.copy_from_slice(&flat[at..at + dst.len()]);
+        at += dst.len();
+    };
+    for t in head.tensors_mut() {
+        take(t);
+    }
+    for g in conv {
+        take(g.dw.as_slice_mut().expect("owned"));
+        take(g.db.as_slice_mut().expect("owned"));
+    }
 }
 
 /// One SGD step's settings: the scheduled rate, momentum, weight decay.
@@ -401,6 +564,26 @@ impl Step {
             sgd_momentum_step(w, v, &gd, self.lr, self.momentum);
         } else {
             sgd_momentum_step(w, v, g, self.lr, self.momentum);
+        }
+    }
+
+    /// The step on the head and (stage 2) block5.
+    fn apply(&self, state: &mut State, gh: &Head, gconv: &[ConvGrads]) {
+        self.head(&mut state.head, &mut state.v_head, gh);
+        for ((p, v), g) in state.block5.iter_mut().zip(state.v_block5.iter_mut()).zip(gconv) {
+            let owned = "owned arrays are contiguous";
+            self.tensor(
+                p.w.as_slice_mut().expect(owned),
+                v.w.as_slice_mut().expect(owned),
+                g.dw.as_slice().expect(owned),
+                true,
+            );
+            self.tensor(
+                p.b.as_slice_mut().expect(owned),
+                v.b.as_slice_mut().expect(owned),
+                g.db.as_slice().expect(owned),
+                false,
+            );
         }
     }
 

@@ -1,0 +1,193 @@
+//! Data parallelism: N processes ("ranks") train one model. Every global
+//! batch is cut into `N * K` parts (K = `accumulate`); rank r computes the
+//! gradients of parts `r*K .. (r+1)*K` one after another, the part sums are
+//! summed over ranks in rank order, and every rank applies the same SGD
+//! step, so the weights stay identical everywhere.
+//!
+//! The sum over ranks is [`sum_in_rank_order`]: a reduce-scatter by
+//! all-to-all (rank j adds up slice j of every rank's buffer, ranks 0, 1,
+//! ... N-1 in that order) and an all-gather of the summed slices. Each rank
+//! sends and receives 2(N-1)/N of the buffer, as a ring allreduce does, and
+//! the result is the plain left-to-right sum, whatever the message timing.
+//! So N ranks with K = 1 reproduce one process with `accumulate = N` bit
+//! for bit (tests/parallel.rs; with the `mpi` feature, tests/mpi.rs).
+//!
+//! [`Collective`] is the transport: [`Solo`] (one process), [`Threads`]
+//! (ranks as threads of one process, for tests), and with the `mpi`
+//! feature `crate::train::mpi::Mpi`.
+
+use crate::error::{Error, Result};
+use std::sync::{Arc, Barrier, Mutex};
+
+/// The operations data parallelism needs from a transport. Called from
+/// one thread per rank, every rank in the same order.
+pub trait Collective {
+    /// This process's rank, 0..size().
+    fn rank(&self) -> usize;
+    /// Number of ranks.
+    fn size(&self) -> usize;
+    /// `send` holds size() slices of `chunk` floats, slice j for rank j;
+    /// returns size() slices of `chunk`, slice i from rank i.
+    fn all_to_all(&self, send: &[f32], chunk: usize) -> Result<Vec<f32>>;
+    /// Every rank's `send` (the same length on every rank), in rank order.
+    fn all_gather(&self, send: &[f32]) -> Result<Vec<f32>>;
+    /// Waits until every rank has reached this call.
+    fn barrier(&self) -> Result<()>;
+    /// Says what the transport is ("single process", "MPI, 4 ranks").
+    fn describe(&self) -> String;
+}
+
+/// One process: every collective is the identity.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Solo;
+
+impl Collective for Solo {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn size(&self) -> usize {
+        1
+    }
+    fn all_to_all(&self, send: &[f32], _chunk: usize) -> Result<Vec<f32>> {
+        Ok(send.to_vec())
+    }
+    fn all_gather(&self, send: &[f32]) -> Result<Vec<f32>> {
+        Ok(send.to_vec())
+    }
+    fn barrier(&self) -> Result<()> {
+        Ok(())
+    }
+    fn describe(&self) -> String {
+        "single process".into()
+    }
+}
+
+/// Sums `buf` over ranks in place: element i becomes
+/// `((buf_0[i] + buf_1[i]) + buf_2[i]) + ...` on every rank (the same
+/// length everywhere).
+pub fn sum_in_rank_order(c: &dyn Collective, buf: &mut [f32]) -> Result<()> {
+    let n = c.size();
+    if n == 1 {
+        return Ok(());
+    }
+    let chunk = buf.len().div_ceil(n);
+    let mut send = buf.to_vec();
+    send.resize(chunk * n, 0.0);
+    // Reduce-scatter: slice `rank` of every rank's buffer, summed in order.
+    let recv = c.all_to_all(&send, chunk)?;
+    let mut acc = recv[..chunk].to_vec();
+    for from in recv.chunks_exact(chunk).skip(1) {
+        for (a, &b) in acc.iter_mut().zip(from) {
+            *a += b;
+        }
+    }
+    let all = c.all_gather(&acc)?;
+    buf.copy_from_slice(&all[..buf.len()]);
+    Ok(())
+}
+
+/// The rows of a `len`-row set each rank takes in a split evaluation:
+/// whole batches of `batch`, contiguous, in rank order (so each row is
+/// computed in the same batch as in one process, bit for bit).
+pub fn rank_rows(len: usize, batch: usize, rank: usize, size: usize) -> std::ops::Range<usize> {
+    let batches = len.div_ceil(batch.max(1));
+    let b0 = batches * rank / size;
+    let b1 = batches * (rank + 1) / size;
+    (b0 * batch).min(len)..(b1 * batch).min(len)
+}
+
+/// Rows computed by each rank ([`rank_rows`]) of a (len, width) matrix,
+/// gathered to every rank in order.
+pub fn gather_rows(c: &dyn Collective, mine: &[f32], len: usize, width: usize, batch: usize) -> Result<Vec<f32>> {
+    let n = c.size();
+    if n == 1 {
+        return Ok(mine.to_vec());
+    }
+    let most = (0..n).map(|r| rank_rows(len, batch, r, n).len()).max().unwrap_or(0);
+    let mut send = mine.to_vec();
+    send.resize(most * width, 0.0);
+    let all = c.all_gather(&send)?;
+    let mut out = Vec::with_capacity(len * width);
+    for r in 0..n {
+        let rows = rank_rows(len, batch, r, n).len();
+        out.extend_from_slice(&all[r * most * width..(r * most + rows) * width]);
+    }
+    Ok(out)
+}
+
+/// The contiguous parts of a batch of `b` rows: part p is rows
+/// `p*b/parts .. (p+1)*b/parts` (some empty when b < parts).
+pub fn part_rows(b: usize, parts: usize, p: usize) -> std::ops::Range<usize> {
+    (p * b / parts)..((p + 1) * b / parts)
+}
+
+/// Ranks as threads of one process, exchanging through shared slots: the
+/// same algorithm as MPI on one machine, for tests without MPI.
+pub struct Threads {
+    rank: usize,
+    shared: Arc<ThreadsShared>,
+}
+
+struct ThreadsShared {
+    size: usize,
+    barrier: Barrier,
+    slots: Mutex<Vec<Vec<f32>>>,
+}
+
+impl Threads {
+    /// `size` connected ranks, one to move into each thread.
+    pub fn group(size: usize) -> Vec<Threads> {
+        let shared = Arc::new(ThreadsShared {
+            size,
+            barrier: Barrier::new(size),
+            slots: Mutex::new(vec![vec![]; size]),
+        });
+        (0..size)
+            .map(|rank| Threads {
+                rank,
+                shared: shared.clone(),
+            })
+            .collect()
+    }
+
+    /// Publishes `send`, waits for all, returns every rank's buffer.
+    fn exchange(&self, send: &[f32]) -> Result<Vec<Vec<f32>>> {
+        let s = &self.shared;
+        s.slots.lock().map_err(|_| poisoned())?[self.rank] = send.to_vec();
+        s.barrier.wait();
+        let all = s.slots.lock().map_err(|_| poisoned())?.clone();
+        s.barrier.wait();
+        Ok(all)
+    }
+}
+
+fn poisoned() -> Error {
+    Error::Config("a rank thread panicked".into())
+}
+
+impl Collective for Threads {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn size(&self) -> usize {
+        self.shared.size
+    }
+    fn all_to_all(&self, send: &[f32], chunk: usize) -> Result<Vec<f32>> {
+        let all = self.exchange(send)?;
+        let r = self.rank;
+        Ok(all
+            .iter()
+            .flat_map(|b| b[r * chunk..(r + 1) * chunk].iter().copied())
+            .collect())
+    }
+    fn all_gather(&self, send: &[f32]) -> Result<Vec<f32>> {
+        Ok(self.exchange(send)?.concat())
+    }
+    fn barrier(&self) -> Result<()> {
+        self.shared.barrier.wait();
+        Ok(())
+    }
+    fn describe(&self) -> String {
+        format!("{} ranks as threads", self.shared.size)
+    }
+}
