@@ -5,8 +5,9 @@ mod common;
 use common::*;
 use std::path::Path;
 use vgg16_cpu::data::cifar::{self, Dataset, Split};
-use vgg16_cpu::features::cache::{self, CacheKey, Dtype, Meta, Outcome};
+use vgg16_cpu::features::cache::{self, CacheKey, Dtype, Meta, Outcome, Shard, ShardOutcome};
 use vgg16_cpu::model::vgg::Vgg16;
+use vgg16_cpu::Silent;
 
 fn setup() -> (Vgg16, Dataset) {
     let src = cifar::locate(&sample_dir()).unwrap();
@@ -161,4 +162,155 @@ fn f16_cache_is_close_to_f32() {
     let e = rel_err(y.iter(), x.mapv(|v| v as f64).iter());
     assert!(e > 0.0 && e < 1e-3, "f16 relative error {e}");
     assert_eq!(a.gap, b.gap, "GAP features stay f32");
+}
+
+/// Counts the records a build computed (its progress advances).
+#[derive(Default)]
+struct Count(u64);
+impl vgg16_cpu::Observer for Count {
+    fn advance(&mut self, n: u64, _msg: &str) {
+        self.0 += n;
+    }
+}
+
+fn same_files(a: &Path, b: &Path) {
+    for f in ["block4_pool.npy", "gap.npy", "label.npy"] {
+        assert!(
+            std::fs::read(a.join(f)).unwrap() == std::fs::read(b.join(f)).unwrap(),
+            "{f} differs between {} and {}",
+            a.display(),
+            b.display()
+        );
+    }
+    let (ma, mb) = (meta_of(a), meta_of(b));
+    assert_eq!(ma.chunk_digests, mb.chunk_digests);
+    assert_eq!((ma.gap_digest, ma.label_digest), (mb.gap_digest, mb.label_digest));
+    assert!(ma.complete && mb.complete);
+}
+
+fn setup_train() -> (Vgg16, Dataset) {
+    let src = cifar::locate(&sample_dir()).unwrap();
+    (fake_vgg(9), cifar::load_split(&src, Split::Train).unwrap())
+}
+
+fn meta_of(dir: &Path) -> Meta {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("meta.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn shards_build_the_bytes_one_process_builds_and_the_last_seals() {
+    let (model, data) = setup_train();
+    // 500 records: chunks of 256 and 244; shards of 2 and 3 (one idle).
+    let n = 500;
+    let k = CacheKey::new(&model.digest(), 32, &data, n, Dtype::F32);
+    let serial = tempfile::tempdir().unwrap();
+    cache::open_or_build(serial.path(), &k, &model, &data, 7, &mut Silent).unwrap();
+    let want = serial.path().join(k.dir_name());
+    for count in [2usize, 3] {
+        let tmp = tempfile::tempdir().unwrap();
+        // Shards in reverse order, and each resumed once it is done.
+        for index in (0..count).rev() {
+            let shard = Shard { index, count };
+            let mut c = Count::default();
+            let out = cache::build_shard(tmp.path(), &k, &model, &data, 7, shard, &mut c).unwrap();
+            let chunks: Vec<usize> = (0..2).filter(|&ch| shard.owns(ch)).collect();
+            let records: usize = chunks.iter().map(|&ch| (ch * 256 + 256).min(n) - ch * 256).sum();
+            assert_eq!(c.0 as usize, records, "shard {shard} computed its own chunks only");
+            if index > 0 {
+                let missing = (0..2).filter(|&ch| ch % count < index).count();
+                assert_eq!(out, ShardOutcome::Waiting { missing }, "shard {shard}");
+                assert!(cache::find(tmp.path(), &k).is_none(), "not usable before it is sealed");
+            } else {
+                assert_eq!(out, ShardOutcome::Complete, "the last shard seals");
+            }
+        }
+        let got = tmp.path().join(k.dir_name());
+        same_files(&got, &want);
+        assert!(!got.join("shards").exists(), "shard progress removed once sealed");
+        let (_, o) = cache::open_or_build(tmp.path(), &k, &model, &data, 7, &mut Silent).unwrap();
+        assert_eq!(o, Outcome::Hit);
+    }
+}
+
+#[test]
+fn an_interrupted_shard_resumes_and_a_serial_build_reuses_shards() {
+    let (model, data) = setup_train();
+    let n = 500;
+    let k = CacheKey::new(&model.digest(), 32, &data, n, Dtype::F32);
+    let tmp = tempfile::tempdir().unwrap();
+    let shard = Shard { index: 0, count: 2 };
+    cache::build_shard(tmp.path(), &k, &model, &data, 7, shard, &mut Silent).unwrap();
+    // Run again: its recorded chunk is not redone.
+    let mut c = Count::default();
+    cache::build_shard(tmp.path(), &k, &model, &data, 7, shard, &mut c).unwrap();
+    assert_eq!(c.0, 0, "a finished shard resumes with nothing to do");
+    // As if killed before chunk 0 was recorded: its progress forgets it.
+    let prog = tmp.path().join(k.dir_name()).join("shards/0-of-2.json");
+    let mut p: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&prog).unwrap()).unwrap();
+    p["chunks"].as_object_mut().unwrap().remove("0");
+    std::fs::write(&prog, serde_json::to_vec(&p).unwrap()).unwrap();
+    let mut c = Count::default();
+    cache::build_shard(tmp.path(), &k, &model, &data, 7, shard, &mut c).unwrap();
+    assert_eq!(c.0, 256, "the unrecorded chunk (records 0..256) reruns");
+    // A single process finishes the rest (chunk 1) and takes chunk 0 as
+    // the shard left it.
+    let mut c = Count::default();
+    let (_, o) = cache::open_or_build(tmp.path(), &k, &model, &data, 7, &mut c).unwrap();
+    assert!(matches!(o, Outcome::Built { .. }));
+    assert_eq!(c.0, 244);
+    let serial = tempfile::tempdir().unwrap();
+    cache::open_or_build(serial.path(), &k, &model, &data, 7, &mut Silent).unwrap();
+    same_files(&tmp.path().join(k.dir_name()), &serial.path().join(k.dir_name()));
+}
+
+#[test]
+fn shards_from_node_local_disks_merge_and_bad_bytes_are_caught() {
+    let (model, data) = setup_train();
+    let n = 500;
+    let k = CacheKey::new(&model.digest(), 32, &data, n, Dtype::F32);
+    let (a, b, into) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    for (dir, index) in [(&a, 0), (&b, 1)] {
+        let out = cache::build_shard(dir.path(), &k, &model, &data, 7, Shard { index, count: 2 }, &mut Silent).unwrap();
+        assert!(matches!(out, ShardOutcome::Waiting { .. }));
+    }
+    let sources = [a.path().join(k.dir_name()), b.path().join(k.dir_name())];
+    // One source alone: merged but not complete.
+    let (key, out) = cache::merge(into.path(), &sources[..1], &mut Silent).unwrap();
+    assert_eq!(
+        (key.dir_name(), out),
+        (k.dir_name(), ShardOutcome::Waiting { missing: 1 })
+    );
+    let (_, out) = cache::merge(into.path(), &sources, &mut Silent).unwrap();
+    assert_eq!(out, ShardOutcome::Complete);
+    let serial = tempfile::tempdir().unwrap();
+    cache::open_or_build(serial.path(), &k, &model, &data, 7, &mut Silent).unwrap();
+    same_files(&into.path().join(k.dir_name()), &serial.path().join(k.dir_name()));
+
+    // A damaged shard's bytes are refused when sealing, naming the file.
+    let bad = tempfile::tempdir().unwrap();
+    let b4 = sources[1].join("block4_pool.npy");
+    let mut bytes = std::fs::read(&b4).unwrap();
+    let at = bytes.len() - 10;
+    bytes[at] ^= 0x40;
+    std::fs::write(&b4, bytes).unwrap();
+    let e = cache::merge(bad.path(), &sources, &mut Silent).unwrap_err().to_string();
+    assert!(e.contains("block4_pool.npy") && e.contains("do not match"), "{e}");
+    // Not a shard directory: named.
+    let e = cache::merge(bad.path(), &[serial.path().to_path_buf()], &mut Silent)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains(&serial.path().display().to_string()), "{e}");
+}
+
+#[test]
+fn shard_specs_are_checked() {
+    assert_eq!(Shard::parse("1/4").unwrap(), Shard { index: 1, count: 4 });
+    for bad in ["4/4", "0/0", "1", "a/2", "-1/2", "1/2/3", ""] {
+        let e = Shard::parse(bad).unwrap_err().to_string();
+        assert!(e.contains("--shard") && e.contains(bad), "{bad}: {e}");
+    }
 }
