@@ -61,7 +61,7 @@ fn rank_rows_are_whole_batches_in_order_and_parts_cover_the_batch() {
                 for r in 0..size {
                     let rr = rank_rows(len, batch, r, size);
                     assert_eq!(rr.start, next, "len {len} batch {batch} size {size} rank {r}");
-                    assert!(rr.start % batch == 0 || rr.start == len);
+                    assert!(rr.start.is_multiple_of(batch) || rr.start == len);
                     next = rr.end;
                 }
                 assert_eq!(next, len);
