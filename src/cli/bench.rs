@@ -42,6 +42,17 @@ pub enum BenchWhat {
         #[arg(long)]
         threads: Option<usize>,
     },
+    /// The gradient sum of data-parallel training (run it under mpirun
+    /// with the `mpi` build): seconds per sum of block5 + head gradients
+    /// in rank order, and the bytes each rank moves.
+    Allreduce {
+        /// Floats summed (default: block5 + the 10-class head, 7,084,554).
+        #[arg(long, default_value_t = 7_084_554)]
+        floats: usize,
+        /// Timed repetitions (after one untimed).
+        #[arg(long, default_value_t = 20)]
+        repeats: usize,
+    },
 }
 
 #[derive(Args)]
@@ -96,7 +107,49 @@ pub fn run(what: BenchWhat) -> Result<()> {
             println!("{}", vgg16_cpu::bench::bench_input(&data, limit, image_size, batch)?);
             Ok(())
         }),
+        BenchWhat::Allreduce { floats, repeats } => {
+            let comm = super::collective()?;
+            let r = bench_allreduce(&*comm, floats, repeats.max(1));
+            super::end_rank(r, &*comm)
+        }
     }
+}
+
+fn bench_allreduce(comm: &dyn vgg16_cpu::train::parallel::Collective, floats: usize, repeats: usize) -> Result<()> {
+    use vgg16_cpu::train::parallel::sum_in_rank_order;
+    let mut buf: Vec<f32> = (0..floats).map(|i| ((i % 1000) as f32) * 1e-3 + comm.rank() as f32).collect();
+    sum_in_rank_order(comm, &mut buf)?;
+    let mut secs = Vec::with_capacity(repeats);
+    for _ in 0..repeats {
+        comm.barrier()?;
+        let t = std::time::Instant::now();
+        sum_in_rank_order(comm, &mut buf)?;
+        secs.push(t.elapsed().as_secs_f64());
+    }
+    secs.sort_by(f64::total_cmp);
+    let median = secs[secs.len() / 2];
+    let n = comm.size() as f64;
+    // Each rank sends (and receives) (n-1)/n of the buffer twice: the
+    // all-to-all of the reduce-scatter and the all-gather.
+    let moved = 2.0 * (n - 1.0) / n * floats as f64 * 4.0;
+    if comm.rank() == 0 {
+        println!(
+            "{}",
+            serde_json::json!({
+                "bench": "allreduce",
+                "transport": comm.describe(),
+                "ranks": comm.size(),
+                "floats": floats,
+                "bytes": floats * 4,
+                "bytes_moved_per_rank": moved,
+                "seconds_median": median,
+                "seconds_min": secs[0],
+                "gbytes_per_s_per_rank": moved / median / 1e9,
+                "cpu": vgg16_cpu::tensor::dispatch::cpu_model(),
+            })
+        );
+    }
+    Ok(())
 }
 
 fn backends(name: &Option<String>) -> Result<Vec<Backend>> {

@@ -55,7 +55,7 @@ pub struct BuildArgs {
     split: String,
     /// Also the horizontally mirrored training view (`train --flip true`,
     /// the tuned recipe), true or false.
-    #[arg(long, default_value_t = false)]
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
     flip: bool,
     /// Only the first N training records (as `train --limit-train`).
     #[arg(long)]

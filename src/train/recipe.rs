@@ -389,46 +389,27 @@ fn train_epoch(
                     scale,
                     &mut drop_rng,
                 )?;
-                let mut flat = Vec::new();
-                flatten(&g.head, &g.conv, &mut flat);
                 let (l, c) = (g.loss * rows.len() as f32, g.correct as f32);
                 acc = Some(match acc {
-                    None => (flat, l, c),
+                    None => {
+                        let mut flat = Vec::new();
+                        flatten(&g.head, &g.conv, &mut flat);
+                        (flat, l, c)
+                    }
                     Some((mut a, al, ac)) => {
-                        for (x, y) in a.iter_mut().zip(&flat) {
-                            *x += y;
-                        }
+                        add_flat(&mut a, &g.head, &g.conv);
                         (a, al + l, ac + c)
                     }
                 });
             }
             // A rank whose parts were all empty (a last batch smaller than
             // the part count) adds zeros.
-            let mut head = state.head.zeros_like();
-            let mut conv: Vec<ConvGrads> = if stage == 2 {
-                state
-                    .block5
-                    .iter()
-                    .map(|p| ConvGrads {
-                        dw: ndarray::Array4::zeros(p.w.dim()),
-                        db: ndarray::Array1::zeros(p.b.len()),
-                        dx: None,
-                    })
-                    .collect()
-            } else {
-                vec![]
-            };
-            let (mut flat, l, c) = acc.unwrap_or_else(|| {
-                let mut z = Vec::new();
-                flatten(&head, &conv, &mut z);
-                (z, 0.0, 0.0)
-            });
+            let (mut flat, l, c) = acc.unwrap_or_else(|| (vec![0.0; grad_len(state, stage)], 0.0, 0.0));
             flat.push(l);
             flat.push(c);
             sum_in_rank_order(comm, &mut flat)?;
-            unflatten(&flat, &mut head, &mut conv);
             let n = flat.len();
-            opt.apply(state, &head, &conv);
+            opt.apply_flat(state, stage, &flat[..n - 2]);
             (flat[n - 2] / batch.len() as f32, flat[n - 1].round() as usize)
         };
         if !loss.is_finite() {
@@ -528,20 +509,29 @@ fn flatten(head: &Head, conv: &[ConvGrads], out: &mut Vec<f32>) {
     }
 }
 
-/// [`flatten`]'s inverse, into gradients of the right shapes.
-fn unflatten(flat: &[f32], head: &mut Head, conv: &mut [ConvGrads]) {
+/// Adds the gradients to a [`flatten`]ed buffer, in place.
+fn add_flat(flat: &mut [f32], head: &Head, conv: &[ConvGrads]) {
     let mut at = 0;
-    let mut take = |dst: &mut [f32]| {
-        dst.copy_from_slice(&flat[at..at + dst.len()]);
-        at += dst.len();
+    let mut add = |src: &[f32]| {
+        for (a, b) in flat[at..at + src.len()].iter_mut().zip(src) {
+            *a += b;
+        }
+        at += src.len();
     };
-    for t in head.tensors_mut() {
-        take(t);
+    for (_, t, _) in head.tensors() {
+        add(t);
     }
     for g in conv {
-        take(g.dw.as_slice_mut().expect("owned"));
-        take(g.db.as_slice_mut().expect("owned"));
+        add(g.dw.as_slice().expect("owned"));
+        add(g.db.as_slice().expect("owned"));
     }
+}
+
+/// Length of the [`flatten`]ed gradients of a stage.
+fn grad_len(state: &State, stage: u8) -> usize {
+    let head: usize = state.head.tensors().iter().map(|(_, t, _)| t.len()).sum();
+    let conv: usize = state.block5.iter().map(|p| p.w.len() + p.b.len()).sum();
+    head + if stage == 2 { conv } else { 0 }
 }
 
 /// One SGD step's settings: the scheduled rate, momentum, weight decay.
@@ -584,6 +574,29 @@ impl Step {
                 g.db.as_slice().expect(owned),
                 false,
             );
+        }
+    }
+
+    /// [`Step::apply`] from [`flatten`]ed gradients.
+    fn apply_flat(&self, state: &mut State, stage: u8, flat: &[f32]) {
+        let mut at = 0;
+        let mut next = |len: usize| {
+            at += len;
+            &flat[at - len..at]
+        };
+        let kernels: Vec<bool> = state.head.tensors().iter().map(|(n, _, _)| n.ends_with("kernel")).collect();
+        for ((w, v), kernel) in state.head.tensors_mut().into_iter().zip(state.v_head.tensors_mut()).zip(kernels) {
+            let g = next(w.len());
+            self.tensor(w, v, g, kernel);
+        }
+        if stage == 2 {
+            let owned = "owned arrays are contiguous";
+            for (p, v) in state.block5.iter_mut().zip(state.v_block5.iter_mut()) {
+                let g = next(p.w.len());
+                self.tensor(p.w.as_slice_mut().expect(owned), v.w.as_slice_mut().expect(owned), g, true);
+                let g = next(p.b.len());
+                self.tensor(p.b.as_slice_mut().expect(owned), v.b.as_slice_mut().expect(owned), g, false);
+            }
         }
     }
 
