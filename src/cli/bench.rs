@@ -117,7 +117,9 @@ pub fn run(what: BenchWhat) -> Result<()> {
 
 fn bench_allreduce(comm: &dyn vgg16_cpu::train::parallel::Collective, floats: usize, repeats: usize) -> Result<()> {
     use vgg16_cpu::train::parallel::sum_in_rank_order;
-    let mut buf: Vec<f32> = (0..floats).map(|i| ((i % 1000) as f32) * 1e-3 + comm.rank() as f32).collect();
+    let mut buf: Vec<f32> = (0..floats)
+        .map(|i| ((i % 1000) as f32) * 1e-3 + comm.rank() as f32)
+        .collect();
     sum_in_rank_order(comm, &mut buf)?;
     let mut secs = Vec::with_capacity(repeats);
     for _ in 0..repeats {

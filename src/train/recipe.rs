@@ -584,8 +584,19 @@ impl Step {
             at += len;
             &flat[at - len..at]
         };
-        let kernels: Vec<bool> = state.head.tensors().iter().map(|(n, _, _)| n.ends_with("kernel")).collect();
-        for ((w, v), kernel) in state.head.tensors_mut().into_iter().zip(state.v_head.tensors_mut()).zip(kernels) {
+        let kernels: Vec<bool> = state
+            .head
+            .tensors()
+            .iter()
+            .map(|(n, _, _)| n.ends_with("kernel"))
+            .collect();
+        for ((w, v), kernel) in state
+            .head
+            .tensors_mut()
+            .into_iter()
+            .zip(state.v_head.tensors_mut())
+            .zip(kernels)
+        {
             let g = next(w.len());
             self.tensor(w, v, g, kernel);
         }
@@ -593,9 +604,19 @@ impl Step {
             let owned = "owned arrays are contiguous";
             for (p, v) in state.block5.iter_mut().zip(state.v_block5.iter_mut()) {
                 let g = next(p.w.len());
-                self.tensor(p.w.as_slice_mut().expect(owned), v.w.as_slice_mut().expect(owned), g, true);
+                self.tensor(
+                    p.w.as_slice_mut().expect(owned),
+                    v.w.as_slice_mut().expect(owned),
+                    g,
+                    true,
+                );
                 let g = next(p.b.len());
-                self.tensor(p.b.as_slice_mut().expect(owned), v.b.as_slice_mut().expect(owned), g, false);
+                self.tensor(
+                    p.b.as_slice_mut().expect(owned),
+                    v.b.as_slice_mut().expect(owned),
+                    g,
+                    false,
+                );
             }
         }
     }
