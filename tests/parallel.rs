@@ -197,3 +197,10 @@ fn ranks_reproduce_one_process_accumulating_as_many_parts() {
         "weights: whole batches vs 2 parts differ by {worst} (largest {scale})"
     );
 }
+
+/// tests/mpi.rs runs the binary under `mpirun`; it needs the `mpi` build.
+/// Reported as ignored (with the command) rather than passing unseen.
+#[cfg(not(feature = "mpi"))]
+#[test]
+#[ignore = "the MPI tests need the mpi feature: cargo test --release --features mpi --test mpi"]
+fn mpi_tests_need_the_mpi_feature() {}
