@@ -233,18 +233,27 @@ struct BuildLock {
     _file: File,
 }
 
+/// Opens the lock file `p` and tries an exclusive lock on it without
+/// waiting: (file, whether the lock was taken).
+fn try_lock(p: &Path) -> Result<(File, bool)> {
+    use std::os::fd::AsRawFd;
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(p)
+        .at("cannot create the lock file", p)?;
+    // SAFETY: flock on a file descriptor this function owns.
+    let taken = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
+    Ok((f, taken))
+}
+
 impl BuildLock {
     fn take(cache_dir: &Path, key: &CacheKey, obs: &mut dyn Observer) -> Result<BuildLock> {
         use std::os::fd::AsRawFd;
         let p = cache_dir.join(format!(".{}.lock", key.dir_name()));
-        let f = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&p)
-            .at("cannot create the lock file", &p)?;
-        // SAFETY: flock on a file descriptor this function owns.
-        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let (f, taken) = try_lock(&p)?;
+        if !taken {
             obs.info(&format!(
                 "cache: another process is building {}; waiting for it",
                 cache_dir.join(key.dir_name()).display()
@@ -685,21 +694,14 @@ fn remove_shard_progress(dir: &Path) {
 /// A lock held while one shard of one key is built (two processes given
 /// the same shard do not both write it).
 fn shard_lock(cache_dir: &Path, key: &CacheKey, shard: Shard) -> Result<File> {
-    use std::os::fd::AsRawFd;
     let p = cache_dir.join(format!(
         ".{}.shard-{}-of-{}.lock",
         key.dir_name(),
         shard.index,
         shard.count
     ));
-    let f = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&p)
-        .at("cannot create the lock file", &p)?;
-    // SAFETY: flock on a file descriptor this function owns.
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+    let (f, taken) = try_lock(&p)?;
+    if !taken {
         crate::config_bail!(
             "shard {shard} of {} is being built by another process",
             cache_dir.join(key.dir_name()).display()

@@ -364,21 +364,14 @@ impl TrainJob {
         let (md, js) =
             crate::report::comparison::comparison(cache_seconds, self.use_cache, &state.stage_results, total_seconds);
         let mut test_report = None;
-        if !writer {
-            // Rank 0 writes the run directory; the others only computed.
-            return Ok(TrainOutcome {
-                out: out.clone(),
-                history: state.history,
-                stage_results: state.stage_results,
-                test_report,
-                comparison: md,
-                cache_seconds,
-                total_seconds,
-            });
+        // Rank 0 writes the run directory; the others only computed.
+        if writer {
+            write_text(&out.join("metrics.json"), &pretty(&metrics))?;
+            crate::report::plots::plot_history(&state.history, &out.join("history.png"))?;
+            write_text(&out.join("comparison.md"), &md)?;
+            write_text(&out.join("comparison.json"), &pretty(&js))?;
         }
-        write_text(&out.join("metrics.json"), &pretty(&metrics))?;
-        crate::report::plots::plot_history(&state.history, &out.join("history.png"))?;
-        if let Some((st, logits)) = state.test_logits.last() {
+        if let (true, Some((st, logits))) = (writer, state.test_logits.last()) {
             let rep = metrics::report(logits, &test_ds.labels[..n_test], &test_ds.class_names);
             write_text(&out.join("test_report.txt"), &rep.text())?;
             write_text(
@@ -397,8 +390,6 @@ impl TrainJob {
             )?;
             test_report = Some(rep);
         }
-        write_text(&out.join("comparison.md"), &md)?;
-        write_text(&out.join("comparison.json"), &pretty(&js))?;
         Ok(TrainOutcome {
             out: out.clone(),
             history: state.history,
