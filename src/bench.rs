@@ -249,3 +249,99 @@ pub fn bench_input(data: &crate::data::Dataset, n: usize, size: usize, batch: us
               "mean_file_bytes": files as f64 / n.max(1) as f64, "checksum": checksum}),
     )
 }
+
+/// `vgg16 bench step`: one stage-2 training step (block5 forward, the
+/// 10-class head and its loss, backward, the SGD update of block5 + head)
+/// at input size `size` and each batch in `batches`, timed by phase.
+/// `ready_ms` says when backward hands over each gradient (the head's,
+/// then conv5_3's, conv5_2's, conv5_1's), measured from the step's start:
+/// the schedule the overlapped gradient exchange of data parallelism
+/// works with (docs/mpi.md). Weights and inputs are synthetic (timing does
+/// not depend on their values).
+pub fn bench_step(
+    size: usize,
+    batches: &[usize],
+    min_time: Duration,
+    mut each: impl FnMut(Value),
+) -> crate::Result<()> {
+    use crate::model::vgg::ConvParams;
+    use crate::model::{block5_backward_each, block5_forward, head_backward, head_forward, Head};
+    use crate::tensor::ops::softmax_cross_entropy;
+    use crate::train::optim::sgd_momentum_step;
+    use rand::SeedableRng;
+    crate::model::vgg::check_image_size(size)?;
+    let s = size / 16;
+    let threads = rayon::current_num_threads();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+    let block5: Vec<ConvParams> = (0..3)
+        .map(|i| ConvParams {
+            w: filled((3, 3, 512, 512), 2e-3 + i as f32 * 1e-4),
+            b: Array1::from_elem(512, 0.01),
+        })
+        .collect();
+    let head = Head::new(&mut rng, None, 0.0, 10);
+    let params = block5.iter().map(|p| p.w.len() + p.b.len()).sum::<usize>()
+        + head.tensors().iter().map(|(_, t, _)| t.len()).sum::<usize>();
+    for &batch in batches {
+        let x4 = filled((batch, s, s, 512), 0.05);
+        let y: Vec<u8> = (0..batch).map(|i| (i % 10) as u8).collect();
+        let (mut w, mut v) = (vec![0.01f32; params], vec![0f32; params]);
+        let mut runs: Vec<[f64; 7]> = Vec::new();
+        let start = Instant::now();
+        let mut first = true;
+        while runs.len() < 3 || start.elapsed() < min_time {
+            let t0 = Instant::now();
+            let ms = |t: Instant| t.duration_since(t0).as_secs_f64() * 1e3;
+            let (g, acts5) = block5_forward(&block5, x4.clone());
+            let (logits, acts) = head_forward(&head, g.view(), None);
+            let (_, dlogits) = softmax_cross_entropy(logits.view(), &y);
+            let forward = ms(Instant::now());
+            let (dg, gh) = head_backward(&head, &acts, dlogits.view());
+            let head_ready = ms(Instant::now());
+            let mut ready = [0f64; 3];
+            let grads = block5_backward_each(&block5, &acts5, dg.view(), &mut |i, _| {
+                ready[2 - i] = ms(Instant::now())
+            });
+            let backward = ms(Instant::now());
+            // The update: one SGD step over as many floats as block5 + head
+            // (the copy into one buffer, which training does not make, is
+            // left out of the time).
+            let flat: Vec<f32> = gh
+                .tensors()
+                .iter()
+                .flat_map(|(_, t, _)| t.iter().copied())
+                .chain(grads.iter().flat_map(|g| g.dw.iter().chain(g.db.iter()).copied()))
+                .collect();
+            let tu = Instant::now();
+            sgd_momentum_step(&mut w, &mut v, &flat, 1e-4, 0.9);
+            let total = backward + tu.elapsed().as_secs_f64() * 1e3;
+            if first {
+                first = false; // warm-up: kernels prepared, buffers grown
+                continue;
+            }
+            runs.push([forward, head_ready, ready[0], ready[1], ready[2], backward, total]);
+        }
+        let median = |k: usize| {
+            let mut c: Vec<f64> = runs.iter().map(|r| r[k]).collect();
+            c.sort_by(f64::total_cmp);
+            c[c.len() / 2]
+        };
+        let total = median(6);
+        each(json!({
+            "bench": "step", "image_size": size, "batch": batch, "threads": threads,
+            "forward_ms": median(0),
+            "ready_ms": {"head": median(1), "block5_conv3": median(2), "block5_conv2": median(3), "block5_conv1": median(4)},
+            "backward_end_ms": median(5),
+            "total_ms": total,
+            "update_ms": total - median(5),
+            "images_per_s": batch as f64 / total * 1e3,
+            "gradient_floats": {"head": head.tensors().iter().map(|(_, t, _)| t.len()).sum::<usize>(),
+                                "block5_conv3": block5[2].w.len() + 512, "block5_conv2": block5[1].w.len() + 512,
+                                "block5_conv1": block5[0].w.len() + 512},
+            "runs": runs.len(),
+            "dispatch": Dispatch::global().describe(),
+            "cpu": cpu_model(),
+        }));
+    }
+    Ok(())
+}

@@ -147,8 +147,30 @@ fn two_ranks_equal_one_process_accumulating_two() {
         "mpirun -np 2",
     );
     assert!(err.contains("data parallel: MPI, 2 ranks"), "{err}");
+    // Each layer's gradients were summed while backward ran, every step.
+    assert!(
+        err.lines().any(|l| l.contains("stage 2 epoch 1: gradient exchange")
+            && l.contains("overlapped with backward")
+            && !l.contains(" 0 overlapped")),
+        "{err}"
+    );
     assert_eq!(history(Path::new(&one)), history(Path::new(&two)));
     same_weights(Path::new(&one), Path::new(&two));
+    // VGG16_OVERLAP=0: the whole gradient summed after backward; the same.
+    let three = p("three");
+    let err = ok(
+        mpirun(2, &train_args(&w, &c2, &three, "2"))
+            .env("VGG16_OVERLAP", "0")
+            .output()
+            .unwrap(),
+        "VGG16_OVERLAP=0 mpirun -np 2",
+    );
+    assert!(
+        err.contains("exchange after backward") && err.contains(" 0 overlapped"),
+        "{err}"
+    );
+    assert_eq!(history(Path::new(&one)), history(Path::new(&three)));
+    same_weights(Path::new(&one), Path::new(&three));
     // The caches the two ranks built in shards are the serial ones.
     for d in std::fs::read_dir(&c1).unwrap().flatten().filter(|d| d.path().is_dir()) {
         let other = Path::new(&c2).join(d.file_name());

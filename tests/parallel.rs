@@ -7,9 +7,19 @@ mod common;
 use common::*;
 use vgg16_cpu::data::cifar::{self, Split};
 use vgg16_cpu::features::{Features, Live};
-use vgg16_cpu::train::parallel::{part_rows, rank_rows, sum_in_rank_order, Collective, Threads};
+use vgg16_cpu::train::parallel::{part_rows, rank_rows, sum_in_rank_order, Collective, InTurn, Threads};
 use vgg16_cpu::train::recipe::{self as tr, Inputs, State};
-use vgg16_cpu::{Silent, StageConfig, TrainConfig};
+use vgg16_cpu::{Observer, StageConfig, TrainConfig};
+
+/// Keeps the info lines (the gradient exchange's summary per epoch).
+#[derive(Default)]
+struct Lines(Vec<String>);
+
+impl Observer for Lines {
+    fn info(&mut self, line: &str) {
+        self.0.push(line.to_string());
+    }
+}
 
 #[test]
 fn sum_in_rank_order_is_the_left_to_right_sum() {
@@ -109,7 +119,7 @@ fn ranks_reproduce_one_process_accumulating_as_many_parts() {
     // 33 records in batches of 8: the last batch has one row.
     let tidx: Vec<usize> = (0..33).collect();
     let eidx: Vec<usize> = (0..21).collect();
-    let run = |cfg: &TrainConfig, comm: &dyn Collective| -> State {
+    let run_seen = |cfg: &TrainConfig, comm: &dyn Collective| -> (State, Vec<String>) {
         let ftr = Live::new(&model, &train, 32, 33);
         let ffl = Live::new(&model, &flipped, 32, 33);
         let fte = Live::new(&model, &test, 32, 21);
@@ -122,9 +132,11 @@ fn ranks_reproduce_one_process_accumulating_as_many_parts() {
             test: None,
         };
         let mut s = State::new(&model, cfg);
-        tr::run_parallel(cfg, &inputs, &mut s, &mut |_| Ok(()), &mut Silent, comm).unwrap();
-        s
+        let mut seen = Lines::default();
+        tr::run_parallel(cfg, &inputs, &mut s, &mut |_| Ok(()), &mut seen, comm).unwrap();
+        (s, seen.0)
     };
+    let run = |cfg: &TrainConfig, comm: &dyn Collective| run_seen(cfg, comm).0;
     let weights = |s: &State| -> Vec<u32> {
         let mut v: Vec<u32> = s
             .block5
@@ -140,31 +152,80 @@ fn ranks_reproduce_one_process_accumulating_as_many_parts() {
         );
         v
     };
-    for ranks in [2usize, 3] {
-        let one = run(&config(ranks), &vgg16_cpu::train::parallel::Solo);
-        let cfg = config(1);
-        let states: Vec<State> = std::thread::scope(|s| {
-            let hs: Vec<_> = Threads::group(ranks)
-                .into_iter()
-                .map(|c| {
-                    let cfg = &cfg;
-                    let run = &run;
-                    s.spawn(move || run(cfg, &c))
-                })
-                .collect();
-            hs.into_iter().map(|h| h.join().unwrap()).collect()
-        });
-        for (r, st) in states.iter().enumerate() {
-            assert_eq!(
-                history_numbers(&st.history),
-                history_numbers(&one.history),
-                "{ranks} ranks, rank {r}: history differs from one process with --accumulate {ranks}"
-            );
-            assert!(
-                weights(st) == weights(&one),
-                "{ranks} ranks, rank {r}: weights differ from one process with --accumulate {ranks}"
-            );
-            assert_eq!(st.stage_results.len(), 2);
+    // (ranks, parts per rank). With K = 1, N ranks are one process with
+    // --accumulate N bit for bit. With K = 2 a rank adds its own two parts
+    // first ((p0 + p1) + (p2 + p3), not ((p0 + p1) + p2) + p3), so there
+    // the reference is the exchange after backward: the overlapped one
+    // (which adds the first part to each layer of the second as backward
+    // hands it over) must equal it bit for bit.
+    for (ranks, k) in [(2usize, 1usize), (3, 1), (2, 2)] {
+        let one = run(&config(ranks * k), &vgg16_cpu::train::parallel::Solo);
+        let cfg = config(k);
+        let mut in_turn: Vec<State> = vec![];
+        // The whole gradient summed after backward, then each layer's
+        // summed while backward runs (the default).
+        for overlap in [false, true] {
+            let runs: Vec<(State, Vec<String>)> = std::thread::scope(|s| {
+                let hs: Vec<_> = Threads::group(ranks)
+                    .into_iter()
+                    .map(|c| {
+                        let cfg = &cfg;
+                        let run_seen = &run_seen;
+                        s.spawn(move || {
+                            if overlap {
+                                run_seen(cfg, &c)
+                            } else {
+                                run_seen(cfg, &InTurn(c))
+                            }
+                        })
+                    })
+                    .collect();
+                hs.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            for (r, (st, lines)) in runs.iter().enumerate() {
+                let how = if overlap { "overlapped" } else { "after backward" };
+                let (want, what) = if k == 1 {
+                    (&one, format!("one process with --accumulate {ranks}"))
+                } else if overlap {
+                    (&in_turn[r], "the exchange after backward".to_string())
+                } else {
+                    (st, String::new())
+                };
+                assert_eq!(
+                    history_numbers(&st.history),
+                    history_numbers(&want.history),
+                    "{ranks} ranks x {k} parts ({how}), rank {r}: history differs from {what}"
+                );
+                assert!(
+                    weights(st) == weights(want),
+                    "{ranks} ranks x {k} parts ({how}), rank {r}: weights differ from {what}"
+                );
+                assert!(
+                    weights(st) == weights(&runs[0].0),
+                    "{ranks} ranks x {k} parts ({how}): rank {r}'s weights differ from rank 0's"
+                );
+                assert_eq!(st.stage_results.len(), 2);
+                // The path claimed was the path taken: every stage-2 step
+                // of a rank with rows overlapped, or none did.
+                let s2 = lines
+                    .iter()
+                    .find(|l| l.starts_with("stage 2 epoch 1: gradient exchange"))
+                    .unwrap_or_else(|| panic!("no exchange summary in {lines:?}"));
+                let steps = 33usize.div_ceil(8);
+                let want = if overlap {
+                    // The last batch has one row: only the last rank has it.
+                    format!(
+                        "({steps} steps, {} overlapped",
+                        if r == ranks - 1 { steps } else { steps - 1 }
+                    )
+                } else {
+                    format!("({steps} steps, 0 overlapped")
+                };
+                assert!(s2.contains(&want), "rank {r} ({how}): {s2:?} lacks {want:?}");
+            }
+            if !overlap {
+                in_turn = runs.into_iter().map(|(s, _)| s).collect();
+            }
         }
         // Training happened: block5 moved.
         assert_ne!(one.block5[2].w, model.convs[12].w);

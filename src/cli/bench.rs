@@ -21,6 +21,20 @@ pub enum BenchWhat {
         #[arg(long, default_value_t = 1)]
         batch: usize,
     },
+    /// One stage-2 training step (block5 + head forward, backward, SGD
+    /// update) per batch size, timed by phase, with the moment backward
+    /// hands over each layer's gradients (what data parallelism's
+    /// overlapped exchange works with).
+    Step {
+        #[command(flatten)]
+        common: BenchArgs,
+        /// Input image size (block5 runs at size / 16).
+        #[arg(long, default_value_t = 224)]
+        image_size: usize,
+        /// Batch sizes, comma-separated (per rank: 64 / ranks in the recipe).
+        #[arg(long, value_delimiter = ',', default_value = "4,8,16,32,64")]
+        batch: Vec<usize>,
+    },
     /// The input pipeline alone (read, decode, resize, preprocess) on a
     /// dataset's records: compare with the cache build's img/s.
     Input {
@@ -105,6 +119,22 @@ pub fn run(what: BenchWhat) -> Result<()> {
                 .ok_or_else(|| anyhow::anyhow!("--split '{split}': expected train or test"))?;
             let data = super::open_data(&source)?.load(split)?;
             println!("{}", vgg16_cpu::bench::bench_input(&data, limit, image_size, batch)?);
+            Ok(())
+        }),
+        BenchWhat::Step {
+            common,
+            image_size,
+            batch,
+        } => with_threads(common.threads, || {
+            if common.backend.is_some() {
+                bail!("bench step uses the default backend; --backend applies to bench gemm");
+            }
+            if batch.is_empty() || batch.contains(&0) {
+                bail!("--batch {batch:?}: give batch sizes of at least 1, comma-separated");
+            }
+            vgg16_cpu::bench::bench_step(image_size, &batch, Duration::from_secs_f64(common.min_time), |v| {
+                println!("{v}")
+            })?;
             Ok(())
         }),
         BenchWhat::Allreduce { floats, repeats } => {

@@ -55,13 +55,29 @@ pub fn block5_features(p: &[ConvParams], x4: ArrayView4<f32>) -> Array2<f32> {
 /// Backward from dG (B, 512) to block5's parameter gradients. conv5_3 and
 /// conv5_2 propagate dX; conv5_1, the lowest trainable layer, does not.
 pub fn block5_backward(p: &[ConvParams], acts: &Block5Acts, dg: ArrayView2<f32>) -> Vec<ConvGrads> {
+    block5_backward_each(p, acts, dg, &mut |_, _| {})
+}
+
+/// [`block5_backward`], handing each layer's gradients to `ready` as soon
+/// as they exist: conv5_3's (index 2) first, then conv5_2's, conv5_1's.
+/// Data parallelism sums a layer's gradients over ranks while the layers
+/// below it still run backward.
+pub fn block5_backward_each(
+    p: &[ConvParams],
+    acts: &Block5Acts,
+    dg: ArrayView2<f32>,
+    ready: &mut dyn FnMut(usize, &ConvGrads),
+) -> Vec<ConvGrads> {
     let dpool = gap_backward(dg, acts.pool_hw.0, acts.pool_hw.1);
     let dc3 = maxpool2x2_backward(dpool.view(), acts.arg.view(), acts.c3.dim());
     let dz3 = relu_backward(acts.c3.view(), dc3.view());
     let g3 = conv3x3_backward(acts.c2.view(), p[2].w.view(), dz3.view(), true);
+    ready(2, &g3);
     let dz2 = relu_backward(acts.c2.view(), g3.dx.as_ref().expect("asked for dx").view());
     let g2 = conv3x3_backward(acts.c1.view(), p[1].w.view(), dz2.view(), true);
+    ready(1, &g2);
     let dz1 = relu_backward(acts.c1.view(), g2.dx.as_ref().expect("asked for dx").view());
     let g1 = conv3x3_backward(acts.x4.view(), p[0].w.view(), dz1.view(), false);
+    ready(0, &g1);
     vec![g1, g2, g3]
 }

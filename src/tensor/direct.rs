@@ -121,6 +121,36 @@ impl PackedKernel {
         PackedKernel::with_taps(isa, b, 1)
     }
 
+    /// An all-zero GEMM right-hand matrix (K, N) in [`PackedKernel::gemm`]'s
+    /// layout, to be filled through [`PackedKernel::panels_mut`]: panel j
+    /// holds, row after row, the `nr` columns j*nr.. of each of the K rows.
+    pub fn gemm_zeroed(isa: Isa, k: usize, cout: usize) -> PackedKernel {
+        let nr = Geometry::of(isa).nr;
+        let len = cout.div_ceil(nr) * k * nr;
+        let buf = vec![0.0f32; len + 16];
+        let offset = buf.as_ptr().align_offset(64);
+        // The kernels' aligned loads depend on this (a 4-byte-aligned f32
+        // pointer always reaches 64 within 16 elements).
+        assert!(offset < 16, "cannot align the packed kernel");
+        PackedKernel {
+            buf,
+            offset,
+            isa,
+            k,
+            cout,
+            taps: 1,
+        }
+    }
+
+    /// The panels of a one-tap matrix ([`PackedKernel::gemm_zeroed`]), to
+    /// fill: each K rows of `nr` floats.
+    pub fn panels_mut(&mut self) -> std::slice::ChunksExactMut<'_, f32> {
+        assert_eq!(self.taps, 1, "panels_mut: a one-tap (GEMM) matrix only");
+        let nr = Geometry::of(self.isa).nr;
+        let len = self.panels() * self.k * nr;
+        self.buf[self.offset..self.offset + len].chunks_exact_mut((self.k * nr).max(1))
+    }
+
     fn with_taps(isa: Isa, w2: ArrayView2<f32>, taps: usize) -> PackedKernel {
         let Geometry { nr, kc, .. } = Geometry::of(isa);
         let (k, cout) = w2.dim();
@@ -128,14 +158,11 @@ impl PackedKernel {
             k % taps == 0,
             "PackedKernel: {k} rows is not {taps} taps of equal length"
         );
-        let panels = cout.div_ceil(nr);
-        let len = panels * k * nr;
-        let mut buf = vec![0.0f32; len + 16];
-        let offset = buf.as_ptr().align_offset(64);
-        // The kernels' aligned loads depend on this (a 4-byte-aligned f32
-        // pointer always reaches 64 within 16 elements).
-        assert!(offset < 16, "cannot align the packed kernel");
-        let data = &mut buf[offset..offset + len];
+        let mut packed = PackedKernel::gemm_zeroed(isa, k, cout);
+        packed.taps = taps;
+        let len = packed.panels() * k * nr;
+        let offset = packed.offset;
+        let data = &mut packed.buf[offset..offset + len];
         data.par_chunks_mut((k * nr).max(1)).enumerate().for_each(|(j, panel)| {
             let c0 = j * nr;
             let cols = nr.min(cout - c0);
@@ -155,14 +182,7 @@ impl PackedKernel {
                 }
             }
         });
-        PackedKernel {
-            buf,
-            offset,
-            isa,
-            k,
-            cout,
-            taps,
-        }
+        packed
     }
 
     /// Panels of `nr` columns.

@@ -90,55 +90,94 @@ pub struct WinogradKernel {
 
 impl WinogradKernel {
     /// Transforms a Keras kernel (3, 3, Cin, Cout): U = G g G^T per channel
-    /// pair, as (G g) then (G g) G^T, a row of Cout at a time (contiguous in
-    /// the Keras layout), in parallel over input channels; then packs the 36
-    /// matrices. Stage 2 re-transforms block5 after every SGD step, so this
-    /// is kept cheap (~10 ms for 512 x 512 on 2 cores).
+    /// pair, as (G g) then (G g) G^T, on `nr` output channels at a time
+    /// (contiguous in the Keras layout), written straight into the 36
+    /// packed GEMM matrices, in parallel over panels. Stage 2 re-transforms
+    /// block5 after every SGD step (five times a step: three forwards, two
+    /// dX), so this is kept cheap (`vgg16 bench step`).
     pub fn from_keras(isa: Isa, w: ArrayView4<f32>) -> WinogradKernel {
         let (kh, kw, cin, cout) = w.dim();
         assert_eq!((kh, kw), (3, 3), "winograd: kernel must be 3x3, is {kh}x{kw}");
         let w = w.as_standard_layout();
         let ws = w.as_slice().expect("standard layout");
-        // (Cin, XI, Cout): row ci holds U[xi][ci][..] for every xi.
-        let mut ux = vec![0.0f32; cin * XI * cout];
-        ux.par_chunks_mut((XI * cout).max(1))
-            .enumerate()
-            .for_each_init(Vec::new, |w1, (ci, u)| {
-                let g = |t: usize| &ws[(t * cin + ci) * cout..(t * cin + ci + 1) * cout];
-                // w1[i][b] = sum_a G[i][a] g[a][b]
-                w1.clear();
-                w1.resize(T * 3 * cout, 0.0f32);
-                for (i, gi) in G.iter().enumerate() {
-                    for b in 0..3 {
-                        let dst = &mut w1[(i * 3 + b) * cout..(i * 3 + b + 1) * cout];
-                        for (a, &c) in gi.iter().enumerate() {
-                            let c = c as f32;
-                            if c != 0.0 {
-                                dst.iter_mut().zip(g(a * 3 + b)).for_each(|(d, &v)| *d += c * v);
-                            }
-                        }
-                    }
-                }
-                // U[i][j] = sum_b w1[i][b] G[j][b]
-                for i in 0..T {
-                    for (j, gj) in G.iter().enumerate() {
-                        let dst = &mut u[(i * T + j) * cout..(i * T + j + 1) * cout];
-                        for (b, &c) in gj.iter().enumerate() {
-                            let c = c as f32;
-                            if c != 0.0 {
-                                let src = &w1[(i * 3 + b) * cout..(i * 3 + b + 1) * cout];
-                                dst.iter_mut().zip(src).for_each(|(d, &v)| *d += c * v);
-                            }
-                        }
-                    }
-                }
-            });
-        let ux = ndarray::ArrayView3::from_shape((cin, XI, cout), &ux).expect("sized");
-        let u = (0..XI)
-            .into_par_iter()
-            .map(|xi| PackedKernel::gemm(isa, ux.index_axis(ndarray::Axis(1), xi)))
-            .collect();
+        let nr = Geometry::of(isa).nr;
+        // The 36 packed matrices, filled in place: one job per panel of
+        // `nr` output channels writes that panel of all 36 (no U in
+        // between to copy from; the job's rows stay in L1).
+        let mut u: Vec<PackedKernel> = (0..XI).map(|_| PackedKernel::gemm_zeroed(isa, cin, cout)).collect();
+        let mut jobs: Vec<Vec<&mut [f32]>> = (0..cout.div_ceil(nr)).map(|_| Vec::with_capacity(XI)).collect();
+        for k in u.iter_mut() {
+            for (job, panel) in jobs.iter_mut().zip(k.panels_mut()) {
+                job.push(panel);
+            }
+        }
+        jobs.into_par_iter().enumerate().for_each(|(j, mut dst)| {
+            let c0 = j * nr;
+            let cols = nr.min(cout - c0);
+            match nr {
+                16 => transform_panel::<16>(ws, cin, cout, c0, cols, &mut dst),
+                32 => transform_panel::<32>(ws, cin, cout, c0, cols, &mut dst),
+                _ => unreachable!("panel width {nr}"),
+            }
+        });
         WinogradKernel { isa, cin, cout, u }
+    }
+}
+
+/// Fills panel `c0 / NR` (columns c0..c0+cols, cols <= NR) of the 36
+/// packed matrices `dst` with U = G g G^T of those output channels, for
+/// every input channel: row ci of matrix i*T + j gets U[i][j][ci][c0..].
+/// NR is the packing's panel width, fixed at compile time so the rows live
+/// in registers and the copies are plain vector moves.
+fn transform_panel<const NR: usize>(
+    ws: &[f32],
+    cin: usize,
+    cout: usize,
+    c0: usize,
+    cols: usize,
+    dst: &mut [&mut [f32]],
+) {
+    for ci in 0..cin {
+        let mut g = [[0.0f32; NR]; 9];
+        for (t, gt) in g.iter_mut().enumerate() {
+            let at = (t * cin + ci) * cout + c0;
+            if cols == NR {
+                gt.copy_from_slice(&ws[at..at + NR]);
+            } else {
+                gt[..cols].copy_from_slice(&ws[at..at + cols]);
+            }
+        }
+        // w1[i][b] = sum_a G[i][a] g[a][b]
+        let mut w1 = [[0.0f32; NR]; T * 3];
+        for (i, gi) in G.iter().enumerate() {
+            for b in 0..3 {
+                let d = &mut w1[i * 3 + b];
+                for (a, &c) in gi.iter().enumerate() {
+                    let c = c as f32;
+                    if c != 0.0 {
+                        d.iter_mut().zip(&g[a * 3 + b]).for_each(|(d, &v)| *d += c * v);
+                    }
+                }
+            }
+        }
+        // U[i][j] = sum_b w1[i][b] G[j][b]
+        for i in 0..T {
+            for (j, gj) in G.iter().enumerate() {
+                let mut u = [0.0f32; NR];
+                for (b, &c) in gj.iter().enumerate() {
+                    let c = c as f32;
+                    if c != 0.0 {
+                        u.iter_mut().zip(&w1[i * 3 + b]).for_each(|(d, &v)| *d += c * v);
+                    }
+                }
+                let row = &mut dst[i * T + j][ci * NR..(ci + 1) * NR];
+                if cols == NR {
+                    row.copy_from_slice(&u);
+                } else {
+                    row[..cols].copy_from_slice(&u[..cols]);
+                }
+            }
+        }
     }
 }
 

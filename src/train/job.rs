@@ -163,9 +163,14 @@ impl TrainJob {
         if comm.size() > 1 {
             let parts = comm.size() * cfg.accumulate;
             obs.info(&format!(
-                "data parallel: {}; each batch in {parts} parts ({} per rank), gradients summed in rank order",
+                "data parallel: {}; each batch in {parts} parts ({} per rank), gradients summed in rank order{}",
                 comm.describe(),
-                cfg.accumulate
+                cfg.accumulate,
+                if comm.overlap() {
+                    ", each layer's while the layers below run backward"
+                } else {
+                    ""
+                }
             ));
         } else if cfg.accumulate > 1 {
             obs.info(&format!(

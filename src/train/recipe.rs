@@ -16,14 +16,16 @@ use crate::config::{StageConfig, TrainConfig};
 use crate::error::{Error, Result};
 use crate::features::{logits_stage1, logits_stage2, Features};
 use crate::model::vgg::{ConvParams, Vgg16};
-use crate::model::{block5_backward, block5_forward, head_backward, head_forward, Head, Norm};
+use crate::model::{block5_backward_each, block5_forward, head_backward, head_forward, Head, Norm};
 use crate::observer::Observer;
 use crate::report::history::{EpochRecord, StageResult};
 use crate::report::metrics::loss_acc;
 use crate::tensor::conv::ConvGrads;
 use crate::tensor::ops::{argmax, softmax_cross_entropy, softmax_cross_entropy_smoothed};
 use crate::train::optim::sgd_momentum_step;
-use crate::train::parallel::{gather_rows, part_rows, rank_rows, sum_in_rank_order, Collective, Solo};
+use crate::train::parallel::{
+    gather_rows, part_rows, rank_rows, sum_in_rank_order, sum_segments, Collective, ExchangeClock, Solo,
+};
 use ndarray::Array2;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -343,7 +345,7 @@ fn train_epoch(
     let (mut loss_sum, mut correct, mut seen) = (0.0f64, 0usize, 0usize);
     let per_epoch = order.len().div_ceil(sc.batch_size.max(1));
     let parts = comm.size() * cfg.accumulate.max(1);
-    let mine = comm.rank() * cfg.accumulate.max(1)..(comm.rank() + 1) * cfg.accumulate.max(1);
+    let mut clock = ExchangeClock::default();
     for (bi, batch) in order.chunks(sc.batch_size.max(1)).enumerate() {
         let y: Vec<u8> = batch.iter().map(|&i| labels[i]).collect();
         let opt = Step {
@@ -357,57 +359,33 @@ fn train_epoch(
         };
         let (loss, right) = if parts == 1 {
             // The whole batch at once: the seed recipe, exactly.
-            let g = batch_grads(cfg, inputs, state, stage, batch, &flips, &y, 1.0, &mut drop_rng)?;
+            let g = batch_grads(
+                cfg,
+                inputs,
+                state,
+                stage,
+                batch,
+                &flips,
+                &y,
+                1.0,
+                &mut drop_rng,
+                &mut |_| {},
+            )?;
             opt.apply(state, &g.head, &g.conv);
             (g.loss, g.correct)
         } else {
-            // Parts r*K..(r+1)*K of the batch here, summed in order; then
-            // summed over ranks in rank order (train::parallel).
-            let mut acc: Option<(Vec<f32>, f32, f32)> = None;
-            for p in 0..parts {
-                let rows = part_rows(batch.len(), parts, p);
-                if !mine.contains(&p) {
-                    // Another rank's rows: draw their dropout masks anyway,
-                    // so this rank's draws are the ones one process makes.
-                    for _ in 0..state.head.dropout_draws(rows.len()) {
-                        rand::Rng::gen::<f32>(&mut drop_rng);
-                    }
-                    continue;
-                }
-                if rows.is_empty() {
-                    continue;
-                }
-                let scale = rows.len() as f32 / batch.len() as f32;
-                let g = batch_grads(
-                    cfg,
-                    inputs,
-                    state,
-                    stage,
-                    &batch[rows.clone()],
-                    &flips[rows.clone()],
-                    &y[rows.clone()],
-                    scale,
-                    &mut drop_rng,
-                )?;
-                let (l, c) = (g.loss * rows.len() as f32, g.correct as f32);
-                acc = Some(match acc {
-                    None => {
-                        let mut flat = Vec::new();
-                        flatten(&g.head, &g.conv, &mut flat);
-                        (flat, l, c)
-                    }
-                    Some((mut a, al, ac)) => {
-                        add_flat(&mut a, &g.head, &g.conv);
-                        (a, al + l, ac + c)
-                    }
-                });
-            }
-            // A rank whose parts were all empty (a last batch smaller than
-            // the part count) adds zeros.
-            let (mut flat, l, c) = acc.unwrap_or_else(|| (vec![0.0; grad_len(state, stage)], 0.0, 0.0));
-            flat.push(l);
-            flat.push(c);
-            sum_in_rank_order(comm, &mut flat)?;
+            let flat = step_parts(
+                cfg,
+                inputs,
+                state,
+                stage,
+                batch,
+                &flips,
+                &y,
+                &mut drop_rng,
+                comm,
+                &mut clock,
+            )?;
             let n = flat.len();
             opt.apply_flat(state, stage, &flat[..n - 2]);
             (flat[n - 2] / batch.len() as f32, flat[n - 1].round() as usize)
@@ -429,7 +407,243 @@ fn train_epoch(
         );
     }
     obs.end();
+    if let Some(line) = clock.summary() {
+        obs.info(&format!("stage {stage} epoch {epoch}: {line}"));
+    }
     Ok((loss_sum / seen.max(1) as f64, correct as f64 / seen.max(1) as f64))
+}
+
+/// One step's gradients over the parts of `batch` ([`part_rows`]): this
+/// rank's parts r*K..(r+1)*K computed one after another and summed in
+/// order, then summed over ranks in rank order (train::parallel). Returns
+/// the [`flatten`]ed sum with the summed loss (times rows) and correct
+/// count appended.
+///
+/// With [`Collective::overlap`], the rank's last part runs on a helper
+/// thread while this thread sums each gradient over ranks as soon as
+/// backward has produced it (the head's, then conv5_3's, conv5_2's,
+/// conv5_1's), so the exchange of the upper layers travels while the lower
+/// layers still compute. Every element is summed in the same order either
+/// way: the two are bit-identical.
+#[allow(clippy::too_many_arguments)]
+fn step_parts(
+    cfg: &TrainConfig,
+    inputs: &Inputs,
+    state: &State,
+    stage: u8,
+    batch: &[usize],
+    flips: &[bool],
+    y: &[u8],
+    drop_rng: &mut ChaCha8Rng,
+    comm: &dyn Collective,
+    clock: &mut ExchangeClock,
+) -> Result<Vec<f32>> {
+    let k = cfg.accumulate.max(1);
+    let parts = comm.size() * k;
+    let mine = comm.rank() * k..(comm.rank() + 1) * k;
+    let lay = Layout::of(state, stage);
+    let last_mine = mine
+        .clone()
+        .rev()
+        .find(|&p| !part_rows(batch.len(), parts, p).is_empty());
+    let overlap = comm.overlap();
+    let mut acc: Option<Vec<f32>> = None;
+    let mut summed: Option<Vec<f32>> = None;
+    for p in 0..parts {
+        let rows = part_rows(batch.len(), parts, p);
+        if !mine.contains(&p) {
+            // Another rank's rows: draw their dropout masks anyway, so this
+            // rank's draws are the ones one process makes.
+            for _ in 0..state.head.dropout_draws(rows.len()) {
+                rand::Rng::gen::<f32>(drop_rng);
+            }
+            continue;
+        }
+        if rows.is_empty() {
+            continue;
+        }
+        let scale = rows.len() as f32 / batch.len() as f32;
+        let (b, f, yy) = (&batch[rows.clone()], &flips[rows.clone()], &y[rows.clone()]);
+        if overlap && Some(p) == last_mine {
+            summed = Some(overlapped(
+                &lay,
+                acc.take(),
+                comm,
+                clock,
+                |ready: &mut dyn FnMut(Ready)| batch_grads(cfg, inputs, state, stage, b, f, yy, scale, drop_rng, ready),
+            )?);
+            continue;
+        }
+        let g = batch_grads(cfg, inputs, state, stage, b, f, yy, scale, drop_rng, &mut |_| {})?;
+        let (l, c) = (g.loss * rows.len() as f32, g.correct as f32);
+        match acc.as_mut() {
+            None => {
+                let mut flat = Vec::with_capacity(lay.len + 2);
+                flatten(&g.head, &g.conv, &mut flat);
+                flat.extend([l, c]);
+                acc = Some(flat);
+            }
+            Some(a) => {
+                add_flat(a, &g.head, &g.conv);
+                a[lay.len] += l;
+                a[lay.len + 1] += c;
+            }
+        }
+    }
+    if let Some(flat) = summed {
+        return Ok(flat);
+    }
+    // A rank whose parts were all empty (a last batch smaller than the part
+    // count) adds zeros.
+    let mut flat = acc.unwrap_or_else(|| vec![0.0; lay.len + 2]);
+    let t0 = Instant::now();
+    if overlap {
+        // The others sum segment by segment: the same calls, in order.
+        let mut k = 0;
+        let (segs, _) = sum_segments(comm, lay.segments(), || {
+            k += 1;
+            Some(lay.segment(k - 1, &flat))
+        })?;
+        let segs = segs.expect("every segment given");
+        for (k, seg) in segs.iter().enumerate() {
+            lay.place(k, seg, &mut flat);
+        }
+    } else {
+        sum_in_rank_order(comm, &mut flat)?;
+    }
+    if comm.size() > 1 {
+        clock.add(t0.elapsed(), t0.elapsed(), false);
+    }
+    Ok(flat)
+}
+
+/// The last part of a step with its exchange overlapped ([`step_parts`]):
+/// `grads` (the part's [`batch_grads`], handing over each gradient as it
+/// is ready) runs on a helper thread; this thread adds each gradient to
+/// the earlier parts' sum `acc` and sums it over ranks.
+fn overlapped<F>(
+    lay: &Layout,
+    acc: Option<Vec<f32>>,
+    comm: &dyn Collective,
+    clock: &mut ExchangeClock,
+    grads: F,
+) -> Result<Vec<f32>>
+where
+    F: FnOnce(&mut dyn FnMut(Ready)) -> Result<Grads> + Send,
+{
+    let mut flat = vec![0.0f32; lay.len + 2];
+    std::thread::scope(|s| -> Result<()> {
+        let (tx, rx) = std::sync::mpsc::channel::<Vec<f32>>();
+        let acc = &acc;
+        let worker = s.spawn(move || -> Result<Instant> {
+            let mut seg = 0;
+            grads(&mut |r: Ready| {
+                // This part's gradient, plus the earlier parts' sum.
+                let mut m = Vec::with_capacity(lay.segment_len(seg));
+                match r {
+                    Ready::Head(head, loss, correct, rows) => {
+                        for (_, t, _) in head.tensors() {
+                            m.extend_from_slice(t);
+                        }
+                        m.extend([loss * rows as f32, correct as f32]);
+                    }
+                    Ready::Conv(g) => {
+                        m.extend_from_slice(g.dw.as_slice().expect("owned"));
+                        m.extend_from_slice(g.db.as_slice().expect("owned"));
+                    }
+                }
+                if let Some(a) = acc {
+                    for (x, e) in m.iter_mut().zip(lay.segment(seg, a)) {
+                        *x += e; // = e + x: IEEE addition commutes, bit for bit
+                    }
+                }
+                seg += 1;
+                // A closed channel means this thread's caller has failed;
+                // its error is the one to report.
+                let _ = tx.send(m);
+            })?;
+            Ok(Instant::now())
+        });
+        let summed = sum_segments(comm, lay.segments(), || rx.recv().ok());
+        let t1 = Instant::now();
+        let computed = worker.join().expect("the gradient thread panicked")?;
+        let (segs, busy) = summed?;
+        let segs = segs.ok_or_else(|| Error::Config("backward ended before handing over every gradient".into()))?;
+        for (k, seg) in segs.iter().enumerate() {
+            lay.place(k, seg, &mut flat);
+        }
+        clock.add(busy, t1.saturating_duration_since(computed), true);
+        Ok(())
+    })?;
+    Ok(flat)
+}
+
+/// Where each gradient sits in the [`flatten`]ed buffer (the head's
+/// tensors, then each block5 layer's dW and db, then loss and correct
+/// count), and the segments the overlapped exchange sums in backward's
+/// order: segment 0 the head with loss and count, then conv5_3, conv5_2,
+/// conv5_1.
+struct Layout {
+    head: usize,
+    conv: Vec<std::ops::Range<usize>>,
+    /// Gradient floats, without the two counts.
+    len: usize,
+}
+
+impl Layout {
+    fn of(state: &State, stage: u8) -> Layout {
+        let head: usize = state.head.tensors().iter().map(|(_, t, _)| t.len()).sum();
+        let mut at = head;
+        let conv: Vec<_> = if stage == 2 {
+            state
+                .block5
+                .iter()
+                .map(|p| {
+                    at += p.w.len() + p.b.len();
+                    at - p.w.len() - p.b.len()..at
+                })
+                .collect()
+        } else {
+            vec![]
+        };
+        Layout { head, conv, len: at }
+    }
+
+    fn segments(&self) -> usize {
+        1 + self.conv.len()
+    }
+
+    /// Block5 layer of segment k >= 1 (conv5_3 first).
+    fn layer(&self, k: usize) -> std::ops::Range<usize> {
+        self.conv[self.conv.len() - k].clone()
+    }
+
+    fn segment_len(&self, k: usize) -> usize {
+        if k == 0 {
+            self.head + 2
+        } else {
+            self.layer(k).len()
+        }
+    }
+
+    /// Segment k of a flattened buffer (with its counts), as a copy.
+    fn segment(&self, k: usize, flat: &[f32]) -> Vec<f32> {
+        if k == 0 {
+            [&flat[..self.head], &flat[self.len..self.len + 2]].concat()
+        } else {
+            flat[self.layer(k)].to_vec()
+        }
+    }
+
+    /// Writes segment k back into a flattened buffer.
+    fn place(&self, k: usize, seg: &[f32], flat: &mut [f32]) {
+        if k == 0 {
+            flat[..self.head].copy_from_slice(&seg[..self.head]);
+            flat[self.len..self.len + 2].copy_from_slice(&seg[self.head..]);
+        } else {
+            flat[self.layer(k)].copy_from_slice(seg);
+        }
+    }
 }
 
 /// Gradients of one batch (or part of one): the head's, block5's in
@@ -441,9 +655,17 @@ struct Grads {
     correct: usize,
 }
 
+/// A gradient [`batch_grads`] has just computed, in backward's order.
+enum Ready<'g> {
+    /// The head's, with the part's mean loss, correct count and rows.
+    Head(&'g Head, f32, usize, usize),
+    /// A block5 layer's: conv5_3's first, then conv5_2's, conv5_1's.
+    Conv(&'g ConvGrads),
+}
+
 /// Forward and backward over `batch` (rows `y`, views `flips`), the loss
 /// gradient scaled by `scale` (a part's share of its batch; 1 for a whole
-/// batch).
+/// batch); each gradient is also handed to `ready` as soon as it exists.
 #[allow(clippy::too_many_arguments)]
 fn batch_grads(
     cfg: &TrainConfig,
@@ -455,6 +677,7 @@ fn batch_grads(
     y: &[u8],
     scale: f32,
     drop_rng: &mut ChaCha8Rng,
+    ready: &mut dyn FnMut(Ready),
 ) -> Result<Grads> {
     let loss_fn = |logits: &Array2<f32>, y: &[u8]| {
         let (l, mut d) = if cfg.label_smoothing > 0.0 {
@@ -468,27 +691,33 @@ fn batch_grads(
         (l, d)
     };
     let (plain, mirror) = (inputs.train, inputs.train_flipped.unwrap_or(inputs.train));
-    let (loss, logits, head, conv) = if stage == 1 {
+    let count = |logits: &Array2<f32>| {
+        logits
+            .rows()
+            .into_iter()
+            .zip(y)
+            .filter(|(r, &t)| argmax(r.as_slice().expect("row")) == t as usize)
+            .count()
+    };
+    let (loss, correct, head, conv) = if stage == 1 {
         let g = mixed(batch, flips, |b| plain.gap(b), |b| mirror.gap(b))?;
         let (logits, acts) = head_forward(&state.head, g.view(), Some(drop_rng));
         let (loss, dlogits) = loss_fn(&logits, y);
+        let correct = count(&logits);
         let (_, gh) = head_backward(&state.head, &acts, dlogits.view());
-        (loss, logits, gh, vec![])
+        ready(Ready::Head(&gh, loss, correct, y.len()));
+        (loss, correct, gh, vec![])
     } else {
         let x4 = mixed(batch, flips, |b| plain.block4(b), |b| mirror.block4(b))?;
         let (g, b5) = block5_forward(&state.block5, x4);
         let (logits, acts) = head_forward(&state.head, g.view(), Some(drop_rng));
         let (loss, dlogits) = loss_fn(&logits, y);
+        let correct = count(&logits);
         let (dg, gh) = head_backward(&state.head, &acts, dlogits.view());
-        let gconv = block5_backward(&state.block5, &b5, dg.view());
-        (loss, logits, gh, gconv)
+        ready(Ready::Head(&gh, loss, correct, y.len()));
+        let gconv = block5_backward_each(&state.block5, &b5, dg.view(), &mut |_, g| ready(Ready::Conv(g)));
+        (loss, correct, gh, gconv)
     };
-    let correct = logits
-        .rows()
-        .into_iter()
-        .zip(y)
-        .filter(|(r, &t)| argmax(r.as_slice().expect("row")) == t as usize)
-        .count();
     Ok(Grads {
         head,
         conv,
@@ -525,13 +754,6 @@ fn add_flat(flat: &mut [f32], head: &Head, conv: &[ConvGrads]) {
         add(g.dw.as_slice().expect("owned"));
         add(g.db.as_slice().expect("owned"));
     }
-}
-
-/// Length of the [`flatten`]ed gradients of a stage.
-fn grad_len(state: &State, stage: u8) -> usize {
-    let head: usize = state.head.tensors().iter().map(|(_, t, _)| t.len()).sum();
-    let conv: usize = state.block5.iter().map(|p| p.w.len() + p.b.len()).sum();
-    head + if stage == 2 { conv } else { 0 }
 }
 
 /// One SGD step's settings: the scheduled rate, momentum, weight decay.
