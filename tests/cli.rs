@@ -345,3 +345,63 @@ fn weights_fetch_keeps_verified_weights() {
     assert!(err.contains("already present and verified"), "{err}");
     assert_eq!(std::fs::metadata(&w).unwrap().modified().unwrap(), before);
 }
+
+/// `vgg16 bench step`: one JSON line per batch size, its times in the
+/// order a step runs them, the gradient segments adding up to the
+/// trainable parameters; bad batch lists refused.
+#[test]
+fn bench_step_reports_the_phases_in_order() {
+    let out = vgg16(&[
+        "bench",
+        "step",
+        "--image-size",
+        "32",
+        "--batch",
+        "1,3",
+        "--min-time",
+        "0",
+        "--threads",
+        "1",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    for (v, batch) in lines.iter().zip([1u64, 3]) {
+        assert_eq!(v["bench"], "step");
+        assert_eq!(v["batch"], batch);
+        let f = |k: &str| v[k].as_f64().unwrap_or_else(|| panic!("{k} in {v}"));
+        let r = |k: &str| {
+            v["ready_ms"][k]
+                .as_f64()
+                .unwrap_or_else(|| panic!("ready_ms.{k} in {v}"))
+        };
+        let order = [
+            f("forward_ms"),
+            r("head"),
+            r("block5_conv3"),
+            r("block5_conv2"),
+            r("block5_conv1"),
+            f("backward_end_ms"),
+            f("total_ms"),
+        ];
+        assert!(order[0] > 0.0 && order.windows(2).all(|w| w[0] <= w[1]), "{v}");
+        assert!(
+            (f("total_ms") - f("backward_end_ms") - f("update_ms")).abs() < 1e-6,
+            "{v}"
+        );
+        let floats: u64 = ["head", "block5_conv3", "block5_conv2", "block5_conv1"]
+            .iter()
+            .map(|k| v["gradient_floats"][k].as_u64().unwrap())
+            .sum();
+        assert_eq!(floats, 7_084_554, "block5 + the 10-class head");
+    }
+    for bad in ["0", "4,0"] {
+        let out = vgg16(&["bench", "step", "--batch", bad, "--min-time", "0"]);
+        assert!(!out.status.success());
+        assert!(String::from_utf8_lossy(&out.stderr).contains("--batch"), "{bad}");
+    }
+}
