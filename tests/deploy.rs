@@ -292,6 +292,19 @@ fn history_plot_and_comparison() {
     );
     assert!(md.contains("activation cache"));
     assert_eq!(js["stages"][1]["test_accuracy"], 0.744);
+    // A stage of 0 epochs (`--stage2-epochs 0`) shows no time or rate,
+    // not "-0.0" and "NaN".
+    let none = [StageResult {
+        epochs: 0,
+        seconds: -0.0,
+        images_per_second: f64::NAN,
+        ..stages[1].clone()
+    }];
+    let (md, _) = vgg16_cpu::report::comparison::comparison(1.0, true, &none, 2.0);
+    assert!(
+        md.contains("| stage 2: fine-tuning (block5 + head) | 0.7440 | 0.7800 | 0 | - | - |"),
+        "{md}"
+    );
 }
 
 #[test]

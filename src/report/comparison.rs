@@ -25,9 +25,16 @@ pub fn comparison(
         } else {
             "stage 2: fine-tuning (block5 + head)"
         };
+        // A stage run for 0 epochs (e.g. `--stage2-epochs 0`) trained
+        // nothing: no time or rate to show.
+        let (secs, rate) = if r.epochs == 0 {
+            ("-".to_string(), "-".to_string())
+        } else {
+            (format!("{:.1}", r.seconds), format!("{:.0}", r.images_per_second))
+        };
         md.push_str(&format!(
-            "| {name} | {:.4} | {:.4} | {} | {:.1} | {:.0} |\n",
-            r.test_accuracy, r.test_loss, r.epochs, r.seconds, r.images_per_second
+            "| {name} | {:.4} | {:.4} | {} | {secs} | {rate} |\n",
+            r.test_accuracy, r.test_loss, r.epochs
         ));
     }
     md.push_str(&format!("| total | | | | {total_seconds:.1} | |\n"));
