@@ -5,7 +5,7 @@
 //! GAP features (B, 512).
 
 use crate::model::vgg::ConvParams;
-use crate::tensor::conv::{conv3x3_backward, conv3x3_forward, ConvGrads};
+use crate::tensor::conv::{conv3x3_backward, conv3x3_forward, conv3x3_forward_step, ConvGrads};
 use crate::tensor::ops::{
     gap_backward, gap_forward, maxpool2x2_backward, maxpool2x2_forward, maxpool2x2_infer, relu_backward,
 };
@@ -25,9 +25,9 @@ pub struct Block5Acts {
 /// backward needs.
 pub fn block5_forward(p: &[ConvParams], x4: Array4<f32>) -> (Array2<f32>, Block5Acts) {
     assert_eq!(p.len(), 3, "block5 has three convs");
-    let c1 = conv3x3_forward(x4.view(), p[0].w.view(), Some(p[0].b.view()), true);
-    let c2 = conv3x3_forward(c1.view(), p[1].w.view(), Some(p[1].b.view()), true);
-    let c3 = conv3x3_forward(c2.view(), p[2].w.view(), Some(p[2].b.view()), true);
+    let c1 = conv3x3_forward_step(x4.view(), p[0].w.view(), Some(p[0].b.view()), true);
+    let c2 = conv3x3_forward_step(c1.view(), p[1].w.view(), Some(p[1].b.view()), true);
+    let c3 = conv3x3_forward_step(c2.view(), p[2].w.view(), Some(p[2].b.view()), true);
     let (pool, arg) = maxpool2x2_forward(c3.view());
     let g = gap_forward(pool.view());
     let pool_hw = (pool.dim().1, pool.dim().2);

@@ -99,15 +99,44 @@ fn dims(x: &ArrayView4<f32>, w: &ArrayView4<f32>) -> (usize, usize, usize, usize
 }
 
 /// Forward: `x` (N, H, W, Cin) * `w` (3, 3, Cin, Cout) + `bias` (Cout),
-/// then ReLU when `relu`. Returns (N, H, W, Cout).
+/// then ReLU when `relu`. Returns (N, H, W, Cout). The path is the
+/// dispatch's for the layer's shape ([`Dispatch::path`]), whatever the
+/// batch, so an image gets the same numbers in any batch (inference:
+/// `evaluate`, `predict`, the stage-end test).
 pub fn conv3x3_forward(
     x: ArrayView4<f32>,
     w: ArrayView4<f32>,
     bias: Option<ArrayView1<f32>>,
     relu: bool,
 ) -> Array4<f32> {
-    let (n, h, wd, cin, cout) = dims(&x, &w);
-    let path = Dispatch::global().path(ConvAlgo::Auto, h, wd, cin);
+    let (_, h, wd, cin, _) = dims(&x, &w);
+    conv3x3_forward_on(Dispatch::global().path(ConvAlgo::Auto, h, wd, cin), x, w, bias, relu)
+}
+
+/// [`conv3x3_forward`] for one training step (block5's forward and dX,
+/// whose weights change every step): the path also looks at the batch
+/// ([`Dispatch::path_unprepared`]), since the kernel is transformed for
+/// this call alone; a small part of a batch (data parallelism,
+/// `--accumulate`) then skips Winograd's fixed cost.
+pub fn conv3x3_forward_step(
+    x: ArrayView4<f32>,
+    w: ArrayView4<f32>,
+    bias: Option<ArrayView1<f32>>,
+    relu: bool,
+) -> Array4<f32> {
+    let (n, h, wd, cin, _) = dims(&x, &w);
+    let path = Dispatch::global().path_unprepared(ConvAlgo::Auto, n, h, wd, cin);
+    conv3x3_forward_on(path, x, w, bias, relu)
+}
+
+fn conv3x3_forward_on(
+    path: ConvPath,
+    x: ArrayView4<f32>,
+    w: ArrayView4<f32>,
+    bias: Option<ArrayView1<f32>>,
+    relu: bool,
+) -> Array4<f32> {
+    let (n, h, wd, _, cout) = dims(&x, &w);
     if let Some(k) = PreparedKernel::new(path, w) {
         return conv3x3_forward_prepared(x, &k, bias, relu);
     }
@@ -620,7 +649,7 @@ pub fn conv3x3_backward(x: ArrayView4<f32>, w: ArrayView4<f32>, dz: ArrayView4<f
         }
         None => {
             let wt = flip_kernel(w);
-            conv3x3_forward(dz_std.view(), wt.view(), None, false)
+            conv3x3_forward_step(dz_std.view(), wt.view(), None, false)
         }
     });
     ConvGrads { dw, db, dx }

@@ -142,6 +142,12 @@ pub enum DispatchError {
     UnknownConv(String),
 }
 
+/// Fewest 4x4 output tiles for which a call that transforms its own
+/// kernel takes Winograd under Auto ([`Dispatch::path_unprepared`]): 8
+/// images at 14x14 (128 tiles) stay on the direct kernel, 16 (256) take
+/// Winograd.
+pub const WINOGRAD_MIN_TILES: usize = 192;
+
 /// The engine's choices for this process: ISA of the direct kernel and the
 /// algorithm for images larger than [`SMALL_SIDE`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -220,6 +226,26 @@ impl Dispatch {
                 // measured 0.7x of im2col + GEMM (BENCHMARKS.md section 7).
                 Isa::Avx2 | Isa::Generic => ConvPath::Im2col,
             },
+        }
+    }
+
+    /// [`Dispatch::path`] for one call that transforms its kernel for
+    /// itself (training, whose weights change every step: block5's forward
+    /// and dX; an unprepared `conv3x3_forward`). Winograd's kernel
+    /// transform and the reads of the 4x larger transformed kernel cost the
+    /// same whatever the batch, so under [`WINOGRAD_MIN_TILES`] output
+    /// tiles in the call Auto takes the direct kernel instead (measured on
+    /// AVX2 at 14x14, `vgg16 bench step`: 4 images 368 ms a step direct
+    /// against 470 Winograd, 16 images 1,208 against 1,026; BENCHMARKS.md
+    /// 10.1). A forced `VGG16_CONV` is kept as it is.
+    pub fn path_unprepared(&self, algo: ConvAlgo, n: usize, h: usize, w: usize, cin: usize) -> ConvPath {
+        let p = self.path(algo, h, w, cin);
+        let auto = algo == ConvAlgo::Auto && self.conv == ConvAlgo::Auto;
+        match p {
+            ConvPath::Winograd(isa) if auto && n * h.div_ceil(4) * w.div_ceil(4) < WINOGRAD_MIN_TILES => {
+                ConvPath::Direct(isa)
+            }
+            p => p,
         }
     }
 
@@ -348,6 +374,30 @@ mod tests {
                 Isa::Avx2 => assert_eq!((auto, rgb), (ConvPath::Winograd(isa), ConvPath::Im2col)),
                 Isa::Avx512 => assert_eq!((auto, rgb), (ConvPath::Winograd(isa), ConvPath::Direct(isa))),
             }
+            // A call that transforms its own kernel: Winograd only with
+            // enough tiles to pay for the transform; forced paths kept.
+            let small = d.path_unprepared(ConvAlgo::Auto, 8, 14, 14, 512);
+            let big = d.path_unprepared(ConvAlgo::Auto, 16, 14, 14, 512);
+            match isa {
+                Isa::Generic => assert_eq!((small, big), (ConvPath::Im2col, ConvPath::Im2col)),
+                _ => assert_eq!((small, big), (ConvPath::Direct(isa), ConvPath::Winograd(isa))),
+            }
+            assert_eq!(
+                d.path_unprepared(ConvAlgo::Auto, 1, 56, 56, 256),
+                d.path(ConvAlgo::Auto, 56, 56, 256)
+            );
+            assert_eq!(
+                d.path_unprepared(ConvAlgo::Winograd, 1, 14, 14, 512),
+                ConvPath::Winograd(isa)
+            );
+            let forced = Dispatch {
+                isa,
+                conv: ConvAlgo::Winograd,
+            };
+            assert_eq!(
+                forced.path_unprepared(ConvAlgo::Auto, 1, 14, 14, 512),
+                ConvPath::Winograd(isa)
+            );
             // A forced algorithm is what Auto resolves to.
             let f = Dispatch {
                 isa,
