@@ -21,6 +21,9 @@ pub struct StageConfig {
     /// Steps of linear warm-up at the start of the stage, in epochs.
     #[serde(default)]
     pub warmup_epochs: usize,
+    /// Label smoothing of this stage's cross-entropy targets (0: none).
+    #[serde(default)]
+    pub label_smoothing: f64,
 }
 
 impl StageConfig {
@@ -34,6 +37,7 @@ impl StageConfig {
             weight_decay: 0.0,
             schedule: Schedule::Constant,
             warmup_epochs: 0,
+            label_smoothing: 0.0,
         }
     }
 
@@ -104,9 +108,12 @@ pub struct TrainConfig {
     /// front of the head; folded into the saved head's first Dense).
     #[serde(default)]
     pub standardize: bool,
-    /// Label smoothing of the cross-entropy targets (0: none).
-    #[serde(default)]
-    pub label_smoothing: f64,
+    /// Files written before label smoothing was set per stage (see
+    /// [`StageConfig::label_smoothing`]) held one value for both stages
+    /// here. Read, never written: [`TrainConfig::upgrade`] moves it into
+    /// the stages.
+    #[serde(default, rename = "label_smoothing", skip_serializing)]
+    pub legacy_label_smoothing: Option<f64>,
     /// At the end of each stage, go back to the epoch with the best
     /// validation accuracy (needs --validation-split: never the test set).
     #[serde(default)]
@@ -149,7 +156,7 @@ impl TrainConfig {
             validation_split: None,
             recipe: seed_name(),
             standardize: false,
-            label_smoothing: 0.0,
+            legacy_label_smoothing: None,
             restore_best: false,
             flip: false,
             accumulate: 1,
@@ -171,15 +178,31 @@ impl TrainConfig {
         stage2.weight_decay = 5e-4;
         stage2.schedule = Schedule::Cosine;
         stage2.warmup_epochs = 1;
+        for sc in [&mut stage1, &mut stage2] {
+            sc.label_smoothing = 0.1;
+        }
         TrainConfig {
             stage1,
             stage2,
             recipe: "tuned".into(),
             standardize: true,
-            label_smoothing: 0.1,
             flip: true,
             ..TrainConfig::recipe(image_size, classes)
         }
+    }
+
+    /// A configuration read from a file written by an earlier version, in
+    /// today's form: one label smoothing for both stages becomes each
+    /// stage's (unless the file also set the stage's own).
+    pub fn upgrade(mut self) -> TrainConfig {
+        if let Some(ls) = self.legacy_label_smoothing.take() {
+            for sc in [&mut self.stage1, &mut self.stage2] {
+                if sc.label_smoothing == 0.0 {
+                    sc.label_smoothing = ls;
+                }
+            }
+        }
+        self
     }
 
     /// Settings that cannot train, named as the command line spells them.
@@ -197,6 +220,12 @@ impl TrainConfig {
             }
             if !sc.weight_decay.is_finite() || !(0.0..1.0).contains(&sc.weight_decay) {
                 crate::config_bail!("--stage{stage}-weight-decay {}: must be in [0, 1)", sc.weight_decay);
+            }
+            if !sc.label_smoothing.is_finite() || !(0.0..1.0).contains(&sc.label_smoothing) {
+                crate::config_bail!(
+                    "--stage{stage}-label-smoothing {}: must be in [0, 1)",
+                    sc.label_smoothing
+                );
             }
             if sc.warmup_epochs > sc.epochs {
                 crate::config_bail!(
@@ -235,14 +264,44 @@ impl TrainConfig {
                 crate::config_bail!("--validation-split {f}: must be in [0, 1)");
             }
         }
-        if !self.label_smoothing.is_finite() || !(0.0..1.0).contains(&self.label_smoothing) {
-            crate::config_bail!("--label-smoothing {}: must be in [0, 1)", self.label_smoothing);
-        }
         if self.restore_best && self.validation_split.is_some_and(|f| f <= 0.0) {
             crate::config_bail!(
                 "--restore-best needs --validation-split F > 0: the best epoch is chosen on held-out training records, never on the test set"
             );
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A file from before per-stage label smoothing: one top-level value
+    /// for both stages, read into each; written back per stage only.
+    #[test]
+    fn one_label_smoothing_for_both_stages_is_read_into_each() {
+        let mut v = serde_json::to_value(TrainConfig::tuned(32, 10)).unwrap();
+        assert!(v.get("label_smoothing").is_none(), "{v}");
+        for k in ["stage1", "stage2"] {
+            assert_eq!(v[k]["label_smoothing"].as_f64(), Some(0.1), "{v}");
+            v[k].as_object_mut().unwrap().remove("label_smoothing");
+        }
+        v["label_smoothing"] = serde_json::json!(0.25);
+        let c: TrainConfig = serde_json::from_value(v).unwrap();
+        let c = c.upgrade();
+        assert_eq!((c.stage1.label_smoothing, c.stage2.label_smoothing), (0.25, 0.25));
+        assert_eq!(c.legacy_label_smoothing, None);
+        // A stage's own value wins over the old shared one.
+        let mut v = serde_json::to_value(TrainConfig::recipe(32, 10)).unwrap();
+        v["stage2"]["label_smoothing"] = serde_json::json!(0.05);
+        v["label_smoothing"] = serde_json::json!(0.3);
+        let c = serde_json::from_value::<TrainConfig>(v).unwrap().upgrade();
+        assert_eq!((c.stage1.label_smoothing, c.stage2.label_smoothing), (0.3, 0.05));
+        // Out of range, per stage, named as the flag.
+        let mut c = TrainConfig::recipe(32, 10);
+        c.stage2.label_smoothing = 1.0;
+        let e = c.check().unwrap_err().to_string();
+        assert!(e.contains("--stage2-label-smoothing 1"), "{e}");
     }
 }

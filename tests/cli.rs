@@ -159,6 +159,10 @@ fn train_run_directory_cache_commands_and_resume() {
             "0.0001",
             "--stage2-batch-size",
             "16",
+            "--label-smoothing",
+            "0.2",
+            "--stage1-label-smoothing",
+            "0",
             "--cache-dir",
             cache.to_str().unwrap(),
             "--out",
@@ -187,6 +191,10 @@ fn train_run_directory_cache_commands_and_resume() {
     assert!(rows[0].starts_with("1,1,") && rows[1].starts_with("2,1,"), "{hist}");
     let m: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
+    // --label-smoothing sets both stages, --stage1-label-smoothing then stage 1's.
+    assert_eq!(m["config"]["stage1"]["label_smoothing"].as_f64(), Some(0.0), "{m}");
+    assert_eq!(m["config"]["stage2"]["label_smoothing"].as_f64(), Some(0.2), "{m}");
+    assert!(m["config"].get("label_smoothing").is_none(), "{m}");
     for k in ["stage1", "stage2"] {
         let a = m[k]["test_accuracy"].as_f64().unwrap();
         assert!((0.0..=1.0).contains(&a), "{m}");

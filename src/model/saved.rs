@@ -169,8 +169,9 @@ impl SavedModel {
             ));
         }
         let raw: Array1<u8> = npz.raw("meta")?;
-        let meta: ModelMeta = serde_json::from_slice(raw.as_slice().unwrap_or_default())
+        let mut meta: ModelMeta = serde_json::from_slice(raw.as_slice().unwrap_or_default())
             .map_err(|e| bad(format!("'meta' is not valid model metadata ({e})")))?;
+        meta.config = meta.config.map(TrainConfig::upgrade);
         if meta.format != FORMAT || meta.format_version != FORMAT_VERSION {
             return Err(bad(format!(
                 "model format {} version {}, this program reads {FORMAT} version {FORMAT_VERSION}",

@@ -114,8 +114,9 @@ fn read_meta(dir: &Path) -> Result<CheckpointMeta> {
     let jp = dir.join("checkpoint.json");
     let text =
         std::fs::read_to_string(&jp).map_err(|e| Error::invalid(&jp, format!("no checkpoint to resume from ({e})")))?;
-    let meta: CheckpointMeta =
+    let mut meta: CheckpointMeta =
         serde_json::from_str(&text).map_err(|e| Error::invalid(&jp, format!("not a checkpoint ({e})")))?;
+    meta.config = meta.config.upgrade();
     if meta.format_version != CHECKPOINT_VERSION {
         return Err(Error::invalid(
             &jp,

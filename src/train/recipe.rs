@@ -680,8 +680,9 @@ fn batch_grads(
     ready: &mut dyn FnMut(Ready),
 ) -> Result<Grads> {
     let loss_fn = |logits: &Array2<f32>, y: &[u8]| {
-        let (l, mut d) = if cfg.label_smoothing > 0.0 {
-            softmax_cross_entropy_smoothed(logits.view(), y, cfg.label_smoothing as f32)
+        let smoothing = if stage == 1 { cfg.stage1 } else { cfg.stage2 }.label_smoothing;
+        let (l, mut d) = if smoothing > 0.0 {
+            softmax_cross_entropy_smoothed(logits.view(), y, smoothing as f32)
         } else {
             softmax_cross_entropy(logits.view(), y)
         };
