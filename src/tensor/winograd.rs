@@ -763,7 +763,6 @@ pub fn conv3x3_winograd_dw(
         n * h * w * cout,
         "conv3x3_winograd_dw: dz is not (n, h, w, cout)"
     );
-    let mut du = vec![0.0f32; XI * cin * cout];
     let mut dw = vec![0.0f32; 9 * cin * cout];
     if n * h * w == 0 || cin == 0 || cout == 0 {
         return dw;
@@ -772,46 +771,119 @@ pub fn conv3x3_winograd_dw(
     let tiles = n * ty * tx;
     let chunk = chunk_tiles(tiles, cin, cout, 1);
     let geom = (n, h, w, ty, tx);
-    let mut v = vec![0.0f32; XI * chunk * cin];
-    let mut dm = vec![0.0f32; XI * chunk * cout];
-    for (ci, t0) in (0..tiles).step_by(chunk).enumerate() {
-        let nt = chunk.min(tiles - t0);
-        {
-            let (vp, mp) = (SendPtr(v.as_mut_ptr()), SendPtr(dm.as_mut_ptr()));
-            (0..nt.div_ceil(16)).into_par_iter().for_each(|b| {
-                for t in b * 16..((b + 1) * 16).min(nt) {
-                    // SAFETY: tile t writes row t of V and of dM only.
-                    unsafe {
-                        input_tile(isa, x, geom, cin, t0 + t, vp.get(), t, chunk, false);
-                        grad_tile(isa, dz, geom, cout, t0 + t, mp.get(), t, chunk);
+    // dU (36 MB for a 512 x 512 layer) is kept by the calling thread across
+    // calls: a fresh one is fresh pages from the OS every step, which the
+    // kernel zeroes (a tenth of a small stage-2 step). The first chunk's
+    // GEMMs overwrite it, so stale values are never read.
+    DW_SCRATCH.with_borrow_mut(|du| {
+        du.resize(XI * cin * cout, 0.0);
+        let mut v = vec![0.0f32; XI * chunk * cin];
+        let mut dm = vec![0.0f32; XI * chunk * cout];
+        for (ci, t0) in (0..tiles).step_by(chunk).enumerate() {
+            let nt = chunk.min(tiles - t0);
+            {
+                let (vp, mp) = (SendPtr(v.as_mut_ptr()), SendPtr(dm.as_mut_ptr()));
+                (0..nt.div_ceil(16)).into_par_iter().for_each(|b| {
+                    for t in b * 16..((b + 1) * 16).min(nt) {
+                        // SAFETY: tile t writes row t of V and of dM only.
+                        unsafe {
+                            input_tile(isa, x, geom, cin, t0 + t, vp.get(), t, chunk, false);
+                            grad_tile(isa, dz, geom, cout, t0 + t, mp.get(), t, chunk);
+                        }
                     }
-                }
-            });
-        }
-        let (v, dm) = (&v, &dm);
-        du.par_chunks_mut(cin * cout).enumerate().for_each(|(xi, d)| {
-            let a = ArrayView2::from_shape((nt, cin), &v[xi * chunk * cin..(xi * chunk + nt) * cin]).expect("sized");
-            let b =
-                ArrayView2::from_shape((nt, cout), &dm[xi * chunk * cout..(xi * chunk + nt) * cout]).expect("sized");
-            let c = ndarray::ArrayViewMut2::from_shape((cin, cout), d).expect("sized");
-            // (Cin, Cout) (+)= (Cin, nt) x (nt, Cout)
-            sgemm_serial(Backend::DEFAULT, a.t(), b, c, ci > 0);
-        });
-    }
-    // dW[a][b] = sum_{i,j} G[i][a] G[j][b] dU[(i,j)], a row of Cout at a
-    // time, summed in f64.
-    dw.par_chunks_mut(cout).enumerate().for_each(|(row, out)| {
-        let (tap, ci) = (row / cin, row % cin);
-        let (a, b) = (tap / 3, tap % 3);
-        let mut acc = vec![0.0f64; cout];
-        for xi in 0..XI {
-            let c = G[xi / T][a] * G[xi % T][b];
-            if c != 0.0 {
-                let src = &du[(xi * cin + ci) * cout..(xi * cin + ci + 1) * cout];
-                acc.iter_mut().zip(src).for_each(|(s, &u)| *s += c * u as f64);
+                });
             }
+            let (v, dm) = (&v, &dm);
+            du[..XI * cin * cout]
+                .par_chunks_mut(cin * cout)
+                .enumerate()
+                .for_each(|(xi, d)| {
+                    let a = ArrayView2::from_shape((nt, cin), &v[xi * chunk * cin..(xi * chunk + nt) * cin])
+                        .expect("sized");
+                    let b = ArrayView2::from_shape((nt, cout), &dm[xi * chunk * cout..(xi * chunk + nt) * cout])
+                        .expect("sized");
+                    let c = ndarray::ArrayViewMut2::from_shape((cin, cout), d).expect("sized");
+                    // (Cin, Cout) (+)= (Cin, nt) x (nt, Cout)
+                    sgemm_serial(Backend::DEFAULT, a.t(), b, c, ci > 0);
+                });
         }
-        out.iter_mut().zip(&acc).for_each(|(o, &s)| *o = s as f32);
+        dw_output_transform(isa, &du[..XI * cin * cout], cin, cout, &mut dw);
     });
     dw
+}
+
+thread_local! {
+    /// dU of [`conv3x3_winograd_dw`], kept by each calling thread.
+    static DW_SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// dW[a][b] = sum_{i,j} G[i][a] dU[(i,j)] G[j][b] for every input channel
+/// and output channel: `du` is (36, Cin, Cout), `dw` (9*Cin, Cout) in Keras
+/// order. Separable and in f64: first over i (a 3 x 6 block of rows), then
+/// over j, each term in fixed order. One job per input channel reads its 36
+/// rows of dU once (they stay in L2) and writes its 9 rows of dW.
+fn dw_output_transform(isa: Isa, du: &[f32], cin: usize, cout: usize, dw: &mut [f32]) {
+    let out = SendPtr(dw.as_mut_ptr());
+    (0..cin).into_par_iter().for_each_init(
+        || vec![0.0f64; (3 * T + 1) * cout],
+        |scratch, ci| {
+            // SAFETY: channel ci writes rows tap*cin + ci of dW only.
+            let rows: [&mut [f32]; 9] = std::array::from_fn(|tap| unsafe {
+                std::slice::from_raw_parts_mut(out.get().add((tap * cin + ci) * cout), cout)
+            });
+            let src: [&[f32]; XI] = std::array::from_fn(|xi| &du[(xi * cin + ci) * cout..(xi * cin + ci + 1) * cout]);
+            #[cfg(target_arch = "x86_64")]
+            if isa != Isa::Generic {
+                // SAFETY: the dispatch only names ISAs this CPU runs, and
+                // AVX2 is the least of them on x86.
+                unsafe { dw_channel_avx2(&src, scratch, rows) };
+                return;
+            }
+            let _ = isa;
+            dw_channel(&src, scratch, rows);
+        },
+    );
+}
+
+/// [`dw_channel`] compiled for AVX2 (4 doubles a vector; the same
+/// operations in the same order, so the same results).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn dw_channel_avx2(du: &[&[f32]; XI], scratch: &mut [f64], dw: [&mut [f32]; 9]) {
+    dw_channel(du, scratch, dw)
+}
+
+/// One input channel of [`dw_output_transform`]: `du` its 36 rows, `dw` its
+/// 9 rows (tap order), `scratch` 19 rows of f64.
+#[inline(always)]
+fn dw_channel(du: &[&[f32]; XI], scratch: &mut [f64], dw: [&mut [f32]; 9]) {
+    let cout = dw[0].len();
+    let (part, acc) = scratch.split_at_mut(3 * T * cout);
+    // part[a][j] = sum_i G[i][a] dU[(i, j)]
+    for a in 0..3 {
+        for j in 0..T {
+            let p = &mut part[(a * T + j) * cout..(a * T + j + 1) * cout];
+            p.fill(0.0);
+            for (i, g) in G.iter().enumerate() {
+                let c = g[a];
+                if c != 0.0 {
+                    p.iter_mut().zip(du[i * T + j]).for_each(|(s, &u)| *s += c * u as f64);
+                }
+            }
+        }
+    }
+    // dW[a][b] = sum_j G[j][b] part[a][j]
+    let acc = &mut acc[..cout];
+    for (tap, row) in dw.into_iter().enumerate() {
+        let (a, b) = (tap / 3, tap % 3);
+        acc.fill(0.0);
+        for (j, g) in G.iter().enumerate() {
+            let c = g[b];
+            if c != 0.0 {
+                let p = &part[(a * T + j) * cout..(a * T + j + 1) * cout];
+                acc.iter_mut().zip(p).for_each(|(s, &q)| *s += c * q);
+            }
+        }
+        row.iter_mut().zip(&*acc).for_each(|(o, &s)| *o = s as f32);
+    }
 }
