@@ -647,10 +647,17 @@ pub fn conv3x3_backward(x: ArrayView4<f32>, w: ArrayView4<f32>, dz: ArrayView4<f
             conv_small_into(dzs, (n, h, wd, cout), Kernel::Transposed(w2), None, false, classes, out);
             dx
         }
-        None => {
-            let wt = flip_kernel(w);
-            conv3x3_forward_step(dz_std.view(), wt.view(), None, false)
-        }
+        None => match Dispatch::global().path_unprepared(ConvAlgo::Auto, n, h, wd, cout) {
+            // The direct kernel packs the flipped kernel straight from w.
+            ConvPath::Direct(isa) => {
+                let k = PreparedKernel::Direct(PackedKernel::from_keras_flipped(isa, w));
+                conv3x3_forward_prepared(dz_std.view(), &k, None, false)
+            }
+            path => {
+                let wt = flip_kernel(w);
+                conv3x3_forward_on(path, dz_std.view(), wt.view(), None, false)
+            }
+        },
     });
     ConvGrads { dw, db, dx }
 }

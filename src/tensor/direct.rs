@@ -151,9 +151,52 @@ impl PackedKernel {
         self.buf[self.offset..self.offset + len].chunks_exact_mut((self.k * nr).max(1))
     }
 
+    /// Packs the kernel of the transposed convolution (dX of a layer whose
+    /// kernel is `w`, Keras (3, 3, Cin, Cout)): the same panels as
+    /// [`PackedKernel::from_keras`] of [`super::conv::flip_kernel`]`(w)`,
+    /// (3, 3, Cout, Cin), read straight from `w` without the flipped copy.
+    pub fn from_keras_flipped(isa: Isa, w: ArrayView4<f32>) -> PackedKernel {
+        let (kh, kw, cin, cout) = w.dim();
+        assert_eq!((kh, kw), (3, 3), "PackedKernel: kernel must be 3x3, is {kh}x{kw}");
+        let w = w.as_standard_layout();
+        let ws = w.as_slice().expect("standard layout");
+        // Row (tap, co) of the flipped kernel, columns ci: W[8 - tap][ci][co].
+        PackedKernel::pack(isa, 9 * cout, cin, 9, |row, c0, dst| {
+            let (tap, co) = (row / cout, row % cout);
+            let src = &ws[(8 - tap) * cin * cout + co..];
+            for (c, d) in dst.iter_mut().enumerate() {
+                *d = src[(c0 + c) * cout];
+            }
+        })
+    }
+
     fn with_taps(isa: Isa, w2: ArrayView2<f32>, taps: usize) -> PackedKernel {
-        let Geometry { nr, kc, .. } = Geometry::of(isa);
         let (k, cout) = w2.dim();
+        let w2 = w2.as_standard_layout();
+        let ws = w2.as_slice().expect("standard layout");
+        PackedKernel::pack(isa, k, cout, taps, |row, c0, dst| {
+            let src = &ws[row * cout + c0..];
+            match dst.len() {
+                // Whole panels (all but a last narrow one) as fixed-size
+                // copies: a call of memmove per 16 floats was a tenth of
+                // a small training step.
+                16 => dst.copy_from_slice(&src[..16]),
+                32 => dst.copy_from_slice(&src[..32]),
+                cols => dst.copy_from_slice(&src[..cols]),
+            }
+        })
+    }
+
+    /// Packs a (k, cout) matrix of `taps` equal runs of rows for `isa`;
+    /// `row(r, c0, dst)` fills `dst` with columns c0..c0+dst.len() of row r.
+    fn pack(
+        isa: Isa,
+        k: usize,
+        cout: usize,
+        taps: usize,
+        row: impl Fn(usize, usize, &mut [f32]) + Sync,
+    ) -> PackedKernel {
+        let Geometry { nr, kc, .. } = Geometry::of(isa);
         assert!(
             k % taps == 0,
             "PackedKernel: {k} rows is not {taps} taps of equal length"
@@ -163,22 +206,19 @@ impl PackedKernel {
         let len = packed.panels() * k * nr;
         let offset = packed.offset;
         let data = &mut packed.buf[offset..offset + len];
+        let cin = k / taps;
         data.par_chunks_mut((k * nr).max(1)).enumerate().for_each(|(j, panel)| {
             let c0 = j * nr;
             let cols = nr.min(cout - c0);
             // Panel row order: channel chunk, then tap, then channel in the
             // chunk, so that one kernel call reads one contiguous run.
-            let cin = k / taps;
-            let order = (0..cin).step_by(kc).flat_map(|c0| {
-                let c1 = (c0 + kc).min(cin);
-                (0..taps).flat_map(move |t| (c0..c1).map(move |ci| t * cin + ci))
-            });
-            for (row, dst) in order.zip(panel.chunks_exact_mut(nr)) {
-                let src = w2.row(row);
-                let src = src.slice(ndarray::s![c0..c0 + cols]);
-                match src.as_slice() {
-                    Some(src) => dst[..cols].copy_from_slice(src),
-                    None => dst[..cols].iter_mut().zip(src.iter()).for_each(|(d, &v)| *d = v),
+            let mut dst = panel.chunks_exact_mut(nr);
+            for q0 in (0..cin).step_by(kc) {
+                for t in 0..taps {
+                    for ci in q0..(q0 + kc).min(cin) {
+                        let d = dst.next().expect("k rows a panel");
+                        row(t * cin + ci, c0, &mut d[..cols]);
+                    }
                 }
             }
         });
