@@ -168,8 +168,10 @@ impl TrainConfig {
     /// standardized features with momentum, weight decay and a cosine
     /// schedule over more epochs (stage 1 costs milliseconds an epoch on
     /// cached features); stage 2 from that head at 20x the seed's learning
-    /// rate with warm-up, cosine decay, weight decay and label smoothing,
-    /// on the training images and their mirrored view (section 8.2).
+    /// rate with warm-up, cosine decay and weight decay, on the training
+    /// images and their mirrored view (section 8.2). Label smoothing was
+    /// tried and left out: it cost stage 1 0.45 points and did not help
+    /// stage 2 (section 8.4, 3 seeds each).
     pub fn tuned(image_size: usize, classes: usize) -> TrainConfig {
         let mut stage1 = StageConfig::sgd(0.01, 0.9, 256, 30);
         stage1.weight_decay = 1e-3;
@@ -178,9 +180,6 @@ impl TrainConfig {
         stage2.weight_decay = 5e-4;
         stage2.schedule = Schedule::Cosine;
         stage2.warmup_epochs = 1;
-        for sc in [&mut stage1, &mut stage2] {
-            sc.label_smoothing = 0.1;
-        }
         TrainConfig {
             stage1,
             stage2,
@@ -281,7 +280,10 @@ mod tests {
     /// for both stages, read into each; written back per stage only.
     #[test]
     fn one_label_smoothing_for_both_stages_is_read_into_each() {
-        let mut v = serde_json::to_value(TrainConfig::tuned(32, 10)).unwrap();
+        let mut c = TrainConfig::tuned(32, 10);
+        c.stage1.label_smoothing = 0.1;
+        c.stage2.label_smoothing = 0.1;
+        let mut v = serde_json::to_value(c).unwrap();
         assert!(v.get("label_smoothing").is_none(), "{v}");
         for k in ["stage1", "stage2"] {
             assert_eq!(v[k]["label_smoothing"].as_f64(), Some(0.1), "{v}");

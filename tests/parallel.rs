@@ -94,11 +94,13 @@ fn config(accumulate: usize) -> TrainConfig {
     c.stage1 = StageConfig {
         epochs: 2,
         batch_size: 8,
+        label_smoothing: 0.1,
         ..c.stage1
     };
     c.stage2 = StageConfig {
         epochs: 1,
         batch_size: 8,
+        label_smoothing: 0.1,
         ..c.stage2
     };
     c.hidden = Some(16);

@@ -41,8 +41,8 @@ pub struct TrainArgs {
     /// Stage 1: epochs of linear learning-rate warm-up (seed: 0).
     #[arg(long)]
     stage1_warmup_epochs: Option<usize>,
-    /// Stage 1: label smoothing of the loss's targets, in [0, 1) (seed:
-    /// 0, tuned: 0.1); overrides --label-smoothing for this stage.
+    /// Stage 1: label smoothing of the loss's targets, in [0, 1) (default
+    /// 0); overrides --label-smoothing for this stage.
     #[arg(long)]
     stage1_label_smoothing: Option<f64>,
     /// Stage 2 (block5 + head): SGD learning rate (seed: 1e-4).
@@ -66,8 +66,8 @@ pub struct TrainArgs {
     /// Stage 2: epochs of linear learning-rate warm-up (seed: 0).
     #[arg(long)]
     stage2_warmup_epochs: Option<usize>,
-    /// Stage 2: label smoothing of the loss's targets, in [0, 1) (seed:
-    /// 0, tuned: 0.1); overrides --label-smoothing for this stage.
+    /// Stage 2: label smoothing of the loss's targets, in [0, 1) (default
+    /// 0); overrides --label-smoothing for this stage.
     #[arg(long)]
     stage2_label_smoothing: Option<f64>,
     /// Standardize the head's GAP features with the training features'
@@ -75,7 +75,7 @@ pub struct TrainArgs {
     #[arg(long)]
     standardize: Option<bool>,
     /// Label smoothing of the loss's targets in both stages, in [0, 1)
-    /// (seed: 0, tuned: 0.1); --stageN-label-smoothing sets one stage's.
+    /// (default 0 in both recipes); --stageN-label-smoothing sets one stage's.
     #[arg(long)]
     label_smoothing: Option<f64>,
     /// Train on horizontally flipped images too, true or false (seed:
