@@ -198,7 +198,7 @@ impl PackedKernel {
     ) -> PackedKernel {
         let Geometry { nr, kc, .. } = Geometry::of(isa);
         assert!(
-            k % taps == 0,
+            k.is_multiple_of(taps),
             "PackedKernel: {k} rows is not {taps} taps of equal length"
         );
         let mut packed = PackedKernel::gemm_zeroed(isa, k, cout);
