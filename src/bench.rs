@@ -265,7 +265,7 @@ pub fn bench_step(
     mut each: impl FnMut(Value),
 ) -> crate::Result<()> {
     use crate::model::vgg::ConvParams;
-    use crate::model::{block5_backward_each, block5_forward, head_backward, head_forward, Head};
+    use crate::model::{block5_backward_each, block5_forward, head_backward, head_forward, Block5Kernels, Head};
     use crate::tensor::ops::softmax_cross_entropy;
     use crate::train::optim::sgd_momentum_step;
     use rand::SeedableRng;
@@ -289,17 +289,21 @@ pub fn bench_step(
         let mut runs: Vec<[f64; 7]> = Vec::new();
         let start = Instant::now();
         let mut first = true;
+        let mut kernels = Block5Kernels::new();
         while runs.len() < 3 || start.elapsed() < min_time {
+            // As in training, every step prepares block5's kernels anew
+            // (into the buffers of the step before).
+            kernels.weights_changed();
             let t0 = Instant::now();
             let ms = |t: Instant| t.duration_since(t0).as_secs_f64() * 1e3;
-            let (g, acts5) = block5_forward(&block5, x4.clone());
+            let (g, acts5) = block5_forward(&block5, x4.clone(), &mut kernels);
             let (logits, acts) = head_forward(&head, g.view(), None);
             let (_, dlogits) = softmax_cross_entropy(logits.view(), &y);
             let forward = ms(Instant::now());
             let (dg, gh) = head_backward(&head, &acts, dlogits.view());
             let head_ready = ms(Instant::now());
             let mut ready = [0f64; 3];
-            let grads = block5_backward_each(&block5, &acts5, dg.view(), &mut |i, _| {
+            let grads = block5_backward_each(&block5, &acts5, dg.view(), &kernels, &mut |i, _| {
                 ready[2 - i] = ms(Instant::now())
             });
             let backward = ms(Instant::now());

@@ -9,6 +9,13 @@ use vgg16_cpu::report::history::{EpochRecord, StageResult};
 use vgg16_cpu::train::State;
 use vgg16_cpu::{StageConfig, TrainConfig};
 
+/// How far two routes to one probability may differ: last-bit differences
+/// in the features, which these models' logits scale up (O(100): stage 1's
+/// lr 0.01 on raw GAP features saturates the softmax), reach 5e-5 in a
+/// probability near 0.7 (a relative 3e-6 of the logits; measured between
+/// batched and single prediction on the direct and im2col paths).
+const PROB_TOL: f64 = 2e-4;
+
 /// The model's logits for CIFAR records, computed here on another route
 /// than the program's: the whole base run layer by layer on the im2col
 /// path (the program uses Winograd and its cache), then the head.
@@ -366,7 +373,7 @@ fn predict_png_jpeg_bmp_and_a_bad_file() {
     let a = single["top"][0]["probability"].as_f64().unwrap();
     let b = lines[1]["top"][0]["probability"].as_f64().unwrap();
     // GEMM blocking follows the batch shape: last-bit differences only.
-    assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+    assert!((a - b).abs() < PROB_TOL, "{a} vs {b}");
     // And the probabilities themselves, from logits computed here.
     let m = SavedModel::load(&model).unwrap();
     let recs: Vec<Vec<u8>> = files
@@ -382,7 +389,7 @@ fn predict_png_jpeg_bmp_and_a_bad_file() {
             let got = &l["top"][k];
             assert_eq!(got["class"].as_str().unwrap(), m.meta.class_names[c], "{l}");
             let q = got["probability"].as_f64().unwrap();
-            assert!((q - p[c] as f64).abs() <= 1e-5, "{q} vs {}", p[c]);
+            assert!((q - p[c] as f64).abs() <= PROB_TOL, "{q} vs {}", p[c]);
         }
     }
 }

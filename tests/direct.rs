@@ -240,3 +240,47 @@ fn flipped_packing_equals_packing_the_flipped_kernel() {
         }
     }
 }
+
+/// A [`KernelSlot`] refilled with new weights (training reuses block5's
+/// kernel buffers from step to step) runs exactly as a kernel prepared
+/// fresh from those weights, on the direct and Winograd paths of every ISA
+/// here, forward and flipped (dX's); and it does run the new weights, not
+/// the buffer's old ones.
+#[test]
+fn refilled_kernels_equal_fresh_ones() {
+    use vgg16_cpu::tensor::conv::{conv3x3_forward_prepared, flip_kernel, KernelSlot, PreparedKernel};
+    for isa in isas_or_skip("refilled_kernels_equal_fresh_ones") {
+        for path in [ConvPath::Direct(isa), ConvPath::Winograd(isa)] {
+            for flipped in [false, true] {
+                let (n, h, w, cin, cout) = (2, 6, 7, 24, 40);
+                let mut r = rng(77);
+                let (kin, kout) = if flipped { (cout, cin) } else { (cin, cout) };
+                let x = rand4(&mut r, (n, h, w, kin), -1.0, 1.0);
+                let k1 = rand4(&mut r, (3, 3, cin, cout), -0.5, 0.5);
+                let k2 = rand4(&mut r, (3, 3, cin, cout), -0.5, 0.5);
+                let what = format!("{} {} flipped={flipped}", path.name(), isa.name());
+                let mut slot = KernelSlot::default();
+                let old =
+                    conv3x3_forward_prepared(x.view(), slot.prepare(path, k1.view(), flipped).unwrap(), None, false);
+                let refilled = slot.prepare(path, k2.view(), flipped).unwrap();
+                assert_eq!(refilled.path(), path, "{what}");
+                let got = conv3x3_forward_prepared(x.view(), refilled, None, false);
+                let k2f = if flipped { flip_kernel(k2.view()) } else { k2.clone() };
+                let fresh = PreparedKernel::new(path, k2f.view()).unwrap();
+                let want = conv3x3_forward_prepared(x.view(), &fresh, None, false);
+                assert_eq!(got.dim(), (n, h, w, kout), "{what}");
+                assert!(
+                    got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{what}: refilled kernel differs from a fresh one"
+                );
+                assert!(
+                    got.iter().zip(&old).any(|(a, b)| a != b),
+                    "{what}: still the old weights"
+                );
+                let reference = ref_conv(&to64_4(x.view()), &to64_4(k2f.view()), None, false);
+                let e = rel_err(got.iter(), reference.iter());
+                assert!(e <= tol::WINOGRAD_FORWARD.max(tol::F32_FORWARD), "{what}: error {e}");
+            }
+        }
+    }
+}

@@ -99,11 +99,12 @@ fn stage2_gradient_matches_finite_differences() {
             .map(|s| tiny(1000 + s, hidden))
             .find(|t| min_preact(t) > 1e-3)
             .expect("a kink-free draw");
-        let (g, acts) = block5_forward(&t.convs, t.x4.clone());
+        let mut kernels = Block5Kernels::new();
+        let (g, acts) = block5_forward(&t.convs, t.x4.clone(), &mut kernels);
         let (logits, hacts) = head_forward(&t.head, g.view(), None);
         let (_, dlogits) = softmax_cross_entropy(logits.view(), &t.labels);
         let (dg, hg) = head_backward(&t.head, &hacts, dlogits.view());
-        let cg = block5_backward(&t.convs, &acts, dg.view());
+        let cg = block5_backward(&t.convs, &acts, dg.view(), &kernels);
 
         let convs64: Vec<_> = t
             .convs
@@ -172,6 +173,48 @@ fn stage2_gradient_matches_finite_differences() {
             }
         }
     }
+}
+
+/// Block5's kernels kept from step to step (refilled after each update)
+/// give the same gradients, bit for bit, as kernels prepared afresh, on a
+/// shape that takes prepared paths (8x8, 16 channels); and skipping
+/// `weights_changed` would run the old weights (what the call is for).
+#[test]
+fn block5_kernels_kept_across_steps_equal_fresh_ones() {
+    let c = 16;
+    let mut r = rng(5);
+    let x4 = rand4(&mut r, (2, 8, 8, c), -1.0, 1.0);
+    let mut convs: Vec<ConvParams> = (0..3)
+        .map(|_| ConvParams {
+            w: rand4(&mut r, (3, 3, c, c), -0.3, 0.3),
+            b: rand1(&mut r, c, 0.0, 0.3),
+        })
+        .collect();
+    let grads = |convs: &[ConvParams], k: &mut Block5Kernels| {
+        let (g, acts) = block5_forward(convs, x4.clone(), k);
+        let dg = g.mapv(|v| v - 0.1);
+        let cg = block5_backward(convs, &acts, dg.view(), k);
+        (g, cg)
+    };
+    let mut kept = Block5Kernels::new();
+    let _ = grads(&convs, &mut kept);
+    for p in convs.iter_mut() {
+        p.w.mapv_inplace(|v| v * 0.9 + 0.01);
+    }
+    let (stale, _) = grads(&convs, &mut kept);
+    kept.weights_changed();
+    let (g1, cg1) = grads(&convs, &mut kept);
+    let (g2, cg2) = grads(&convs, &mut Block5Kernels::new());
+    let same = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+    assert!(same(g1.as_slice().unwrap(), g2.as_slice().unwrap()), "features differ");
+    for (a, b) in cg1.iter().zip(&cg2) {
+        assert!(same(a.dw.as_slice().unwrap(), b.dw.as_slice().unwrap()), "dW differs");
+        assert!(same(a.db.as_slice().unwrap(), b.db.as_slice().unwrap()), "db differs");
+    }
+    assert!(
+        !same(stale.as_slice().unwrap(), g1.as_slice().unwrap()),
+        "kernels not refilled: old weights ran"
+    );
 }
 
 // ------------------------------------------------------------ cached vs live, resume

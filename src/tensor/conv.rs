@@ -203,6 +203,54 @@ impl PreparedKernel {
     }
 }
 
+/// A layer's prepared kernel kept across training steps: block5's weights
+/// change after every step, its buffers (9 MB a layer for the direct
+/// kernel, 36 MB for Winograd's U) need not. Refilling them in place saves
+/// the OS zeroing fresh pages for every new allocation, which was a third
+/// of the cost of preparing a kernel.
+#[derive(Default)]
+pub struct KernelSlot(Option<PreparedKernel>);
+
+impl KernelSlot {
+    /// Prepares `w` (3, 3, Cin, Cout) for `path` in this slot, reusing its
+    /// buffers when it holds a kernel of the same path and shape; with
+    /// `flipped`, the kernel of the transposed convolution (dX's, Cout ->
+    /// Cin). Returns None, and empties the slot, for paths without a
+    /// prepared form (im2col, tap classes).
+    pub fn prepare(&mut self, path: ConvPath, w: ArrayView4<f32>, flipped: bool) -> Option<&PreparedKernel> {
+        let (_, _, cin, cout) = w.dim();
+        let io = if flipped { (cout, cin) } else { (cin, cout) };
+        match self.0.as_mut() {
+            Some(k) if k.path() == path && k.channels() == io => match (k, flipped) {
+                (PreparedKernel::Direct(k), false) => k.refill(w),
+                (PreparedKernel::Direct(k), true) => k.refill_flipped(w),
+                (PreparedKernel::Winograd(k), false) => k.refill(w),
+                (PreparedKernel::Winograd(k), true) => k.refill(flip_kernel(w).view()),
+            },
+            _ => {
+                self.0 = match (path, flipped) {
+                    (ConvPath::Direct(isa), true) => {
+                        Some(PreparedKernel::Direct(PackedKernel::from_keras_flipped(isa, w)))
+                    }
+                    (_, true) => PreparedKernel::new(path, flip_kernel(w).view()),
+                    (_, false) => PreparedKernel::new(path, w),
+                }
+            }
+        }
+        self.0.as_ref()
+    }
+
+    /// The kernel last prepared, if its path has a prepared form.
+    pub fn get(&self) -> Option<&PreparedKernel> {
+        self.0.as_ref()
+    }
+
+    /// Empties the slot (its buffers are freed).
+    pub fn clear(&mut self) {
+        self.0 = None;
+    }
+}
+
 /// [`conv3x3_forward`] with a prepared kernel; `x` is (N, H, W, Cin) with
 /// Cin the kernel's, on the path and ISA it was prepared for.
 pub fn conv3x3_forward_prepared(
@@ -594,6 +642,19 @@ pub fn flip_kernel(w: ArrayView4<f32>) -> Array4<f32> {
 /// first when the layer has a ReLU). `dx` is computed only when `need_dx`
 /// (the lowest trainable layer skips it).
 pub fn conv3x3_backward(x: ArrayView4<f32>, w: ArrayView4<f32>, dz: ArrayView4<f32>, need_dx: bool) -> ConvGrads {
+    conv3x3_backward_prepared(x, w, dz, need_dx, None)
+}
+
+/// [`conv3x3_backward`] with dX's kernel already prepared (a
+/// [`KernelSlot`] prepared `flipped` from `w`); without one, dX prepares
+/// its own on the path the dispatch picks.
+pub fn conv3x3_backward_prepared(
+    x: ArrayView4<f32>,
+    w: ArrayView4<f32>,
+    dz: ArrayView4<f32>,
+    need_dx: bool,
+    dx_kernel: Option<&PreparedKernel>,
+) -> ConvGrads {
     let (n, h, wd, cin, cout) = dims(&x, &w);
     assert_eq!(
         dz.dim(),
@@ -646,6 +707,15 @@ pub fn conv3x3_backward(x: ArrayView4<f32>, w: ArrayView4<f32>, dz: ArrayView4<f
                 .expect("fresh array is contiguous");
             conv_small_into(dzs, (n, h, wd, cout), Kernel::Transposed(w2), None, false, classes, out);
             dx
+        }
+        None if dx_kernel.is_some() => {
+            let k = dx_kernel.expect("checked");
+            assert_eq!(
+                k.channels(),
+                (cout, cin),
+                "conv3x3_backward: dX kernel is not this layer's"
+            );
+            conv3x3_forward_prepared(dz_std.view(), k, None, false)
         }
         None => match Dispatch::global().path_unprepared(ConvAlgo::Auto, n, h, wd, cout) {
             // The direct kernel packs the flipped kernel straight from w.

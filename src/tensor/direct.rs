@@ -158,23 +158,68 @@ impl PackedKernel {
     pub fn from_keras_flipped(isa: Isa, w: ArrayView4<f32>) -> PackedKernel {
         let (kh, kw, cin, cout) = w.dim();
         assert_eq!((kh, kw), (3, 3), "PackedKernel: kernel must be 3x3, is {kh}x{kw}");
+        let mut packed = PackedKernel::gemm_zeroed(isa, 9 * cout, cin);
+        packed.taps = 9;
+        packed.refill_flipped(w);
+        packed
+    }
+
+    /// Packs `w` (3, 3, Cin, Cout) again into this kernel, which was packed
+    /// by [`PackedKernel::from_keras`] from a kernel of the same shape:
+    /// the buffer is reused (stage 2 repacks block5 after every step; a
+    /// fresh 9 MB buffer is fresh pages the OS zeroes first).
+    pub fn refill(&mut self, w: ArrayView4<f32>) {
+        let (kh, kw, cin, cout) = w.dim();
+        assert!(
+            self.taps == kh * kw && self.k == kh * kw * cin && self.cout == cout,
+            "PackedKernel::refill: kernel is {kh}x{kw}x{cin}x{cout}, packed for {}x{}",
+            self.k,
+            self.cout
+        );
+        let w = w.as_standard_layout();
+        self.fill_rows(w.as_slice().expect("standard layout"));
+    }
+
+    /// [`PackedKernel::refill`] for a kernel packed by
+    /// [`PackedKernel::from_keras_flipped`]: `w` is the layer's own kernel
+    /// (3, 3, Cin, Cout), packed flipped.
+    pub fn refill_flipped(&mut self, w: ArrayView4<f32>) {
+        let (kh, kw, cin, cout) = w.dim();
+        assert!(
+            (kh, kw) == (3, 3) && self.taps == 9 && self.k == 9 * cout && self.cout == cin,
+            "PackedKernel::refill_flipped: kernel is {kh}x{kw}x{cin}x{cout}, packed for {}x{}",
+            self.k,
+            self.cout
+        );
         let w = w.as_standard_layout();
         let ws = w.as_slice().expect("standard layout");
         // Row (tap, co) of the flipped kernel, columns ci: W[8 - tap][ci][co].
-        PackedKernel::pack(isa, 9 * cout, cin, 9, |row, c0, dst| {
+        self.fill(|row, c0, dst| {
             let (tap, co) = (row / cout, row % cout);
             let src = &ws[(8 - tap) * cin * cout + co..];
             for (c, d) in dst.iter_mut().enumerate() {
                 *d = src[(c0 + c) * cout];
             }
-        })
+        });
     }
 
     fn with_taps(isa: Isa, w2: ArrayView2<f32>, taps: usize) -> PackedKernel {
         let (k, cout) = w2.dim();
+        assert!(
+            k.is_multiple_of(taps),
+            "PackedKernel: {k} rows is not {taps} taps of equal length"
+        );
+        let mut packed = PackedKernel::gemm_zeroed(isa, k, cout);
+        packed.taps = taps;
         let w2 = w2.as_standard_layout();
-        let ws = w2.as_slice().expect("standard layout");
-        PackedKernel::pack(isa, k, cout, taps, |row, c0, dst| {
+        packed.fill_rows(w2.as_slice().expect("standard layout"));
+        packed
+    }
+
+    /// Fills the panels from the row-major (k, cout) matrix `ws`.
+    fn fill_rows(&mut self, ws: &[f32]) {
+        let cout = self.cout;
+        self.fill(|row, c0, dst| {
             let src = &ws[row * cout + c0..];
             match dst.len() {
                 // Whole panels (all but a last narrow one) as fixed-size
@@ -184,28 +229,19 @@ impl PackedKernel {
                 32 => dst.copy_from_slice(&src[..32]),
                 cols => dst.copy_from_slice(&src[..cols]),
             }
-        })
+        });
     }
 
-    /// Packs a (k, cout) matrix of `taps` equal runs of rows for `isa`;
-    /// `row(r, c0, dst)` fills `dst` with columns c0..c0+dst.len() of row r.
-    fn pack(
-        isa: Isa,
-        k: usize,
-        cout: usize,
-        taps: usize,
-        row: impl Fn(usize, usize, &mut [f32]) + Sync,
-    ) -> PackedKernel {
-        let Geometry { nr, kc, .. } = Geometry::of(isa);
-        assert!(
-            k.is_multiple_of(taps),
-            "PackedKernel: {k} rows is not {taps} taps of equal length"
-        );
-        let mut packed = PackedKernel::gemm_zeroed(isa, k, cout);
-        packed.taps = taps;
-        let len = packed.panels() * k * nr;
-        let offset = packed.offset;
-        let data = &mut packed.buf[offset..offset + len];
+    /// Fills the panels of this (k, cout) matrix of `taps` equal runs of
+    /// rows; `row(r, c0, dst)` fills `dst` with columns c0..c0+dst.len() of
+    /// row r. Padding columns past `cout` are left as they are (zero since
+    /// [`PackedKernel::gemm_zeroed`]).
+    fn fill(&mut self, row: impl Fn(usize, usize, &mut [f32]) + Sync) {
+        let Geometry { nr, kc, .. } = Geometry::of(self.isa);
+        let (k, cout, taps) = (self.k, self.cout, self.taps);
+        let len = self.panels() * k * nr;
+        let offset = self.offset;
+        let data = &mut self.buf[offset..offset + len];
         let cin = k / taps;
         data.par_chunks_mut((k * nr).max(1)).enumerate().for_each(|(j, panel)| {
             let c0 = j * nr;
@@ -222,7 +258,13 @@ impl PackedKernel {
                 }
             }
         });
-        packed
+    }
+
+    /// The packed panels, back to back, for writers that fill them in
+    /// place in parallel (each job its own rows; see `winograd.rs`).
+    pub(crate) fn data_ptr_mut(&mut self) -> *mut f32 {
+        let offset = self.offset;
+        self.buf[offset..].as_mut_ptr()
     }
 
     /// Panels of `nr` columns.

@@ -92,93 +92,169 @@ impl WinogradKernel {
     /// Transforms a Keras kernel (3, 3, Cin, Cout): U = G g G^T per channel
     /// pair, as (G g) then (G g) G^T, on `nr` output channels at a time
     /// (contiguous in the Keras layout), written straight into the 36
-    /// packed GEMM matrices, in parallel over panels. Stage 2 re-transforms
+    /// packed GEMM matrices, in parallel over input channels. Stage 2 re-transforms
     /// block5 after every SGD step (five times a step: three forwards, two
     /// dX), so this is kept cheap (`vgg16 bench step`).
     pub fn from_keras(isa: Isa, w: ArrayView4<f32>) -> WinogradKernel {
+        let (_, _, cin, cout) = w.dim();
+        let u = (0..XI).map(|_| PackedKernel::gemm_zeroed(isa, cin, cout)).collect();
+        let mut k = WinogradKernel { isa, cin, cout, u };
+        k.refill(w);
+        k
+    }
+
+    /// Transforms `w` (3, 3, Cin, Cout, the channel counts this kernel was
+    /// made for) into this kernel's buffers, in place: stage 2 keeps
+    /// block5's kernels across steps (36 MB a layer that a fresh
+    /// allocation would have the OS zero first).
+    pub fn refill(&mut self, w: ArrayView4<f32>) {
         let (kh, kw, cin, cout) = w.dim();
         assert_eq!((kh, kw), (3, 3), "winograd: kernel must be 3x3, is {kh}x{kw}");
+        assert_eq!(
+            (cin, cout),
+            (self.cin, self.cout),
+            "winograd: refill with a {cin}x{cout} kernel, made for {}x{}",
+            self.cin,
+            self.cout
+        );
         let w = w.as_standard_layout();
         let ws = w.as_slice().expect("standard layout");
-        let nr = Geometry::of(isa).nr;
-        // The 36 packed matrices, filled in place: one job per panel of
-        // `nr` output channels writes that panel of all 36 (no U in
-        // between to copy from; the job's rows stay in L1).
-        let mut u: Vec<PackedKernel> = (0..XI).map(|_| PackedKernel::gemm_zeroed(isa, cin, cout)).collect();
-        let mut jobs: Vec<Vec<&mut [f32]>> = (0..cout.div_ceil(nr)).map(|_| Vec::with_capacity(XI)).collect();
-        for k in u.iter_mut() {
-            for (job, panel) in jobs.iter_mut().zip(k.panels_mut()) {
-                job.push(panel);
+        let nr = Geometry::of(self.isa).nr;
+        // The 36 packed matrices, filled in place by jobs of CB input
+        // channels: a job reads its channels' rows of W (9 runs of
+        // CB * Cout floats, in order) and writes, for each panel, CB rows
+        // of each of the 36 matrices (36 runs of CB * nr floats).
+        // (Streaming stores measured no faster, inside the noise.)
+        const CB: usize = 16;
+        let dst: Vec<SendPtr> = self.u.iter_mut().map(|k| SendPtr(k.data_ptr_mut())).collect();
+        let dst: &[SendPtr; XI] = dst.as_slice().try_into().expect("36 matrices");
+        (0..cin.div_ceil(CB)).into_par_iter().for_each(|b| {
+            let cis = b * CB..(b * CB + CB).min(cin);
+            // SAFETY: this job writes rows `cis` of every panel of the 36
+            // matrices (each K = cin rows of nr floats), no one else does.
+            #[cfg(target_arch = "x86_64")]
+            if std::is_x86_feature_detected!("avx2") {
+                // SAFETY: and this CPU has AVX2.
+                unsafe {
+                    match nr {
+                        16 => transform_rows_avx2::<16>(ws, cin, cout, cis, dst),
+                        32 => transform_rows_avx2::<32>(ws, cin, cout, cis, dst),
+                        _ => unreachable!("panel width {nr}"),
+                    }
+                }
+                return;
             }
-        }
-        jobs.into_par_iter().enumerate().for_each(|(j, mut dst)| {
-            let c0 = j * nr;
-            let cols = nr.min(cout - c0);
-            match nr {
-                16 => transform_panel::<16>(ws, cin, cout, c0, cols, &mut dst),
-                32 => transform_panel::<32>(ws, cin, cout, c0, cols, &mut dst),
-                _ => unreachable!("panel width {nr}"),
+            // SAFETY: as above.
+            unsafe {
+                match nr {
+                    16 => transform_rows::<16>(ws, cin, cout, cis, dst),
+                    32 => transform_rows::<32>(ws, cin, cout, cis, dst),
+                    _ => unreachable!("panel width {nr}"),
+                }
             }
         });
-        WinogradKernel { isa, cin, cout, u }
     }
 }
 
-/// Fills panel `c0 / NR` (columns c0..c0+cols, cols <= NR) of the 36
-/// packed matrices `dst` with U = G g G^T of those output channels, for
-/// every input channel: row ci of matrix i*T + j gets U[i][j][ci][c0..].
-/// NR is the packing's panel width, fixed at compile time so the rows live
-/// in registers and the copies are plain vector moves.
-fn transform_panel<const NR: usize>(
+/// [`transform_rows`] compiled for AVX2 (the same operations in the same
+/// order, without FMA contraction: the same results as the portable build).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn transform_rows_avx2<const NR: usize>(
     ws: &[f32],
     cin: usize,
     cout: usize,
-    c0: usize,
-    cols: usize,
-    dst: &mut [&mut [f32]],
+    cis: std::ops::Range<usize>,
+    dst: &[SendPtr; XI],
 ) {
-    for ci in 0..cin {
-        let mut g = [[0.0f32; NR]; 9];
-        for (t, gt) in g.iter_mut().enumerate() {
-            let at = (t * cin + ci) * cout + c0;
-            if cols == NR {
-                gt.copy_from_slice(&ws[at..at + NR]);
-            } else {
-                gt[..cols].copy_from_slice(&ws[at..at + cols]);
-            }
-        }
-        // w1[i][b] = sum_a G[i][a] g[a][b]
-        let mut w1 = [[0.0f32; NR]; T * 3];
-        for (i, gi) in G.iter().enumerate() {
-            for b in 0..3 {
-                let d = &mut w1[i * 3 + b];
-                for (a, &c) in gi.iter().enumerate() {
-                    let c = c as f32;
-                    if c != 0.0 {
-                        d.iter_mut().zip(&g[a * 3 + b]).for_each(|(d, &v)| *d += c * v);
-                    }
-                }
-            }
-        }
-        // U[i][j] = sum_b w1[i][b] G[j][b]
-        for i in 0..T {
-            for (j, gj) in G.iter().enumerate() {
-                let mut u = [0.0f32; NR];
-                for (b, &c) in gj.iter().enumerate() {
-                    let c = c as f32;
-                    if c != 0.0 {
-                        u.iter_mut().zip(&w1[i * 3 + b]).for_each(|(d, &v)| *d += c * v);
-                    }
-                }
-                let row = &mut dst[i * T + j][ci * NR..(ci + 1) * NR];
+    transform_rows::<NR>(ws, cin, cout, cis, dst)
+}
+
+/// Fills rows `cis` (input channels) of every panel of the 36 packed
+/// matrices `dst` (K = cin rows of NR floats a panel) with U = G g G^T:
+/// row ci of panel j of matrix i*T + j' gets U[i][j'][ci][j*NR..j*NR+NR]
+/// (past Cout, the zero kernel's zeros). NR is the packing's panel width,
+/// fixed at compile time: each (channel, panel) is one straight-line
+/// transform per lane, in f64, which the compiler vectorises across the NR
+/// lanes, and 36 fixed-size row stores. (Written as loops over G with zero
+/// tests, this was ~30 ms a 512 x 512 layer, mostly branches and a
+/// `memmove` call per row; stage 2 runs it five times a step.)
+///
+/// # Safety
+/// Each `dst[xi]` points at `cout.div_ceil(NR) * cin * NR` writable floats,
+/// and no one else touches rows `cis` of them meanwhile.
+#[inline(always)]
+unsafe fn transform_rows<const NR: usize>(
+    ws: &[f32],
+    cin: usize,
+    cout: usize,
+    cis: std::ops::Range<usize>,
+    dst: &[SendPtr; XI],
+) {
+    for j in 0..cout.div_ceil(NR) {
+        let c0 = j * NR;
+        let cols = NR.min(cout - c0);
+        for ci in cis.clone() {
+            // g[t][lane]: tap t of output channel c0 + lane.
+            let mut g = [[0.0f32; NR]; 9];
+            for (t, gt) in g.iter_mut().enumerate() {
+                let at = (t * cin + ci) * cout + c0;
                 if cols == NR {
-                    row.copy_from_slice(&u);
+                    // A fixed-size copy (a runtime length is a `memmove` call).
+                    *gt = ws[at..at + NR].try_into().expect("NR floats");
                 } else {
-                    row[..cols].copy_from_slice(&u[..cols]);
+                    gt[..cols].copy_from_slice(&ws[at..at + cols]);
                 }
+            }
+            let mut u = [[0.0f32; NR]; XI];
+            for lane in 0..NR {
+                let tile = kernel_tile(std::array::from_fn(|t| g[t][lane] as f64));
+                for (row, v) in u.iter_mut().zip(tile) {
+                    row[lane] = v as f32;
+                }
+            }
+            for (d, row) in dst.iter().zip(&u) {
+                // SAFETY: row ci of panel j, inside the matrix (see above).
+                d.get()
+                    .add((j * cin + ci) * NR)
+                    .cast::<[f32; NR]>()
+                    .write_unaligned(*row);
             }
         }
     }
+}
+
+/// G applied to one column (a, b, c) of a 3x3 kernel: the kernel's values
+/// at the points 0, 1, -1, 2, -2 and infinity, scaled (the rows of [`G`]).
+#[inline(always)]
+fn g_col(a: f64, b: f64, c: f64) -> [f64; T] {
+    // Products with 1/6 rather than divisions (a division is several times
+    // the cost, and this runs 54 of them per 3x3 kernel); in f64 the
+    // difference never reaches the f32 result's rounding.
+    const SIXTH: f64 = 1.0 / 6.0;
+    let (s, q) = (a + c, 0.25 * a + c);
+    [
+        0.25 * a,
+        -(s + b) * SIXTH,
+        -(s - b) * SIXTH,
+        (q + 0.5 * b) * SIXTH,
+        (q - 0.5 * b) * SIXTH,
+        c,
+    ]
+}
+
+/// U = G g G^T (6x6, row-major) of one 3x3 kernel g (row-major).
+#[inline(always)]
+fn kernel_tile(g: [f64; 9]) -> [f64; XI] {
+    // Columns first: w1 (6x3) = G g.
+    let c: [[f64; T]; 3] = std::array::from_fn(|b| g_col(g[b], g[3 + b], g[6 + b]));
+    // Then rows: U[i] = G w1[i]^T.
+    let mut u = [0.0f64; XI];
+    for i in 0..T {
+        let r = g_col(c[0][i], c[1][i], c[2][i]);
+        u[i * T..(i + 1) * T].copy_from_slice(&r);
+    }
+    u
 }
 
 /// Tiles per chunk for `tiles` tiles of these channel counts: the chunks

@@ -16,7 +16,7 @@ use crate::config::{StageConfig, TrainConfig};
 use crate::error::{Error, Result};
 use crate::features::{logits_stage1, logits_stage2, Features};
 use crate::model::vgg::{ConvParams, Vgg16};
-use crate::model::{block5_backward_each, block5_forward, head_backward, head_forward, Head, Norm};
+use crate::model::{block5_backward_each, block5_forward, head_backward, head_forward, Block5Kernels, Head, Norm};
 use crate::observer::Observer;
 use crate::report::history::{EpochRecord, StageResult};
 use crate::report::metrics::loss_acc;
@@ -346,6 +346,9 @@ fn train_epoch(
     let per_epoch = order.len().div_ceil(sc.batch_size.max(1));
     let parts = comm.size() * cfg.accumulate.max(1);
     let mut clock = ExchangeClock::default();
+    // Block5's prepared kernels: made by each step's first forward, kept
+    // for the step's parts, refilled after each update.
+    let mut kernels = Block5Kernels::new();
     for (bi, batch) in order.chunks(sc.batch_size.max(1)).enumerate() {
         let y: Vec<u8> = batch.iter().map(|&i| labels[i]).collect();
         let opt = Step {
@@ -369,9 +372,11 @@ fn train_epoch(
                 &y,
                 1.0,
                 &mut drop_rng,
+                &mut kernels,
                 &mut |_| {},
             )?;
             opt.apply(state, &g.head, &g.conv);
+            kernels.weights_changed();
             (g.loss, g.correct)
         } else {
             let flat = step_parts(
@@ -383,11 +388,13 @@ fn train_epoch(
                 &flips,
                 &y,
                 &mut drop_rng,
+                &mut kernels,
                 comm,
                 &mut clock,
             )?;
             let n = flat.len();
             opt.apply_flat(state, stage, &flat[..n - 2]);
+            kernels.weights_changed();
             (flat[n - 2] / batch.len() as f32, flat[n - 1].round() as usize)
         };
         if !loss.is_finite() {
@@ -435,6 +442,7 @@ fn step_parts(
     flips: &[bool],
     y: &[u8],
     drop_rng: &mut ChaCha8Rng,
+    kernels: &mut Block5Kernels,
     comm: &dyn Collective,
     clock: &mut ExchangeClock,
 ) -> Result<Vec<f32>> {
@@ -470,11 +478,25 @@ fn step_parts(
                 acc.take(),
                 comm,
                 clock,
-                |ready: &mut dyn FnMut(Ready)| batch_grads(cfg, inputs, state, stage, b, f, yy, scale, drop_rng, ready),
+                |ready: &mut dyn FnMut(Ready)| {
+                    batch_grads(cfg, inputs, state, stage, b, f, yy, scale, drop_rng, kernels, ready)
+                },
             )?);
             continue;
         }
-        let g = batch_grads(cfg, inputs, state, stage, b, f, yy, scale, drop_rng, &mut |_| {})?;
+        let g = batch_grads(
+            cfg,
+            inputs,
+            state,
+            stage,
+            b,
+            f,
+            yy,
+            scale,
+            drop_rng,
+            kernels,
+            &mut |_| {},
+        )?;
         let (l, c) = (g.loss * rows.len() as f32, g.correct as f32);
         match acc.as_mut() {
             None => {
@@ -677,6 +699,7 @@ fn batch_grads(
     y: &[u8],
     scale: f32,
     drop_rng: &mut ChaCha8Rng,
+    kernels: &mut Block5Kernels,
     ready: &mut dyn FnMut(Ready),
 ) -> Result<Grads> {
     let loss_fn = |logits: &Array2<f32>, y: &[u8]| {
@@ -710,13 +733,15 @@ fn batch_grads(
         (loss, correct, gh, vec![])
     } else {
         let x4 = mixed(batch, flips, |b| plain.block4(b), |b| mirror.block4(b))?;
-        let (g, b5) = block5_forward(&state.block5, x4);
+        let (g, b5) = block5_forward(&state.block5, x4, kernels);
         let (logits, acts) = head_forward(&state.head, g.view(), Some(drop_rng));
         let (loss, dlogits) = loss_fn(&logits, y);
         let correct = count(&logits);
         let (dg, gh) = head_backward(&state.head, &acts, dlogits.view());
         ready(Ready::Head(&gh, loss, correct, y.len()));
-        let gconv = block5_backward_each(&state.block5, &b5, dg.view(), &mut |_, g| ready(Ready::Conv(g)));
+        let gconv = block5_backward_each(&state.block5, &b5, dg.view(), kernels, &mut |_, g| {
+            ready(Ready::Conv(g))
+        });
         (loss, correct, gh, gconv)
     };
     Ok(Grads {
