@@ -143,10 +143,10 @@ pub enum DispatchError {
 }
 
 /// Fewest 4x4 output tiles for which a call that transforms its own
-/// kernel takes Winograd under Auto ([`Dispatch::path_unprepared`]): 8
-/// images at 14x14 (128 tiles) stay on the direct kernel, 16 (256) take
+/// kernel takes Winograd under Auto ([`Dispatch::path_unprepared`]): one
+/// image at 14x14 (16 tiles) stays on the direct kernel, two (32) take
 /// Winograd.
-pub const WINOGRAD_MIN_TILES: usize = 192;
+pub const WINOGRAD_MIN_TILES: usize = 32;
 
 /// The engine's choices for this process: ISA of the direct kernel and the
 /// algorithm for images larger than [`SMALL_SIDE`].
@@ -235,9 +235,10 @@ impl Dispatch {
     /// transform and the reads of the 4x larger transformed kernel cost the
     /// same whatever the batch, so under [`WINOGRAD_MIN_TILES`] output
     /// tiles in the call Auto takes the direct kernel instead (measured on
-    /// AVX2 at 14x14, `vgg16 bench step`: 4 images 368 ms a step direct
-    /// against 470 Winograd, 16 images 1,208 against 1,026; BENCHMARKS.md
-    /// 10.1). A forced `VGG16_CONV` is kept as it is.
+    /// AVX2 at 14x14, `vgg16 bench step`, ms a step direct / Winograd:
+    /// 1 thread, 1 image 159-177 / 204-208, 2 images 306-332 / 242-253,
+    /// 4 images 375-432 / 292-312; BENCHMARKS.md 10.3). A forced
+    /// `VGG16_CONV` is kept as it is.
     pub fn path_unprepared(&self, algo: ConvAlgo, n: usize, h: usize, w: usize, cin: usize) -> ConvPath {
         let p = self.path(algo, h, w, cin);
         let auto = algo == ConvAlgo::Auto && self.conv == ConvAlgo::Auto;
@@ -376,8 +377,8 @@ mod tests {
             }
             // A call that transforms its own kernel: Winograd only with
             // enough tiles to pay for the transform; forced paths kept.
-            let small = d.path_unprepared(ConvAlgo::Auto, 8, 14, 14, 512);
-            let big = d.path_unprepared(ConvAlgo::Auto, 16, 14, 14, 512);
+            let small = d.path_unprepared(ConvAlgo::Auto, 1, 14, 14, 512);
+            let big = d.path_unprepared(ConvAlgo::Auto, 2, 14, 14, 512);
             match isa {
                 Isa::Generic => assert_eq!((small, big), (ConvPath::Im2col, ConvPath::Im2col)),
                 _ => assert_eq!((small, big), (ConvPath::Direct(isa), ConvPath::Winograd(isa))),
