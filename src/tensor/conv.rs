@@ -244,11 +244,6 @@ impl KernelSlot {
     pub fn get(&self) -> Option<&PreparedKernel> {
         self.0.as_ref()
     }
-
-    /// Empties the slot (its buffers are freed).
-    pub fn clear(&mut self) {
-        self.0 = None;
-    }
 }
 
 /// [`conv3x3_forward`] with a prepared kernel; `x` is (N, H, W, Cin) with
@@ -708,8 +703,7 @@ pub fn conv3x3_backward_prepared(
             conv_small_into(dzs, (n, h, wd, cout), Kernel::Transposed(w2), None, false, classes, out);
             dx
         }
-        None if dx_kernel.is_some() => {
-            let k = dx_kernel.expect("checked");
+        None if let Some(k) = dx_kernel => {
             assert_eq!(
                 k.channels(),
                 (cout, cin),

@@ -128,31 +128,32 @@ impl WinogradKernel {
         const CB: usize = 16;
         let dst: Vec<SendPtr> = self.u.iter_mut().map(|k| SendPtr(k.data_ptr_mut())).collect();
         let dst: &[SendPtr; XI] = dst.as_slice().try_into().expect("36 matrices");
+        let rows = rows_fn(nr);
         (0..cin.div_ceil(CB)).into_par_iter().for_each(|b| {
-            let cis = b * CB..(b * CB + CB).min(cin);
-            // SAFETY: this job writes rows `cis` of every panel of the 36
-            // matrices (each K = cin rows of nr floats), no one else does.
-            #[cfg(target_arch = "x86_64")]
-            if std::is_x86_feature_detected!("avx2") {
-                // SAFETY: and this CPU has AVX2.
-                unsafe {
-                    match nr {
-                        16 => transform_rows_avx2::<16>(ws, cin, cout, cis, dst),
-                        32 => transform_rows_avx2::<32>(ws, cin, cout, cis, dst),
-                        _ => unreachable!("panel width {nr}"),
-                    }
-                }
-                return;
-            }
-            // SAFETY: as above.
-            unsafe {
-                match nr {
-                    16 => transform_rows::<16>(ws, cin, cout, cis, dst),
-                    32 => transform_rows::<32>(ws, cin, cout, cis, dst),
-                    _ => unreachable!("panel width {nr}"),
-                }
-            }
+            // SAFETY: this job writes rows b*CB.. of every panel of the 36
+            // matrices (each K = cin rows of nr floats), no one else does;
+            // `rows_fn` picked a build this CPU runs.
+            unsafe { rows(ws, cin, cout, b * CB..(b * CB + CB).min(cin), dst) };
         });
+    }
+}
+
+/// [`transform_rows`] for panel width `nr`, compiled for AVX2 when this CPU
+/// has it (the same operations in the same order either way).
+type RowsFn = unsafe fn(&[f32], usize, usize, std::ops::Range<usize>, &[SendPtr; XI]);
+fn rows_fn(nr: usize) -> RowsFn {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") {
+        return match nr {
+            16 => transform_rows_avx2::<16>,
+            32 => transform_rows_avx2::<32>,
+            _ => unreachable!("panel width {nr}"),
+        };
+    }
+    match nr {
+        16 => transform_rows::<16>,
+        32 => transform_rows::<32>,
+        _ => unreachable!("panel width {nr}"),
     }
 }
 

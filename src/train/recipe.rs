@@ -376,7 +376,6 @@ fn train_epoch(
                 &mut |_| {},
             )?;
             opt.apply(state, &g.head, &g.conv);
-            kernels.weights_changed();
             (g.loss, g.correct)
         } else {
             let flat = step_parts(
@@ -394,9 +393,10 @@ fn train_epoch(
             )?;
             let n = flat.len();
             opt.apply_flat(state, stage, &flat[..n - 2]);
-            kernels.weights_changed();
             (flat[n - 2] / batch.len() as f32, flat[n - 1].round() as usize)
         };
+        // The step changed block5: its next forward prepares the kernels anew.
+        kernels.weights_changed();
         if !loss.is_finite() {
             obs.end();
             return Err(Error::Diverged { stage, epoch, loss });
