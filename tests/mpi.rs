@@ -240,14 +240,34 @@ fn cache_build_by_two_ranks_equals_one_process() {
 }
 
 /// The pid of rank `r`'s vgg16 process (its environment names the rank).
-fn rank_pid(r: usize) -> Option<u32> {
+/// The pid of rank `r` of the job launched as process `root` (mpirun):
+/// a vgg16 process descended from `root`, not one of another test's job
+/// running at the same time (the tests of this file run in parallel).
+fn rank_pid(r: usize, root: u32) -> Option<u32> {
     let want = format!("OMPI_COMM_WORLD_RANK={r}");
+    let parent = |pid: u32| -> Option<u32> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // "pid (comm) state ppid ...": comm may hold spaces, so after ')'.
+        stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()
+    };
+    let descends = |mut pid: u32| {
+        while pid > 1 {
+            if pid == root {
+                return true;
+            }
+            match parent(pid) {
+                Some(p) => pid = p,
+                None => return false,
+            }
+        }
+        false
+    };
     for e in std::fs::read_dir("/proc").ok()?.flatten() {
         let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
             continue;
         };
         let exe = std::fs::read_link(e.path().join("exe")).unwrap_or_default();
-        if exe != Path::new(env!("CARGO_BIN_EXE_vgg16")) {
+        if exe != Path::new(env!("CARGO_BIN_EXE_vgg16")) || !descends(pid) {
             continue;
         }
         let env = std::fs::read(e.path().join("environ")).unwrap_or_default();
@@ -294,7 +314,7 @@ fn a_killed_rank_fails_the_job_and_it_resumes() {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    let pid = rank_pid(1).expect("rank 1 is running");
+    let pid = rank_pid(1, child.id()).expect("rank 1 of this job is running");
     Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap();
     let t0 = Instant::now();
     let status = loop {
