@@ -1,6 +1,6 @@
 //! Times one conv layer on one path, for profiling:
 //! `cargo run --release --example conv_layer -- PATH SIZE BATCH CIN COUT [REPS]`
-//! with PATH one of direct, winograd, im2col (on this CPU's best ISA).
+//! with PATH one of direct, winograd, im2col, tap_classes (on this CPU's best ISA).
 use ndarray::{Array1, Array2, Array4};
 use std::time::Instant;
 use vgg16_cpu::tensor::conv::{
@@ -11,7 +11,7 @@ use vgg16_cpu::tensor::dispatch::Isa;
 fn main() {
     let a: Vec<String> = std::env::args().skip(1).collect();
     if a.len() < 5 {
-        eprintln!("usage: conv_layer direct|winograd|im2col SIZE BATCH CIN COUT [REPS]");
+        eprintln!("usage: conv_layer direct|winograd|im2col|tap_classes SIZE BATCH CIN COUT [REPS]");
         std::process::exit(2);
     }
     let num = |i: usize| -> usize { a[i].parse().expect("a number") };
@@ -22,6 +22,7 @@ fn main() {
         "direct" => ConvPath::Direct(isa),
         "winograd" => ConvPath::Winograd(isa),
         "im2col" => ConvPath::Im2col,
+        "tap_classes" => ConvPath::TapClasses,
         p => panic!("unknown path {p}"),
     };
     let x = Array4::from_shape_fn((n, s, s, cin), |(i, j, k, l)| {

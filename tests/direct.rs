@@ -205,38 +205,63 @@ fn prepared_base_matches_one_off_forward() {
     }
 }
 
-/// The transposed convolution's kernel packed straight from W (dX in
-/// stage 2) is the packing of the flipped copy, element for element, so
-/// dX is bit-identical either way; shapes with several channel chunks,
-/// partial panels and Cin < 16 (gathered rows).
+/// The transposed convolution's kernel prepared straight from W (dX in
+/// stage 2: the direct kernel's packing, Winograd's transform) is the one
+/// prepared from the flipped copy, element for element, so dX is
+/// bit-identical either way; shapes with several channel chunks, partial
+/// panels, partial transform jobs (channels not a multiple of 16) and
+/// Cin < 16 (gathered rows).
 #[test]
 fn flipped_packing_equals_packing_the_flipped_kernel() {
     use vgg16_cpu::tensor::conv::{conv3x3_forward_prepared, flip_kernel, PreparedKernel};
     use vgg16_cpu::tensor::direct::PackedKernel;
+    use vgg16_cpu::tensor::winograd::WinogradKernel;
     for isa in isas_or_skip("flipped_packing_equals_packing_the_flipped_kernel") {
-        for (i, &(n, h, w, cin, cout)) in [(1, 5, 6, 19, 21), (2, 4, 3, 40, 150), (1, 3, 3, 33, 8)]
-            .iter()
-            .enumerate()
+        for (i, &(n, h, w, cin, cout)) in [
+            (1, 5, 6, 19, 21),
+            (2, 4, 3, 40, 150),
+            (1, 3, 3, 33, 8),
+            (1, 9, 10, 70, 37),
+        ]
+        .iter()
+        .enumerate()
         {
             let mut r = rng(90 + i as u64);
             // dz has Cout channels; the transposed conv maps them to Cin.
             let dz = rand4(&mut r, (n, h, w, cout), -1.0, 1.0);
             let k = rand4(&mut r, (3, 3, cin, cout), -0.5, 0.5);
-            let fused = PreparedKernel::Direct(PackedKernel::from_keras_flipped(isa, k.view()));
-            let copied = PreparedKernel::Direct(PackedKernel::from_keras(isa, flip_kernel(k.view()).view()));
-            let a = conv3x3_forward_prepared(dz.view(), &fused, None, false);
-            let b = conv3x3_forward_prepared(dz.view(), &copied, None, false);
-            assert_eq!(a.dim(), (n, h, w, cin));
-            assert!(
-                a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
-                "{} shape {:?}: fused and copied packings differ",
-                isa.name(),
-                (n, h, w, cin, cout)
-            );
-            // And both are the transposed convolution: against the reference.
-            let want = ref_conv(&to64_4(dz.view()), &to64_4(flip_kernel(k.view()).view()), None, false);
-            let e = rel_err(a.iter(), want.iter());
-            assert!(e <= tol::F32_FORWARD, "{} error {e}", isa.name());
+            let flipped = flip_kernel(k.view());
+            let want = ref_conv(&to64_4(dz.view()), &to64_4(flipped.view()), None, false);
+            let pairs = [
+                (
+                    PreparedKernel::Direct(PackedKernel::from_keras_flipped(isa, k.view())),
+                    PreparedKernel::Direct(PackedKernel::from_keras(isa, flipped.view())),
+                    tol::F32_FORWARD,
+                ),
+                (
+                    PreparedKernel::Winograd(WinogradKernel::from_keras_flipped(isa, k.view())),
+                    PreparedKernel::Winograd(WinogradKernel::from_keras(isa, flipped.view())),
+                    tol::WINOGRAD_FORWARD,
+                ),
+            ];
+            for (fused, copied, bound) in &pairs {
+                let what = format!(
+                    "{} {} shape {:?}",
+                    fused.path().name(),
+                    isa.name(),
+                    (n, h, w, cin, cout)
+                );
+                let a = conv3x3_forward_prepared(dz.view(), fused, None, false);
+                let b = conv3x3_forward_prepared(dz.view(), copied, None, false);
+                assert_eq!(a.dim(), (n, h, w, cin), "{what}");
+                assert!(
+                    a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                    "{what}: fused and copied preparations differ"
+                );
+                // And both are the transposed convolution: against the reference.
+                let e = rel_err(a.iter(), want.iter());
+                assert!(e <= *bound, "{what}: error {e}");
+            }
         }
     }
 }

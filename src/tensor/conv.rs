@@ -225,14 +225,18 @@ impl KernelSlot {
                 (PreparedKernel::Direct(k), false) => k.refill(w),
                 (PreparedKernel::Direct(k), true) => k.refill_flipped(w),
                 (PreparedKernel::Winograd(k), false) => k.refill(w),
-                (PreparedKernel::Winograd(k), true) => k.refill(flip_kernel(w).view()),
+                (PreparedKernel::Winograd(k), true) => k.refill_flipped(w),
             },
             _ => {
+                // Both flipped forms read `w` directly: no flipped copy.
                 self.0 = match (path, flipped) {
                     (ConvPath::Direct(isa), true) => {
                         Some(PreparedKernel::Direct(PackedKernel::from_keras_flipped(isa, w)))
                     }
-                    (_, true) => PreparedKernel::new(path, flip_kernel(w).view()),
+                    (ConvPath::Winograd(isa), true) => {
+                        Some(PreparedKernel::Winograd(WinogradKernel::from_keras_flipped(isa, w)))
+                    }
+                    (_, true) => None,
                     (_, false) => PreparedKernel::new(path, w),
                 }
             }

@@ -103,12 +103,41 @@ impl WinogradKernel {
         k
     }
 
+    /// [`WinogradKernel::from_keras`] of [`super::conv::flip_kernel`]`(w)`
+    /// (dX's kernel, Cout -> Cin), transformed straight from the layer's
+    /// own `w` (3, 3, Cin, Cout) without making the flipped copy; the same
+    /// floats bit for bit.
+    pub fn from_keras_flipped(isa: Isa, w: ArrayView4<f32>) -> WinogradKernel {
+        let (_, _, cin, cout) = w.dim();
+        let u = (0..XI).map(|_| PackedKernel::gemm_zeroed(isa, cout, cin)).collect();
+        let mut k = WinogradKernel {
+            isa,
+            cin: cout,
+            cout: cin,
+            u,
+        };
+        k.refill_flipped(w);
+        k
+    }
+
+    /// [`WinogradKernel::refill`] with [`super::conv::flip_kernel`]`(w)`,
+    /// reading `w` (the layer's own, 3 x 3 x Cout' x Cin' for this Cin' ->
+    /// Cout' kernel) directly.
+    pub fn refill_flipped(&mut self, w: ArrayView4<f32>) {
+        self.fill(w, true)
+    }
+
     /// Transforms `w` (3, 3, Cin, Cout, the channel counts this kernel was
     /// made for) into this kernel's buffers, in place: stage 2 keeps
     /// block5's kernels across steps (36 MB a layer that a fresh
     /// allocation would have the OS zero first).
     pub fn refill(&mut self, w: ArrayView4<f32>) {
-        let (kh, kw, cin, cout) = w.dim();
+        self.fill(w, false)
+    }
+
+    fn fill(&mut self, w: ArrayView4<f32>, flipped: bool) {
+        let (kh, kw, wi, wo) = w.dim();
+        let (cin, cout) = if flipped { (wo, wi) } else { (wi, wo) };
         assert_eq!((kh, kw), (3, 3), "winograd: kernel must be 3x3, is {kh}x{kw}");
         assert_eq!(
             (cin, cout),
@@ -125,10 +154,10 @@ impl WinogradKernel {
         // CB * Cout floats, in order) and writes, for each panel, CB rows
         // of each of the 36 matrices (36 runs of CB * nr floats).
         // (Streaming stores measured no faster, inside the noise.)
-        const CB: usize = 16;
+        const CB: usize = FLIP_ROWS;
         let dst: Vec<SendPtr> = self.u.iter_mut().map(|k| SendPtr(k.data_ptr_mut())).collect();
         let dst: &[SendPtr; XI] = dst.as_slice().try_into().expect("36 matrices");
-        let rows = rows_fn(nr);
+        let rows = rows_fn(nr, flipped);
         (0..cin.div_ceil(CB)).into_par_iter().for_each(|b| {
             // SAFETY: this job writes rows b*CB.. of every panel of the 36
             // matrices (each K = cin rows of nr floats), no one else does;
@@ -138,21 +167,30 @@ impl WinogradKernel {
     }
 }
 
-/// [`transform_rows`] for panel width `nr`, compiled for AVX2 when this CPU
-/// has it (the same operations in the same order either way).
+/// Input channels a job of the kernel transform fills (16 floats of a
+/// flipped kernel's row are one cache line of the layer's own).
+const FLIP_ROWS: usize = 16;
+
+/// [`transform_rows`] for panel width `nr` (of the flipped kernel when
+/// `flipped`), compiled for AVX2 when this CPU has it (the same operations
+/// in the same order either way).
 type RowsFn = unsafe fn(&[f32], usize, usize, std::ops::Range<usize>, &[SendPtr; XI]);
-fn rows_fn(nr: usize) -> RowsFn {
+fn rows_fn(nr: usize, flipped: bool) -> RowsFn {
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx2") {
-        return match nr {
-            16 => transform_rows_avx2::<16>,
-            32 => transform_rows_avx2::<32>,
+        return match (nr, flipped) {
+            (16, false) => transform_rows_avx2::<16, false>,
+            (32, false) => transform_rows_avx2::<32, false>,
+            (16, true) => transform_rows_avx2::<16, true>,
+            (32, true) => transform_rows_avx2::<32, true>,
             _ => unreachable!("panel width {nr}"),
         };
     }
-    match nr {
-        16 => transform_rows::<16>,
-        32 => transform_rows::<32>,
+    match (nr, flipped) {
+        (16, false) => transform_rows::<16, false>,
+        (32, false) => transform_rows::<32, false>,
+        (16, true) => transform_rows::<16, true>,
+        (32, true) => transform_rows::<32, true>,
         _ => unreachable!("panel width {nr}"),
     }
 }
@@ -161,14 +199,14 @@ fn rows_fn(nr: usize) -> RowsFn {
 /// order, without FMA contraction: the same results as the portable build).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn transform_rows_avx2<const NR: usize>(
+unsafe fn transform_rows_avx2<const NR: usize, const FLIP: bool>(
     ws: &[f32],
     cin: usize,
     cout: usize,
     cis: std::ops::Range<usize>,
     dst: &[SendPtr; XI],
 ) {
-    transform_rows::<NR>(ws, cin, cout, cis, dst)
+    transform_rows::<NR, FLIP>(ws, cin, cout, cis, dst)
 }
 
 /// Fills rows `cis` (input channels) of every panel of the 36 packed
@@ -181,21 +219,56 @@ unsafe fn transform_rows_avx2<const NR: usize>(
 /// tests, this was ~30 ms a 512 x 512 layer, mostly branches and a
 /// `memmove` call per row; stage 2 runs it five times a step.)
 ///
+/// With FLIP, `ws` is the layer's own kernel (3, 3, cout, cin) and the
+/// kernel transformed is its flip (`flip_kernel`): tap t of (ci, co) is
+/// `ws[8 - t][co][ci]`. The job's channels `cis` (at most [`FLIP_ROWS`])
+/// are then contiguous in `ws`: each panel first copies, per tap and
+/// lane, that run of them into a block, and the rows read the block.
+///
 /// # Safety
 /// Each `dst[xi]` points at `cout.div_ceil(NR) * cin * NR` writable floats,
 /// and no one else touches rows `cis` of them meanwhile.
 #[inline(always)]
-unsafe fn transform_rows<const NR: usize>(
+unsafe fn transform_rows<const NR: usize, const FLIP: bool>(
     ws: &[f32],
     cin: usize,
     cout: usize,
     cis: std::ops::Range<usize>,
     dst: &[SendPtr; XI],
 ) {
+    let nb = cis.len();
+    assert!(
+        !FLIP || nb <= FLIP_ROWS,
+        "winograd: a flipped job of {nb} > {FLIP_ROWS} channels"
+    );
+    // FLIP: block[r][t][lane] = ws[8 - t][c0 + lane][cis.start + r], the
+    // transpose made while copying, so each row below reads whole lanes.
+    let mut block = if FLIP {
+        vec![[[0.0f32; NR]; 9]; FLIP_ROWS]
+    } else {
+        Vec::new()
+    };
     for j in 0..cout.div_ceil(NR) {
         let c0 = j * NR;
         let cols = NR.min(cout - c0);
+        if FLIP {
+            for t in 0..9 {
+                let tap = &ws[(8 - t) * cout * cin..(9 - t) * cout * cin];
+                for (r, br) in block.iter_mut().enumerate().take(nb) {
+                    let col = &tap[c0 * cin + cis.start + r..];
+                    for (lane, v) in br[t].iter_mut().enumerate().take(cols) {
+                        *v = col[lane * cin];
+                    }
+                }
+            }
+        }
         for ci in cis.clone() {
+            if FLIP {
+                // Lanes past Cout stay zero: no job of this panel wrote them.
+                let g = block[ci - cis.start];
+                transform_store::<NR>(g, j, cin, ci, dst);
+                continue;
+            }
             // g[t][lane]: tap t of output channel c0 + lane.
             let mut g = [[0.0f32; NR]; 9];
             for (t, gt) in g.iter_mut().enumerate() {
@@ -207,21 +280,31 @@ unsafe fn transform_rows<const NR: usize>(
                     gt[..cols].copy_from_slice(&ws[at..at + cols]);
                 }
             }
-            let mut u = [[0.0f32; NR]; XI];
-            for lane in 0..NR {
-                let tile = kernel_tile(std::array::from_fn(|t| g[t][lane] as f64));
-                for (row, v) in u.iter_mut().zip(tile) {
-                    row[lane] = v as f32;
-                }
-            }
-            for (d, row) in dst.iter().zip(&u) {
-                // SAFETY: row ci of panel j, inside the matrix (see above).
-                d.get()
-                    .add((j * cin + ci) * NR)
-                    .cast::<[f32; NR]>()
-                    .write_unaligned(*row);
-            }
+            transform_store::<NR>(g, j, cin, ci, dst);
         }
+    }
+}
+
+/// U = G g G^T of the NR kernels `g` (tap-major, a lane per output
+/// channel), stored as row `ci` of panel `j` of the 36 matrices `dst`.
+///
+/// # Safety
+/// As [`transform_rows`]: row `ci` of panel `j` is inside every `dst[xi]`.
+#[inline(always)]
+unsafe fn transform_store<const NR: usize>(g: [[f32; NR]; 9], j: usize, cin: usize, ci: usize, dst: &[SendPtr; XI]) {
+    let mut u = [[0.0f32; NR]; XI];
+    for lane in 0..NR {
+        let tile = kernel_tile(std::array::from_fn(|t| g[t][lane] as f64));
+        for (row, v) in u.iter_mut().zip(tile) {
+            row[lane] = v as f32;
+        }
+    }
+    for (d, row) in dst.iter().zip(&u) {
+        // SAFETY: row ci of panel j, inside the matrix (the caller's).
+        d.get()
+            .add((j * cin + ci) * NR)
+            .cast::<[f32; NR]>()
+            .write_unaligned(*row);
     }
 }
 

@@ -5,9 +5,27 @@
 
 use crate::error::{Error, Result};
 use crate::train::parallel::Collective;
+use mpi::datatype::{Partition, PartitionMut};
 use mpi::environment::Universe;
 use mpi::topology::SimpleCommunicator;
 use mpi::traits::*;
+use mpi::Count;
+
+/// MPI's counts and displacements (C ints) of consecutive slices.
+fn partition(counts: &[usize]) -> Result<(Vec<Count>, Vec<Count>)> {
+    let too_big = || Error::Config("a gradient exchange of over 2^31 floats per rank".into());
+    let mut displs = Vec::with_capacity(counts.len());
+    let mut at: usize = 0;
+    for &c in counts {
+        displs.push(Count::try_from(at).map_err(|_| too_big())?);
+        at += c;
+    }
+    let counts = counts
+        .iter()
+        .map(|&c| Count::try_from(c).map_err(|_| too_big()))
+        .collect::<Result<Vec<_>>>()?;
+    Ok((counts, displs))
+}
 
 /// MPI_COMM_WORLD of an initialised MPI (finalised on drop).
 pub struct Mpi {
@@ -57,15 +75,21 @@ impl Collective for Mpi {
     fn size(&self) -> usize {
         self.world.size() as usize
     }
-    fn all_to_all(&self, send: &[f32], chunk: usize) -> Result<Vec<f32>> {
-        let mut recv = vec![0f32; chunk * self.size()];
-        self.world.all_to_all_into(send, &mut recv[..]);
-        Ok(recv)
+    fn all_to_all(&self, send: &[f32], counts: &[usize], recv: &mut [f32]) -> Result<()> {
+        let n = self.size();
+        let mine = counts[self.rank()];
+        let (send_counts, send_displs) = partition(counts)?;
+        let (recv_counts, recv_displs) = partition(&vec![mine; n])?;
+        let send = Partition::new(send, send_counts, send_displs);
+        let mut recv = PartitionMut::new(recv, recv_counts, recv_displs);
+        self.world.all_to_all_varcount_into(&send, &mut recv);
+        Ok(())
     }
-    fn all_gather(&self, send: &[f32]) -> Result<Vec<f32>> {
-        let mut recv = vec![0f32; send.len() * self.size()];
-        self.world.all_gather_into(send, &mut recv[..]);
-        Ok(recv)
+    fn all_gather(&self, send: &[f32], counts: &[usize], recv: &mut [f32]) -> Result<()> {
+        let (recv_counts, recv_displs) = partition(counts)?;
+        let mut recv = PartitionMut::new(recv, recv_counts, recv_displs);
+        self.world.all_gather_varcount_into(send, &mut recv);
+        Ok(())
     }
     fn barrier(&self) -> Result<()> {
         self.world.barrier();

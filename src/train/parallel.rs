@@ -26,11 +26,14 @@ pub trait Collective {
     fn rank(&self) -> usize;
     /// Number of ranks.
     fn size(&self) -> usize;
-    /// `send` holds size() slices of `chunk` floats, slice j for rank j;
-    /// returns size() slices of `chunk`, slice i from rank i.
-    fn all_to_all(&self, send: &[f32], chunk: usize) -> Result<Vec<f32>>;
-    /// Every rank's `send` (the same length on every rank), in rank order.
-    fn all_gather(&self, send: &[f32]) -> Result<Vec<f32>>;
+    /// `send` holds size() consecutive slices, slice j of `counts[j]`
+    /// floats for rank j (the same `counts` on every rank); `recv`
+    /// (size() x counts[rank()] floats) gets slice rank() of every rank's
+    /// `send`, rank i's at `i * counts[rank()]`.
+    fn all_to_all(&self, send: &[f32], counts: &[usize], recv: &mut [f32]) -> Result<()>;
+    /// Rank i's `send` (`counts[i]` floats) goes to every rank's `recv` at
+    /// offset `counts[..i].sum()`; `recv` holds `counts.sum()` floats.
+    fn all_gather(&self, send: &[f32], counts: &[usize], recv: &mut [f32]) -> Result<()>;
     /// Waits until every rank has reached this call.
     fn barrier(&self) -> Result<()>;
     /// Says what the transport is ("single process", "MPI, 4 ranks").
@@ -57,11 +60,11 @@ impl<C: Collective> Collective for InTurn<C> {
     fn size(&self) -> usize {
         self.0.size()
     }
-    fn all_to_all(&self, send: &[f32], chunk: usize) -> Result<Vec<f32>> {
-        self.0.all_to_all(send, chunk)
+    fn all_to_all(&self, send: &[f32], counts: &[usize], recv: &mut [f32]) -> Result<()> {
+        self.0.all_to_all(send, counts, recv)
     }
-    fn all_gather(&self, send: &[f32]) -> Result<Vec<f32>> {
-        self.0.all_gather(send)
+    fn all_gather(&self, send: &[f32], counts: &[usize], recv: &mut [f32]) -> Result<()> {
+        self.0.all_gather(send, counts, recv)
     }
     fn barrier(&self) -> Result<()> {
         self.0.barrier()
@@ -85,11 +88,13 @@ impl Collective for Solo {
     fn size(&self) -> usize {
         1
     }
-    fn all_to_all(&self, send: &[f32], _chunk: usize) -> Result<Vec<f32>> {
-        Ok(send.to_vec())
+    fn all_to_all(&self, send: &[f32], _counts: &[usize], recv: &mut [f32]) -> Result<()> {
+        recv.copy_from_slice(send);
+        Ok(())
     }
-    fn all_gather(&self, send: &[f32]) -> Result<Vec<f32>> {
-        Ok(send.to_vec())
+    fn all_gather(&self, send: &[f32], _counts: &[usize], recv: &mut [f32]) -> Result<()> {
+        recv.copy_from_slice(send);
+        Ok(())
     }
     fn barrier(&self) -> Result<()> {
         Ok(())
@@ -103,24 +108,39 @@ impl Collective for Solo {
 /// `((buf_0[i] + buf_1[i]) + buf_2[i]) + ...` on every rank (the same
 /// length everywhere).
 pub fn sum_in_rank_order(c: &dyn Collective, buf: &mut [f32]) -> Result<()> {
+    sum_in_rank_order_with(c, buf, &mut Vec::new())
+}
+
+/// [`sum_in_rank_order`] with the received slices in `scratch` (grown as
+/// needed and kept by the caller, so repeated sums do not fault in fresh
+/// pages). `buf` is sent and gathered into as it is: no copies of it.
+pub fn sum_in_rank_order_with(c: &dyn Collective, buf: &mut [f32], scratch: &mut Vec<f32>) -> Result<()> {
     let n = c.size();
     if n == 1 {
         return Ok(());
     }
-    let chunk = buf.len().div_ceil(n);
-    let mut send = buf.to_vec();
-    send.resize(chunk * n, 0.0);
+    let counts = slice_counts(buf.len(), n);
+    let mine = counts[c.rank()];
+    if scratch.len() < n * mine {
+        scratch.resize(n * mine, 0.0);
+    }
+    let recv = &mut scratch[..n * mine];
     // Reduce-scatter: slice `rank` of every rank's buffer, summed in order.
-    let recv = c.all_to_all(&send, chunk)?;
-    let mut acc = recv[..chunk].to_vec();
-    for from in recv.chunks_exact(chunk).skip(1) {
+    c.all_to_all(buf, &counts, recv)?;
+    let (acc, rest) = recv.split_at_mut(mine);
+    for from in rest.chunks_exact(mine.max(1)) {
         for (a, &b) in acc.iter_mut().zip(from) {
             *a += b;
         }
     }
-    let all = c.all_gather(&acc)?;
-    buf.copy_from_slice(&all[..buf.len()]);
-    Ok(())
+    c.all_gather(acc, &counts, buf)
+}
+
+/// Lengths of the `n` consecutive slices a `len`-float buffer is cut into
+/// for the reduce-scatter: `ceil(len / n)` each, the last ones shorter.
+fn slice_counts(len: usize, n: usize) -> Vec<usize> {
+    let chunk = len.div_ceil(n);
+    (0..n).map(|j| len.saturating_sub(j * chunk).min(chunk)).collect()
 }
 
 /// Sums `count` segments over ranks ([`sum_in_rank_order`]) one at a
@@ -135,12 +155,13 @@ pub fn sum_segments(
 ) -> Result<(Option<Vec<Vec<f32>>>, std::time::Duration)> {
     let mut out = Vec::with_capacity(count);
     let mut busy = std::time::Duration::ZERO;
+    let mut scratch = Vec::new();
     for _ in 0..count {
         let Some(mut seg) = next() else {
             return Ok((None, busy));
         };
         let t0 = std::time::Instant::now();
-        sum_in_rank_order(c, &mut seg)?;
+        sum_in_rank_order_with(c, &mut seg, &mut scratch)?;
         busy += t0.elapsed();
         out.push(seg);
     }
@@ -203,15 +224,17 @@ pub fn gather_rows(c: &dyn Collective, mine: &[f32], len: usize, width: usize, b
     if n == 1 {
         return Ok(mine.to_vec());
     }
-    let most = (0..n).map(|r| rank_rows(len, batch, r, n).len()).max().unwrap_or(0);
-    let mut send = mine.to_vec();
-    send.resize(most * width, 0.0);
-    let all = c.all_gather(&send)?;
-    let mut out = Vec::with_capacity(len * width);
-    for r in 0..n {
-        let rows = rank_rows(len, batch, r, n).len();
-        out.extend_from_slice(&all[r * most * width..(r * most + rows) * width]);
+    let counts: Vec<usize> = (0..n).map(|r| rank_rows(len, batch, r, n).len() * width).collect();
+    if mine.len() != counts[c.rank()] {
+        return Err(Error::Config(format!(
+            "rank {} computed {} values, its share is {}",
+            c.rank(),
+            mine.len(),
+            counts[c.rank()]
+        )));
     }
+    let mut out = vec![0.0; len * width];
+    c.all_gather(mine, &counts, &mut out)?;
     Ok(out)
 }
 
@@ -250,14 +273,15 @@ impl Threads {
             .collect()
     }
 
-    /// Publishes `send`, waits for all, returns every rank's buffer.
-    fn exchange(&self, send: &[f32]) -> Result<Vec<Vec<f32>>> {
+    /// Publishes `send`, waits for all, hands every rank's buffer to
+    /// `read`, waits again (so no slot changes while another rank reads).
+    fn exchange(&self, send: &[f32], read: impl FnOnce(&[Vec<f32>])) -> Result<()> {
         let s = &self.shared;
         s.slots.lock().map_err(|_| poisoned())?[self.rank] = send.to_vec();
         s.barrier.wait();
-        let all = s.slots.lock().map_err(|_| poisoned())?.clone();
+        read(&s.slots.lock().map_err(|_| poisoned())?);
         s.barrier.wait();
-        Ok(all)
+        Ok(())
     }
 }
 
@@ -272,16 +296,24 @@ impl Collective for Threads {
     fn size(&self) -> usize {
         self.shared.size
     }
-    fn all_to_all(&self, send: &[f32], chunk: usize) -> Result<Vec<f32>> {
-        let all = self.exchange(send)?;
+    fn all_to_all(&self, send: &[f32], counts: &[usize], recv: &mut [f32]) -> Result<()> {
         let r = self.rank;
-        Ok(all
-            .iter()
-            .flat_map(|b| b[r * chunk..(r + 1) * chunk].iter().copied())
-            .collect())
+        let start: usize = counts[..r].iter().sum();
+        let mine = counts[r];
+        self.exchange(send, |all| {
+            for (to, from) in recv.chunks_exact_mut(mine.max(1)).zip(all) {
+                to.copy_from_slice(&from[start..start + mine]);
+            }
+        })
     }
-    fn all_gather(&self, send: &[f32]) -> Result<Vec<f32>> {
-        Ok(self.exchange(send)?.concat())
+    fn all_gather(&self, send: &[f32], _counts: &[usize], recv: &mut [f32]) -> Result<()> {
+        self.exchange(send, |all| {
+            let mut at = 0;
+            for from in all {
+                recv[at..at + from.len()].copy_from_slice(from);
+                at += from.len();
+            }
+        })
     }
     fn barrier(&self) -> Result<()> {
         self.shared.barrier.wait();
