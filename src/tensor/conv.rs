@@ -671,7 +671,9 @@ pub fn conv3x3_backward_prepared(
     let mut dw2 = Array2::<f32>::zeros((k, cout));
     let small = tap_classes(h, wd);
     let dzs = dz_std.as_slice().expect("standard layout");
-    if let ConvPath::Winograd(isa) = Dispatch::global().path(ConvAlgo::Auto, h, wd, cin) {
+    // dW's Winograd has no kernel transform but an output transform of the
+    // same size (dU, 36 x Cin x Cout), so it follows the same rule by tiles.
+    if let ConvPath::Winograd(isa) = Dispatch::global().path_unprepared(ConvAlgo::Auto, n, h, wd, cin) {
         // The same algebra backwards: 36 GEMMs on transformed tiles.
         let v = conv3x3_winograd_dw(isa, xs, (n, h, wd, cin), dzs, cout);
         dw2 = Array2::from_shape_vec((k, cout), v).expect("(9*Cin, Cout)");
@@ -694,38 +696,45 @@ pub fn conv3x3_backward_prepared(
     let dw = dw2.into_shape_with_order((3, 3, cin, cout)).expect("contiguous");
 
     let db = column_sums(dz2);
-    let dx = need_dx.then(|| match &small {
-        // Small images: the transposed conv reads W through transposed views.
-        Some(classes) => {
-            let w = w.as_standard_layout();
-            let w2 = w.view().into_shape_with_order((k, cout)).expect("standard layout");
-            let mut dx = Array4::<f32>::zeros((n, h, wd, cin));
-            let out = dx
-                .view_mut()
-                .into_shape_with_order((m, cin))
-                .expect("fresh array is contiguous");
-            conv_small_into(dzs, (n, h, wd, cout), Kernel::Transposed(w2), None, false, classes, out);
-            dx
-        }
-        None if let Some(k) = dx_kernel => {
+    let dx = need_dx.then(|| {
+        if let Some(k) = dx_kernel {
             assert_eq!(
                 k.channels(),
                 (cout, cin),
                 "conv3x3_backward: dX kernel is not this layer's"
             );
-            conv3x3_forward_prepared(dz_std.view(), k, None, false)
+            return conv3x3_forward_prepared(dz_std.view(), k, None, false);
         }
-        None => match Dispatch::global().path_unprepared(ConvAlgo::Auto, n, h, wd, cout) {
+        match (
+            &small,
+            Dispatch::global().path_unprepared(ConvAlgo::Auto, n, h, wd, cout),
+        ) {
+            // Small images: the transposed conv reads W through transposed views.
+            (Some(classes), ConvPath::TapClasses) => {
+                let w = w.as_standard_layout();
+                let w2 = w.view().into_shape_with_order((k, cout)).expect("standard layout");
+                let mut dx = Array4::<f32>::zeros((n, h, wd, cin));
+                let out = dx
+                    .view_mut()
+                    .into_shape_with_order((m, cin))
+                    .expect("fresh array is contiguous");
+                conv_small_into(dzs, (n, h, wd, cout), Kernel::Transposed(w2), None, false, classes, out);
+                dx
+            }
             // The direct kernel packs the flipped kernel straight from w.
-            ConvPath::Direct(isa) => {
+            (_, ConvPath::Direct(isa)) => {
                 let k = PreparedKernel::Direct(PackedKernel::from_keras_flipped(isa, w));
                 conv3x3_forward_prepared(dz_std.view(), &k, None, false)
             }
-            path => {
+            (_, ConvPath::Winograd(isa)) => {
+                let k = PreparedKernel::Winograd(WinogradKernel::from_keras_flipped(isa, w));
+                conv3x3_forward_prepared(dz_std.view(), &k, None, false)
+            }
+            (_, path) => {
                 let wt = flip_kernel(w);
                 conv3x3_forward_on(path, dz_std.view(), wt.view(), None, false)
             }
-        },
+        }
     });
     ConvGrads { dw, db, dx }
 }

@@ -20,8 +20,18 @@
 
 use std::sync::OnceLock;
 
-/// Images with both sides at most this use tap classes (see `conv.rs`).
+/// Images with both sides at most this use tap classes (see `conv.rs`),
+/// except where Winograd serves the layer and both sides are at least
+/// [`WINOGRAD_MIN_SIDE`].
 pub const SMALL_SIDE: usize = 4;
+
+/// The smallest image side Winograd F(4,3) takes over from tap classes: a
+/// 4x4 image is one whole output tile, 36 products a channel pair against
+/// tap classes' 100 (its valid taps). Measured on AVX2, 2 threads, 64
+/// images, 512 -> 512 (`examples/conv_layer`): 4x4 21 ms against 40 ms
+/// (8 images: 5 / 12 ms; 256 -> 512: 10 / 18 ms); at 3x3 18.6 / 21 ms, too
+/// close to pay for a kernel transform in training; at 2x2 21 / 7 ms.
+pub const WINOGRAD_MIN_SIDE: usize = 4;
 
 /// An instruction set a kernel is written for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -201,7 +211,8 @@ impl Dispatch {
     /// The path for an `h` x `w` image of `cin` channels when `algo` is
     /// asked for.
     ///
-    /// Auto: tap classes up to [`SMALL_SIDE`]; above it Winograd F(4,3)
+    /// Auto: tap classes up to [`SMALL_SIDE`] (Winograd from
+    /// [`WINOGRAD_MIN_SIDE`] where it serves the layer); above it Winograd F(4,3)
     /// where there are enough input channels, on AVX-512 or AVX2 (measured
     /// faster than the direct kernel at every VGG-16 layer from
     /// block1_conv2 on, BENCHMARKS.md); the RGB layer on the direct kernel
@@ -209,9 +220,18 @@ impl Dispatch {
     /// im2col + GEMM for everything on the portable ISA (the `gemm` crate
     /// has tuned kernels for more targets than ours).
     pub fn path(&self, algo: ConvAlgo, h: usize, w: usize, cin: usize) -> ConvPath {
-        if h <= SMALL_SIDE && w <= SMALL_SIDE {
-            return ConvPath::TapClasses;
+        let path = self.path_large(algo, cin);
+        let small = h <= SMALL_SIDE && w <= SMALL_SIDE;
+        let winograd_fits = matches!(path, ConvPath::Winograd(_)) && h.min(w) >= WINOGRAD_MIN_SIDE;
+        if small && !winograd_fits {
+            ConvPath::TapClasses
+        } else {
+            path
         }
+    }
+
+    /// [`Dispatch::path`] for an image larger than [`SMALL_SIDE`].
+    fn path_large(&self, algo: ConvAlgo, cin: usize) -> ConvPath {
         let algo = if algo == ConvAlgo::Auto { self.conv } else { algo };
         let winograd_ok = cin >= crate::tensor::winograd::MIN_CIN;
         match algo {
@@ -243,8 +263,9 @@ impl Dispatch {
         let p = self.path(algo, h, w, cin);
         let auto = algo == ConvAlgo::Auto && self.conv == ConvAlgo::Auto;
         match p {
-            ConvPath::Winograd(isa) if auto && n * h.div_ceil(4) * w.div_ceil(4) < WINOGRAD_MIN_TILES => {
-                ConvPath::Direct(isa)
+            // The direct kernel, or tap classes on a small image.
+            ConvPath::Winograd(_) if auto && n * h.div_ceil(4) * w.div_ceil(4) < WINOGRAD_MIN_TILES => {
+                self.path(ConvAlgo::Direct, h, w, cin)
             }
             p => p,
         }
@@ -258,6 +279,12 @@ impl Dispatch {
             ConvPath::Winograd(isa) => format!("winograd F(4,3) {}", isa.name()),
             p => p.name().replace('_', " "),
         };
+        // The largest side still on tap classes (Winograd may start below
+        // SMALL_SIDE).
+        let small = (1..=SMALL_SIDE)
+            .rev()
+            .find(|&s| self.path(ConvAlgo::Auto, s, s, 64) == ConvPath::TapClasses)
+            .unwrap_or(0);
         let s = SMALL_SIDE + 1;
         let (rgb, big) = (self.path(ConvAlgo::Auto, s, s, 3), self.path(ConvAlgo::Auto, s, s, 64));
         let big = if rgb == big {
@@ -281,7 +308,7 @@ impl Dispatch {
             "conv: {big} (> {s}x{s}), tap classes (<= {s}x{s}); cpu: {} ({}){forced}",
             cpu_model(),
             cpu_features(),
-            s = SMALL_SIDE
+            s = small
         )
     }
 }
@@ -359,11 +386,23 @@ mod tests {
                 isa,
                 conv: ConvAlgo::Auto,
             };
-            // Small images always take tap classes, whatever is asked.
+            // Small images take tap classes, whatever is asked, except
+            // Winograd's from WINOGRAD_MIN_SIDE (one whole output tile).
             for algo in [ConvAlgo::Auto, ConvAlgo::Direct, ConvAlgo::Im2col, ConvAlgo::Winograd] {
-                assert_eq!(d.path(algo, 4, 4, 64), ConvPath::TapClasses);
+                assert_eq!(d.path(algo, 3, 4, 64), ConvPath::TapClasses);
                 assert_eq!(d.path(algo, 1, 2, 3), ConvPath::TapClasses);
+                assert_eq!(d.path(algo, 4, 4, 3), ConvPath::TapClasses, "RGB: no Winograd");
             }
+            assert_eq!(d.path(ConvAlgo::Winograd, 4, 4, 64), ConvPath::Winograd(isa));
+            assert_eq!(d.path(ConvAlgo::Direct, 4, 4, 64), ConvPath::TapClasses);
+            assert_eq!(d.path(ConvAlgo::Im2col, 4, 4, 64), ConvPath::TapClasses);
+            let auto4 = d.path(ConvAlgo::Auto, 4, 4, 64);
+            match isa {
+                Isa::Generic => assert_eq!(auto4, ConvPath::TapClasses),
+                _ => assert_eq!(auto4, ConvPath::Winograd(isa)),
+            }
+            // Too few tiles for a kernel transform: back to tap classes.
+            assert_eq!(d.path_unprepared(ConvAlgo::Auto, 8, 4, 4, 64), ConvPath::TapClasses);
             assert_eq!(d.path(ConvAlgo::Direct, 5, 4, 64), ConvPath::Direct(isa));
             assert_eq!(d.path(ConvAlgo::Im2col, 224, 224, 64), ConvPath::Im2col);
             assert_eq!(d.path(ConvAlgo::Winograd, 14, 14, 512), ConvPath::Winograd(isa));
