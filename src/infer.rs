@@ -9,7 +9,7 @@ use crate::features::cache::{self, CacheKey, Dtype};
 use crate::features::{batched_logits, BatchedForward, Cached, Features, Live};
 use crate::model::saved::SavedModel;
 use crate::model::vgg::BLOCK5_START;
-use crate::model::{block5_features, head_forward};
+use crate::model::{head_forward, Block5Infer};
 use crate::observer::Observer;
 use crate::report::metrics::{self, Report};
 use crate::tensor::ops::softmax;
@@ -86,8 +86,9 @@ impl EvaluateJob<'_> {
             None => &live,
         };
         obs.begin("evaluate", n as u64, "img");
+        let mut b5 = Block5Infer::new();
         let logits = batched_logits(&idx, self.batch_size, model.meta.class_names.len(), |c| {
-            let g = block5_features(model.block5(), feats.block4(c)?.view());
+            let g = b5.features(model.block5(), feats.block4(c)?.view());
             obs.advance(c.len() as u64, "");
             Ok(head_forward(&model.head, g.view(), None).0)
         })?;
@@ -128,6 +129,7 @@ impl PredictJob<'_> {
         let (size, resize) = (model.meta.image_size, model.meta.resize());
         let px = size * size * 3;
         let forward = BatchedForward::new(&model.base, size, self.batch_size);
+        let mut b5 = Block5Infer::new();
         let mut failed = 0;
         for chunk in self.images.chunks(self.batch_size.max(1)) {
             // Decode the chunk in parallel; keep the readable ones in order.
@@ -150,7 +152,7 @@ impl PredictJob<'_> {
                 0..BLOCK5_START,
                 |_, _, _| Ok(()),
                 |r, x4| {
-                    let g = block5_features(model.block5(), x4.view());
+                    let g = b5.features(model.block5(), x4.view());
                     let (logits, _) = head_forward(&model.head, g.view(), None);
                     let probs = softmax(logits.view());
                     for (&i, p) in ok[r].iter().zip(probs.rows()) {

@@ -217,6 +217,32 @@ fn block5_kernels_kept_across_steps_equal_fresh_ones() {
     );
 }
 
+/// Inference keeps block5's kernels across batches (`Block5Infer`): every
+/// batch, of any size, gets bit for bit what a one-off `block5_features`
+/// gives, on sides with prepared kernels (8x8, 4x4: Winograd on AVX2 /
+/// AVX-512) and without (2x2: tap classes), the side changing between
+/// calls.
+#[test]
+fn block5_inference_kernels_kept_across_batches_equal_one_off() {
+    let c = 16;
+    let mut r = rng(6);
+    let convs: Vec<ConvParams> = (0..3)
+        .map(|_| ConvParams {
+            w: rand4(&mut r, (3, 3, c, c), -0.3, 0.3),
+            b: rand1(&mut r, c, 0.0, 0.3),
+        })
+        .collect();
+    let same = |a: &Array2<f32>, b: &Array2<f32>| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+    let mut kept = Block5Infer::new();
+    for (n, side) in [(3, 8), (5, 8), (2, 4), (7, 4), (4, 2), (1, 8)] {
+        let x4 = rand4(&mut r, (n, side, side, c), -1.0, 1.0);
+        let got = kept.features(&convs, x4.view());
+        let want = block5_features(&convs, x4.view());
+        assert_eq!(got.dim(), (n, c));
+        assert!(same(&got, &want), "{n} images of {side}x{side}: kept kernels differ");
+    }
+}
+
 // ------------------------------------------------------------ cached vs live, resume
 
 fn config(seed: u64) -> TrainConfig {

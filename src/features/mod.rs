@@ -16,7 +16,7 @@ pub mod extract;
 
 use crate::data::Dataset;
 use crate::error::Result;
-use crate::model::block5::block5_features;
+use crate::model::block5::Block5Infer;
 use crate::model::head::{head_forward, Head};
 use crate::model::vgg::{auto_batch, ConvParams, Prepared, Vgg16, BLOCK5_START, LAYERS};
 use crate::tensor::ops::gap_forward;
@@ -179,7 +179,8 @@ pub fn logits_stage2(
     idx: &[usize],
     batch: usize,
 ) -> Result<Array2<f32>> {
+    let mut b5 = Block5Infer::new();
     batched_logits(idx, batch, head.out.b.len(), |c| {
-        Ok(head_forward(head, block5_features(block5, feats.block4(c)?.view()).view(), None).0)
+        Ok(head_forward(head, b5.features(block5, feats.block4(c)?.view()).view(), None).0)
     })
 }

@@ -110,12 +110,53 @@ pub fn block5_forward(p: &[ConvParams], x4: Array4<f32>, kernels: &mut Block5Ker
     )
 }
 
-/// Inference only: block4_pool -> GAP features.
+/// Inference only: block4_pool -> GAP features, preparing the kernels for
+/// this call alone (see [`Block5Infer`] for many batches).
 pub fn block5_features(p: &[ConvParams], x4: ArrayView4<f32>) -> Array2<f32> {
-    let c1 = conv3x3_forward(x4, p[0].w.view(), Some(p[0].b.view()), true);
-    let c2 = conv3x3_forward(c1.view(), p[1].w.view(), Some(p[1].b.view()), true);
-    let c3 = conv3x3_forward(c2.view(), p[2].w.view(), Some(p[2].b.view()), true);
-    gap_forward(maxpool2x2_infer(c3.view()).view())
+    Block5Infer::new().features(p, x4)
+}
+
+/// Block5's kernels for inference over many batches with one set of
+/// weights (`evaluate`, `predict`, validation and the stage-end test):
+/// prepared on the first batch, on the path [`conv3x3_forward`] takes
+/// (by layer and side, never by batch: an image gets the same numbers in
+/// any batch), and kept while the side stays the same. Before, every batch
+/// transformed block5's three kernels again (at 224 px ~25 ms each with
+/// a fresh 36 MB buffer; at 64 px as long as the convolutions).
+/// Make a new one when the weights change.
+#[derive(Default)]
+pub struct Block5Infer {
+    kernels: [KernelSlot; 3],
+    side: Option<(usize, usize)>,
+}
+
+impl Block5Infer {
+    pub fn new() -> Block5Infer {
+        Block5Infer::default()
+    }
+
+    /// block4_pool (B, s, s, 512) -> GAP features (B, 512) with `p`'s
+    /// weights (the same `p` at every call).
+    pub fn features(&mut self, p: &[ConvParams], x4: ArrayView4<f32>) -> Array2<f32> {
+        assert_eq!(p.len(), 3, "block5 has three convs");
+        let side = (x4.dim().1, x4.dim().2);
+        if self.side != Some(side) {
+            let d = Dispatch::global();
+            for (slot, c) in self.kernels.iter_mut().zip(p) {
+                let path = d.path(ConvAlgo::Auto, side.0, side.1, c.w.dim().2);
+                slot.prepare(path, c.w.view(), false);
+            }
+            self.side = Some(side);
+        }
+        let conv = |l: usize, x: ArrayView4<f32>| match self.kernels[l].get() {
+            Some(k) => conv3x3_forward_prepared(x, k, Some(p[l].b.view()), true),
+            None => conv3x3_forward(x, p[l].w.view(), Some(p[l].b.view()), true),
+        };
+        let c1 = conv(0, x4);
+        let c2 = conv(1, c1.view());
+        let c3 = conv(2, c2.view());
+        gap_forward(maxpool2x2_infer(c3.view()).view())
+    }
 }
 
 /// Backward from dG (B, 512) to block5's parameter gradients. conv5_3 and

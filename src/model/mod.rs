@@ -12,5 +12,7 @@ pub mod saved;
 pub mod summary;
 pub mod vgg;
 
-pub use block5::{block5_backward, block5_backward_each, block5_features, block5_forward, Block5Acts, Block5Kernels};
+pub use block5::{
+    block5_backward, block5_backward_each, block5_features, block5_forward, Block5Acts, Block5Infer, Block5Kernels,
+};
 pub use head::{head_backward, head_forward, Dense, Head, HeadActs, Norm};
