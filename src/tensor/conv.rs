@@ -668,29 +668,37 @@ pub fn conv3x3_backward_prepared(
     let dz2 = dz_std.view().into_shape_with_order((m, cout)).expect("standard layout");
 
     // dW (9*Cin, Cout) = sum over pixel chunks of col^T (9*Cin, Pc) x dZ (Pc, Cout).
-    let mut dw2 = Array2::<f32>::zeros((k, cout));
     let small = tap_classes(h, wd);
     let dzs = dz_std.as_slice().expect("standard layout");
     // dW's Winograd has no kernel transform but an output transform of the
     // same size (dU, 36 x Cin x Cout), so it follows the same rule by tiles.
-    if let ConvPath::Winograd(isa) = Dispatch::global().path_unprepared(ConvAlgo::Auto, n, h, wd, cin) {
+    let winograd = match Dispatch::global().path_unprepared(ConvAlgo::Auto, n, h, wd, cin) {
+        ConvPath::Winograd(isa) => Some(isa),
+        _ => None,
+    };
+    // Zeroed only where it is summed into (9.4 MB for a 512 x 512 layer).
+    let mut dw2 = match winograd {
         // The same algebra backwards: 36 GEMMs on transformed tiles.
-        let v = conv3x3_winograd_dw(isa, xs, (n, h, wd, cin), dzs, cout);
-        dw2 = Array2::from_shape_vec((k, cout), v).expect("(9*Cin, Cout)");
-    } else if let (Some(classes), true) = (&small, m > 0 && k > 0) {
-        dw_small(xs, (n, h, wd, cin), dz2, classes, &mut dw2);
-    } else if m > 0 && k > 0 {
-        let chunk_rows = (DW_CHUNK_BYTES / (k * std::mem::size_of::<f32>())).max(1).min(m);
-        let mut col = vec![0.0f32; chunk_rows * k];
-        const BUILD_ROWS: usize = 64;
-        for (ci, p0) in (0..m).step_by(chunk_rows).enumerate() {
-            let rows = chunk_rows.min(m - p0);
-            col[..rows * k]
-                .par_chunks_mut(BUILD_ROWS * k)
-                .enumerate()
-                .for_each(|(bi, part)| im2col(xs, h, wd, cin, p0 + bi * BUILD_ROWS, part.len() / k, part));
-            let col_v = ArrayView2::from_shape((rows, k), &col[..rows * k]).expect("sized above");
-            sgemm(col_v.t(), dz2.slice(s![p0..p0 + rows, ..]), dw2.view_mut(), ci > 0);
+        Some(isa) => Array2::from_shape_vec((k, cout), conv3x3_winograd_dw(isa, xs, (n, h, wd, cin), dzs, cout))
+            .expect("(9*Cin, Cout)"),
+        None => Array2::<f32>::zeros((k, cout)),
+    };
+    match (&small, winograd.is_none() && m > 0 && k > 0) {
+        (_, false) => {} // Winograd's, above; or nothing to sum.
+        (Some(classes), true) => dw_small(xs, (n, h, wd, cin), dz2, classes, &mut dw2),
+        (None, true) => {
+            let chunk_rows = (DW_CHUNK_BYTES / (k * std::mem::size_of::<f32>())).max(1).min(m);
+            let mut col = vec![0.0f32; chunk_rows * k];
+            const BUILD_ROWS: usize = 64;
+            for (ci, p0) in (0..m).step_by(chunk_rows).enumerate() {
+                let rows = chunk_rows.min(m - p0);
+                col[..rows * k]
+                    .par_chunks_mut(BUILD_ROWS * k)
+                    .enumerate()
+                    .for_each(|(bi, part)| im2col(xs, h, wd, cin, p0 + bi * BUILD_ROWS, part.len() / k, part));
+                let col_v = ArrayView2::from_shape((rows, k), &col[..rows * k]).expect("sized above");
+                sgemm(col_v.t(), dz2.slice(s![p0..p0 + rows, ..]), dw2.view_mut(), ci > 0);
+            }
         }
     }
     let dw = dw2.into_shape_with_order((3, 3, cin, cout)).expect("contiguous");
