@@ -12,7 +12,7 @@ use crate::tensor::dispatch::{ConvAlgo, ConvPath, Dispatch};
 use crate::tensor::ops::{
     gap_backward, gap_forward, maxpool2x2_backward, maxpool2x2_forward, maxpool2x2_infer, relu_backward,
 };
-use ndarray::{Array2, Array4, ArrayView2, ArrayView4};
+use ndarray::{Array2, Array4, ArrayView1, ArrayView2, ArrayView4};
 
 /// What [`block5_forward`] keeps for backward.
 pub struct Block5Acts {
@@ -87,13 +87,7 @@ pub fn block5_forward(p: &[ConvParams], x4: Array4<f32>, kernels: &mut Block5Ker
     assert_eq!(p.len(), 3, "block5 has three convs");
     let (n, s) = (x4.dim().0, x4.dim().1);
     kernels.ensure(p, n, s);
-    let conv = |l: usize, x: ArrayView4<f32>| match kernels.forward[l].get() {
-        Some(k) => conv3x3_forward_prepared(x, k, Some(p[l].b.view()), true),
-        None => conv3x3_forward_step(x, p[l].w.view(), Some(p[l].b.view()), true),
-    };
-    let c1 = conv(0, x4.view());
-    let c2 = conv(1, c1.view());
-    let c3 = conv(2, c2.view());
+    let [c1, c2, c3] = three_convs(p, &kernels.forward, x4.view(), conv3x3_forward_step);
     let (pool, arg) = maxpool2x2_forward(c3.view());
     let g = gap_forward(pool.view());
     let pool_hw = (pool.dim().1, pool.dim().2);
@@ -148,15 +142,26 @@ impl Block5Infer {
             }
             self.side = Some(side);
         }
-        let conv = |l: usize, x: ArrayView4<f32>| match self.kernels[l].get() {
-            Some(k) => conv3x3_forward_prepared(x, k, Some(p[l].b.view()), true),
-            None => conv3x3_forward(x, p[l].w.view(), Some(p[l].b.view()), true),
-        };
-        let c1 = conv(0, x4);
-        let c2 = conv(1, c1.view());
-        let c3 = conv(2, c2.view());
+        let [_, _, c3] = three_convs(p, &self.kernels, x4, conv3x3_forward);
         gap_forward(maxpool2x2_infer(c3.view()).view())
     }
+}
+
+/// A conv layer's forward from its plain kernel (bias, ReLU), the shape
+/// of `conv3x3_forward` and `conv3x3_forward_step`.
+type PlainConv = fn(ArrayView4<f32>, ArrayView4<f32>, Option<ArrayView1<f32>>, bool) -> Array4<f32>;
+
+/// Block5's three convs (bias + ReLU) on `kernels`' prepared forms, or on
+/// `plain` for a layer whose path has none (tap classes, im2col).
+fn three_convs(p: &[ConvParams], kernels: &[KernelSlot; 3], x4: ArrayView4<f32>, plain: PlainConv) -> [Array4<f32>; 3] {
+    let conv = |l: usize, x: ArrayView4<f32>| match kernels[l].get() {
+        Some(k) => conv3x3_forward_prepared(x, k, Some(p[l].b.view()), true),
+        None => plain(x, p[l].w.view(), Some(p[l].b.view()), true),
+    };
+    let c1 = conv(0, x4);
+    let c2 = conv(1, c1.view());
+    let c3 = conv(2, c2.view());
+    [c1, c2, c3]
 }
 
 /// Backward from dG (B, 512) to block5's parameter gradients. conv5_3 and

@@ -176,21 +176,25 @@ const FLIP_ROWS: usize = 16;
 /// in the same order either way).
 type RowsFn = unsafe fn(&[f32], usize, usize, std::ops::Range<usize>, &[SendPtr; XI]);
 fn rows_fn(nr: usize, flipped: bool) -> RowsFn {
+    if flipped {
+        rows_fn_of::<true>(nr)
+    } else {
+        rows_fn_of::<false>(nr)
+    }
+}
+
+fn rows_fn_of<const FLIP: bool>(nr: usize) -> RowsFn {
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx2") {
-        return match (nr, flipped) {
-            (16, false) => transform_rows_avx2::<16, false>,
-            (32, false) => transform_rows_avx2::<32, false>,
-            (16, true) => transform_rows_avx2::<16, true>,
-            (32, true) => transform_rows_avx2::<32, true>,
+        return match nr {
+            16 => transform_rows_avx2::<16, FLIP>,
+            32 => transform_rows_avx2::<32, FLIP>,
             _ => unreachable!("panel width {nr}"),
         };
     }
-    match (nr, flipped) {
-        (16, false) => transform_rows::<16, false>,
-        (32, false) => transform_rows::<32, false>,
-        (16, true) => transform_rows::<16, true>,
-        (32, true) => transform_rows::<32, true>,
+    match nr {
+        16 => transform_rows::<16, FLIP>,
+        32 => transform_rows::<32, FLIP>,
         _ => unreachable!("panel width {nr}"),
     }
 }
@@ -413,32 +417,12 @@ pub fn conv3x3_winograd(
     let tiles = n * ty * tx;
     let chunk = chunk_tiles(tiles, cin, cout, g.mr);
     // V: (XI, chunk, cin); M: (XI, chunk, cout). Reused across chunks and,
-    // kept by the calling thread, across calls ([`with_scratch`]): the
+    // kept by the calling thread, across calls ([`Scratch`]): the
     // transforms fill whole rows of V, the GEMMs whole rows of M, before
     // any is read (the micro-panel GEMM also reads the last block's
     // padding rows, whose products are never stored).
-    with_scratch(XI * chunk * cin, XI * chunk * cout, |v, mm| {
-        winograd_chunks(x, (n, h, w, cin), kernel, bias, relu, out, (chunk, packed), v, mm)
-    });
-}
-
-/// The chunks of [`conv3x3_winograd`] with V and M as given.
-#[allow(clippy::too_many_arguments)]
-fn winograd_chunks(
-    x: &[f32],
-    (n, h, w, cin): (usize, usize, usize, usize),
-    kernel: &WinogradKernel,
-    bias: &[f32],
-    relu: bool,
-    out: &mut [std::mem::MaybeUninit<f32>],
-    (chunk, packed): (usize, bool),
-    v: &mut [f32],
-    mm: &mut [f32],
-) {
-    let (isa, cout) = (kernel.isa, kernel.cout);
-    let g = Geometry::of(isa);
-    let (ty, tx) = (h.div_ceil(M), w.div_ceil(M));
-    let tiles = n * ty * tx;
+    let mut scratch = Scratch::take(XI * chunk * cin, XI * chunk * cout);
+    let (v, mm) = scratch.parts();
     let out_ptr = SendPtr(out.as_mut_ptr().cast::<f32>());
     let geom = (n, h, w, ty, tx);
     // Rows of V a GEMM job takes, and the panel runs that share a row run.
@@ -962,40 +946,40 @@ pub fn conv3x3_winograd_dw(
     // calls: a fresh one is fresh pages from the OS every step, which the
     // kernel zeroes (a tenth of a small stage-2 step). The first chunk's
     // GEMMs overwrite it, so stale values are never read.
-    // V and dM as in the forward ([`with_scratch`]): every row a chunk's
-    // GEMMs read was written by its transforms.
+    // V and dM as in the forward ([`Scratch`]): every row a chunk's GEMMs
+    // read was written by its transforms.
+    let mut scratch = Scratch::take(XI * chunk * cin, XI * chunk * cout);
+    let (v, dm) = scratch.parts();
     DW_SCRATCH.with_borrow_mut(|du| {
         du.resize(XI * cin * cout, 0.0);
-        with_scratch(XI * chunk * cin, XI * chunk * cout, |v, dm| {
-            for (ci, t0) in (0..tiles).step_by(chunk).enumerate() {
-                let nt = chunk.min(tiles - t0);
-                {
-                    let (vp, mp) = (SendPtr(v.as_mut_ptr()), SendPtr(dm.as_mut_ptr()));
-                    (0..nt.div_ceil(16)).into_par_iter().for_each(|b| {
-                        for t in b * 16..((b + 1) * 16).min(nt) {
-                            // SAFETY: tile t writes row t of V and of dM only.
-                            unsafe {
-                                input_tile(isa, x, geom, cin, t0 + t, vp.get(), t, chunk, false);
-                                grad_tile(isa, dz, geom, cout, t0 + t, mp.get(), t, chunk);
-                            }
+        for (ci, t0) in (0..tiles).step_by(chunk).enumerate() {
+            let nt = chunk.min(tiles - t0);
+            {
+                let (vp, mp) = (SendPtr(v.as_mut_ptr()), SendPtr(dm.as_mut_ptr()));
+                (0..nt.div_ceil(16)).into_par_iter().for_each(|b| {
+                    for t in b * 16..((b + 1) * 16).min(nt) {
+                        // SAFETY: tile t writes row t of V and of dM only.
+                        unsafe {
+                            input_tile(isa, x, geom, cin, t0 + t, vp.get(), t, chunk, false);
+                            grad_tile(isa, dz, geom, cout, t0 + t, mp.get(), t, chunk);
                         }
-                    });
-                }
-                let (v, dm) = (&v, &dm);
-                du[..XI * cin * cout]
-                    .par_chunks_mut(cin * cout)
-                    .enumerate()
-                    .for_each(|(xi, d)| {
-                        let a = ArrayView2::from_shape((nt, cin), &v[xi * chunk * cin..(xi * chunk + nt) * cin])
-                            .expect("sized");
-                        let b = ArrayView2::from_shape((nt, cout), &dm[xi * chunk * cout..(xi * chunk + nt) * cout])
-                            .expect("sized");
-                        let c = ndarray::ArrayViewMut2::from_shape((cin, cout), d).expect("sized");
-                        // (Cin, Cout) (+)= (Cin, nt) x (nt, Cout)
-                        sgemm_serial(Backend::DEFAULT, a.t(), b, c, ci > 0);
-                    });
+                    }
+                });
             }
-        });
+            let (v, dm) = (&v, &dm);
+            du[..XI * cin * cout]
+                .par_chunks_mut(cin * cout)
+                .enumerate()
+                .for_each(|(xi, d)| {
+                    let a = ArrayView2::from_shape((nt, cin), &v[xi * chunk * cin..(xi * chunk + nt) * cin])
+                        .expect("sized");
+                    let b = ArrayView2::from_shape((nt, cout), &dm[xi * chunk * cout..(xi * chunk + nt) * cout])
+                        .expect("sized");
+                    let c = ndarray::ArrayViewMut2::from_shape((cin, cout), d).expect("sized");
+                    // (Cin, Cout) (+)= (Cin, nt) x (nt, Cout)
+                    sgemm_serial(Backend::DEFAULT, a.t(), b, c, ci > 0);
+                });
+        }
         dw_output_transform(isa, &du[..XI * cin * cout], cin, cout, &mut dw);
     });
     dw
@@ -1004,28 +988,49 @@ pub fn conv3x3_winograd_dw(
 thread_local! {
     /// dU of [`conv3x3_winograd_dw`], kept by each calling thread.
     static DW_SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-    /// V and M of the forward and of dW ([`with_scratch`]).
+    /// V and M of the forward and of dW ([`Scratch`]).
     static VM_SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>)> =
         const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }
 
-/// Runs `f` on the calling thread's V and M buffers, `v_len` and `m_len`
-/// floats (at most [`CHUNK_BYTES`] together, bar tiny chunks), grown as
-/// needed and kept for the next call: fresh ones were zeroed on every
-/// call, five times a stage-2 step, on one thread while the others
-/// waited. They hold the last call's values: callers write before they
-/// read.
-fn with_scratch<R>(v_len: usize, m_len: usize, f: impl FnOnce(&mut [f32], &mut [f32]) -> R) -> R {
-    let (mut v, mut m) = VM_SCRATCH.with_borrow_mut(std::mem::take);
-    if v.len() < v_len {
-        v.resize(v_len, 0.0);
+/// The calling thread's V and M buffers, taken for one call and given
+/// back on drop, grown as needed (at most [`CHUNK_BYTES`] together, bar
+/// tiny chunks): fresh ones were zeroed on every call, five times a
+/// stage-2 step, on one thread while the others waited. They hold the last
+/// call's values: callers write before they read.
+struct Scratch {
+    v: Vec<f32>,
+    m: Vec<f32>,
+    lens: (usize, usize),
+}
+
+impl Scratch {
+    fn take(v_len: usize, m_len: usize) -> Scratch {
+        let (mut v, mut m) = VM_SCRATCH.with_borrow_mut(std::mem::take);
+        if v.len() < v_len {
+            v.resize(v_len, 0.0);
+        }
+        if m.len() < m_len {
+            m.resize(m_len, 0.0);
+        }
+        Scratch {
+            v,
+            m,
+            lens: (v_len, m_len),
+        }
     }
-    if m.len() < m_len {
-        m.resize(m_len, 0.0);
+
+    /// V and M, of the lengths asked for.
+    fn parts(&mut self) -> (&mut [f32], &mut [f32]) {
+        (&mut self.v[..self.lens.0], &mut self.m[..self.lens.1])
     }
-    let r = f(&mut v[..v_len], &mut m[..m_len]);
-    VM_SCRATCH.with_borrow_mut(|s| *s = (v, m));
-    r
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let bufs = (std::mem::take(&mut self.v), std::mem::take(&mut self.m));
+        VM_SCRATCH.with_borrow_mut(|s| *s = bufs);
+    }
 }
 
 /// dW[a][b] = sum_{i,j} G[i][a] dU[(i,j)] G[j][b] for every input channel
