@@ -20,21 +20,40 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--passes", type=int, default=3)
     ap.add_argument("--vgg16", default=os.path.join(root, "target", "release", "vgg16"))
+    ap.add_argument("--backend", action="append", help="only these of our backends (repeatable; default: all)")
     a = ap.parse_args()
     g = defaultdict(list)
     shapes = {}
+    sys.path.insert(0, here)
+    from openblas_gemm import SHAPES
+    names = [s[0] for s in SHAPES]
     for p in range(a.passes):
-        for r in lines([a.vgg16, "bench", "gemm", "--threads", str(a.threads)]) + \
-                 lines([sys.executable, os.path.join(here, "openblas_gemm.py"), "--threads", str(a.threads)]):
-            g[(r["name"], r["backend"])].append(r["gflops"])
-            shapes[r["name"]] = (r["m"], r["k"], r["n"])
+        # Shape by shape, ours then OpenBLAS back to back: the machine's
+        # drift over a pass then moves both sides of a ratio together.
+        for name in names:
+            rows = sum((lines([a.vgg16, "bench", "gemm", "--threads", str(a.threads), "--shape", name]
+                              + (["--backend", b] if b else []))
+                        for b in (a.backend or [None])), [])
+            rows += lines([sys.executable, os.path.join(here, "openblas_gemm.py"), "--threads", str(a.threads),
+                           "--shape", name])
+            for r in rows:
+                g[(r["name"], r["backend"])].append(r["gflops"])
+                shapes[r["name"]] = (r["m"], r["k"], r["n"])
         print(f"pass {p + 1}/{a.passes} done", file=sys.stderr)
     med = {k: statistics.median(v) for k, v in g.items()}
-    print(f"| shape | m x k x n | gemm backend | matrixmultiply | OpenBLAS | gemm / OpenBLAS | matrixmultiply / OpenBLAS |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    ours = [b for b in dict.fromkeys(b for (_, b) in g) if b != "openblas"]
+    # Ratios pass by pass (each pair measured back to back), then their
+    # median: steadier than a ratio of medians on a drifting machine.
+    ratio = {(name, b): statistics.median(x / y for x, y in zip(g[(name, b)], g[(name, "openblas")]))
+             for name in shapes for b in ours}
+    print(f"{a.passes} passes, {a.threads} threads; GFLOP/s medians; ratio = median of the per-pass ratios")
+    print("| shape | m x k x n | " + " | ".join(ours) + " | OpenBLAS | " + " | ".join(f"{b} / OpenBLAS" for b in ours) + " |")
+    print("| --- | --- |" + " --- |" * (2 * len(ours) + 1))
     for name, (m, k, n) in shapes.items():
-        ge, mm, ob = med[(name, "gemm")], med[(name, "matrixmultiply")], med[(name, "openblas")]
-        print(f"| {name} | {m} x {k} x {n} | {ge:.1f} | {mm:.1f} | {ob:.1f} | {ge / ob:.2f} | {mm / ob:.2f} |")
+        ob = med[(name, "openblas")]
+        vals = [med[(name, b)] for b in ours]
+        print(f"| {name} | {m} x {k} x {n} | " + " | ".join(f"{v:.1f}" for v in vals) + f" | {ob:.1f} | "
+              + " | ".join(f"{ratio[(name, b)]:.2f}" for b in ours) + " |")
 
 if __name__ == "__main__":
     main()

@@ -23,12 +23,15 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--min-time", type=float, default=1.0)
+    ap.add_argument("--shape", action="append", help="only this shape (repeatable)")
     args = ap.parse_args()
     import numpy as np
     from threadpoolctl import threadpool_limits, threadpool_info
     with threadpool_limits(limits=args.threads, user_api="blas"):
         info = [i for i in threadpool_info() if i.get("user_api") == "blas"]
         for name, m, k, n in SHAPES:
+            if args.shape and name not in args.shape:
+                continue
             rng = np.random.default_rng(0)
             a = rng.random((m, k), dtype=np.float32)
             b = rng.random((k, n), dtype=np.float32)

@@ -107,12 +107,12 @@ pub fn median_seconds(min_runs: usize, min_time: Duration, mut f: impl FnMut()) 
     times[times.len() / 2]
 }
 
-/// `vgg16 bench gemm`: SGEMM GFLOP/s at [`GEMM_SHAPES`] for each backend
-/// in `backends`; `each` gets one JSON object per shape and backend.
-pub fn bench_gemm(backends: &[Backend], min_time: Duration, mut each: impl FnMut(Value)) {
+/// `vgg16 bench gemm`: SGEMM GFLOP/s at `shapes` (of [`GEMM_SHAPES`]) for
+/// each backend in `backends`; `each` gets one JSON object per shape and backend.
+pub fn bench_gemm(backends: &[Backend], shapes: &[&GemmShape], min_time: Duration, mut each: impl FnMut(Value)) {
     let threads = rayon::current_num_threads();
     let cpu = cpu_model();
-    for s in GEMM_SHAPES {
+    for s in shapes {
         let a = Array2::from_shape_fn((s.m, s.k), |(i, j)| ((i * 7 + j * 3) % 17) as f32 * 0.01);
         let b = Array2::from_shape_fn((s.k, s.n), |(i, j)| ((i * 5 + j * 11) % 13) as f32 * 0.01);
         let mut c = Array2::<f32>::zeros((s.m, s.n));
@@ -178,7 +178,7 @@ pub fn bench_conv(size: usize, batch: usize, min_time: Duration, mut each: impl 
             .to_owned();
         let mut c = Array2::<f32>::zeros((m, cout));
         let gsec = median_seconds(3, min_time, || {
-            sgemm_with(Backend::DEFAULT, a.view(), w2.view(), c.view_mut(), false)
+            sgemm_with(Backend::auto(), a.view(), w2.view(), c.view_mut(), false)
         });
         let ggf = flops(m, 9 * cin, cout) / gsec / 1e9;
         each(
@@ -207,8 +207,8 @@ pub fn bench_conv(size: usize, batch: usize, min_time: Duration, mut each: impl 
     let mut dw = Array2::<f32>::zeros((9 * cin, cout));
     let mut dx = Array2::<f32>::zeros((m, cin));
     let gsec = median_seconds(3, min_time, || {
-        sgemm_with(Backend::DEFAULT, a.t(), d.view(), dw.view_mut(), false);
-        sgemm_with(Backend::DEFAULT, a.view(), w2.view(), dx.view_mut(), false);
+        sgemm_with(Backend::auto(), a.t(), d.view(), dw.view_mut(), false);
+        sgemm_with(Backend::auto(), a.view(), w2.view(), dx.view_mut(), false);
     });
     let ggf = 2.0 * flops(m, 9 * cin, cout) / gsec / 1e9;
     each(

@@ -25,7 +25,7 @@ fn gemm_is_bit_identical_across_thread_counts() {
     let mut r = rng(20);
     let a = rand2(&mut r, (700, 900), -1.0, 1.0);
     let b = rand2(&mut r, (900, 530), -1.0, 1.0);
-    for backend in Backend::ALL {
+    for backend in Backend::available() {
         let run = || {
             let mut c = Array2::<f32>::zeros((700, 530));
             sgemm_with(backend, a.view(), b.view(), c.view_mut(), false);

@@ -74,20 +74,35 @@ pub struct BenchArgs {
     /// Worker threads (default: every core).
     #[arg(long)]
     threads: Option<usize>,
-    /// Only this backend: gemm or matrixmultiply (default: all for `bench
-    /// gemm`, the default backend for `bench conv`).
+    /// Only this backend: own-avx2, own-generic, gemm or matrixmultiply
+    /// (default: all this CPU runs for `bench gemm`, the default backend
+    /// for `bench conv`).
     #[arg(long)]
     backend: Option<String>,
     /// Minimum seconds spent timing each case (median of the runs).
     #[arg(long, default_value_t = 1.0)]
     min_time: f64,
+    /// `bench gemm`: only this shape (its name in the output; repeatable).
+    #[arg(long)]
+    shape: Vec<String>,
 }
 
 pub fn run(what: BenchWhat) -> Result<()> {
     match what {
         BenchWhat::Gemm(args) => with_threads(args.threads, || {
             let backends = backends(&args.backend)?;
-            vgg16_cpu::bench::bench_gemm(&backends, Duration::from_secs_f64(args.min_time), |v| println!("{v}"));
+            let all = vgg16_cpu::bench::GEMM_SHAPES;
+            if let Some(bad) = args.shape.iter().find(|n| !all.iter().any(|s| &s.name == n)) {
+                let names: Vec<&str> = all.iter().map(|s| s.name).collect();
+                bail!("unknown --shape '{bad}' (expected one of: {})", names.join(", "));
+            }
+            let shapes: Vec<_> = all
+                .iter()
+                .filter(|s| args.shape.is_empty() || args.shape.iter().any(|n| n == s.name))
+                .collect();
+            vgg16_cpu::bench::bench_gemm(&backends, &shapes, Duration::from_secs_f64(args.min_time), |v| {
+                println!("{v}")
+            });
             Ok(())
         }),
         BenchWhat::Conv {
@@ -98,7 +113,7 @@ pub fn run(what: BenchWhat) -> Result<()> {
             if common.backend.is_some() {
                 bail!(
                     "bench conv uses the default backend ({}); --backend applies to bench gemm",
-                    Backend::DEFAULT.name()
+                    Backend::auto().name()
                 );
             }
             let min_time = Duration::from_secs_f64(common.min_time);
@@ -186,10 +201,14 @@ fn bench_allreduce(comm: &dyn vgg16_cpu::train::parallel::Collective, floats: us
 
 fn backends(name: &Option<String>) -> Result<Vec<Backend>> {
     match name {
-        None => Ok(Backend::ALL.to_vec()),
+        None => Ok(Backend::available()),
         Some(n) => match Backend::from_name(n) {
-            Some(b) => Ok(vec![b]),
-            None => bail!("unknown --backend '{n}' (expected one of: gemm, matrixmultiply)"),
+            Some(b) if b.supported() => Ok(vec![b]),
+            Some(b) => bail!("--backend {}: this CPU cannot run it (no AVX2 + FMA)", b.name()),
+            None => {
+                let names: Vec<&str> = Backend::ALL.iter().map(|b| b.name()).collect();
+                bail!("unknown --backend '{n}' (expected one of: {})", names.join(", "))
+            }
         },
     }
 }

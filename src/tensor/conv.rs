@@ -344,7 +344,7 @@ pub fn conv3x3_forward_path(
             let col_v = ArrayView2::from_shape((rows, 9 * cin), &col[..rows * 9 * cin]).expect("sized above");
             // (rows, cols) = (rows, 9*Cin) x (9*Cin, cols)
             sgemm_serial(
-                Backend::DEFAULT,
+                Backend::auto(),
                 col_v,
                 w2.slice(s![.., c0..c0 + cols]),
                 tile.view_mut(),
@@ -506,7 +506,7 @@ fn conv_small_into(
                         let r0 = (ky * 3 + c.kx.start) * cin;
                         // (P, cols) += (P, |kx|*Cin) x (|kx|*Cin, cols)
                         sgemm_serial(
-                            Backend::DEFAULT,
+                            Backend::auto(),
                             col.slice(s![.., j * run..(j + 1) * run]),
                             w2.slice(s![r0..r0 + run, c0..c0 + cols]),
                             res.view_mut(),
@@ -524,7 +524,7 @@ fn conv_small_into(
                             let r0 = ((2 - ky) * 3 + (2 - kx)) * cout;
                             let a0 = j * run + t * cin;
                             sgemm_serial(
-                                Backend::DEFAULT,
+                                Backend::auto(),
                                 col.slice(s![.., a0..a0 + cin]),
                                 w2.slice(s![r0 + c0..r0 + c0 + cols, ..]).t(),
                                 res.view_mut(),

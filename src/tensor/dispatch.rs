@@ -18,6 +18,7 @@
 //! Tests do not set variables (they are process-wide); they name the
 //! [`ConvPath`] they want and call [`crate::tensor::conv::conv3x3_forward_path`].
 
+use crate::tensor::gemm::Backend;
 use std::sync::OnceLock;
 
 /// Images with both sides at most this use tap classes (see `conv.rs`),
@@ -271,8 +272,18 @@ impl Dispatch {
         }
     }
 
+    /// The SGEMM backend for this dispatch: ours on AVX2 (AVX-512 machines
+    /// run its AVX2 kernel), the `gemm` crate on the portable ISA (tuned
+    /// kernels for more targets than ours).
+    pub fn gemm_backend(&self) -> Backend {
+        match self.isa {
+            Isa::Avx512 | Isa::Avx2 => Backend::OwnAvx2,
+            Isa::Generic => Backend::Gemm,
+        }
+    }
+
     /// One line for the start of a run, e.g.
-    /// `conv: direct avx2 (> 4x4), tap classes (<= 4x4); cpu: AMD EPYC (avx2, fma)`.
+    /// `conv: direct avx2 (> 4x4), tap classes (<= 4x4); gemm: own-avx2; cpu: AMD EPYC (avx2, fma)`.
     pub fn describe(&self) -> String {
         let name = |p: ConvPath| match p {
             ConvPath::Direct(isa) => format!("direct {}", isa.name()),
@@ -305,7 +316,8 @@ impl Dispatch {
             format!(" [forced: {}]", forced.join(" "))
         };
         format!(
-            "conv: {big} (> {s}x{s}), tap classes (<= {s}x{s}); cpu: {} ({}){forced}",
+            "conv: {big} (> {s}x{s}), tap classes (<= {s}x{s}); gemm: {}; cpu: {} ({}){forced}",
+            self.gemm_backend().name(),
             cpu_model(),
             cpu_features(),
             s = small

@@ -9,22 +9,32 @@
 //! threads there are: outputs are bit-identical for any `--threads`.
 //!
 //! Backends:
-//! - [`Backend::Gemm`]: the `gemm` crate (AVX-512 / AVX2 / FMA kernels with
-//!   runtime CPU detection). The default: it is the faster one on the
-//!   machines we measured (see BENCHMARKS.md).
+//! - [`Backend::OwnAvx2`]: ours (`sgemm.rs`, BLIS's loop nest on a 6 x 16
+//!   AVX2 + FMA micro-kernel). The default wherever AVX2 runs (AVX2 and
+//!   AVX-512 machines): measured against OpenBLAS in BENCHMARKS.md 7.3.
+//! - [`Backend::OwnGeneric`]: the same in plain Rust, for any target.
+//! - [`Backend::Gemm`]: the `gemm` crate (AVX-512 / AVX2 / NEON kernels with
+//!   runtime CPU detection). The default without AVX2, or when
+//!   `VGG16_ISA=generic` forces the portable path.
 //! - [`Backend::Matrixmultiply`]: bluss's `matrixmultiply`, the portable
 //!   baseline.
 //!
-//! Both are tested against a naive GEMM (`tests/gemm.rs`) and both appear in
+//! All are tested against a naive GEMM (`tests/gemm.rs`) and appear in
 //! `cargo bench --bench gemm` and `vgg16 bench gemm`, so a user can see which
 //! is faster on their own server.
 
+use crate::tensor::dispatch::{Dispatch, Isa};
+use crate::tensor::sgemm::{self, Mat};
 use ndarray::{ArrayView2, ArrayViewMut2, Axis};
 use rayon::prelude::*;
 
 /// Which single-threaded kernel computes each tile.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Backend {
+    /// Ours, on the AVX2 + FMA micro-kernel.
+    OwnAvx2,
+    /// Ours, on the plain-Rust micro-kernel.
+    OwnGeneric,
     /// The `gemm` crate (runtime-dispatched AVX-512/AVX2 micro-kernels).
     Gemm,
     /// The `matrixmultiply` crate (portable BLIS-style kernels).
@@ -33,13 +43,33 @@ pub enum Backend {
 
 impl Backend {
     /// Every backend, in the order benches list them.
-    pub const ALL: [Backend; 2] = [Backend::Gemm, Backend::Matrixmultiply];
+    pub const ALL: [Backend; 4] = [
+        Backend::OwnAvx2,
+        Backend::OwnGeneric,
+        Backend::Gemm,
+        Backend::Matrixmultiply,
+    ];
 
-    /// The backend used when none is named: picked by measurement.
-    pub const DEFAULT: Backend = Backend::Gemm;
+    /// The backends this CPU can run (tests and benches take each).
+    pub fn available() -> Vec<Backend> {
+        Backend::ALL.into_iter().filter(|b| b.supported()).collect()
+    }
+
+    /// True when this CPU can run `self`.
+    pub fn supported(self) -> bool {
+        self != Backend::OwnAvx2 || Isa::Avx2.supported()
+    }
+
+    /// The backend used when none is named, for this process's dispatch
+    /// (`VGG16_ISA`): [`Dispatch::gemm_backend`].
+    pub fn auto() -> Backend {
+        Dispatch::global().gemm_backend()
+    }
 
     pub fn name(self) -> &'static str {
         match self {
+            Backend::OwnAvx2 => "own-avx2",
+            Backend::OwnGeneric => "own-generic",
             Backend::Gemm => "gemm",
             Backend::Matrixmultiply => "matrixmultiply",
         }
@@ -52,7 +82,7 @@ impl Backend {
 
 impl Default for Backend {
     fn default() -> Self {
-        Backend::DEFAULT
+        Backend::auto()
     }
 }
 
@@ -106,13 +136,13 @@ pub fn tile_shape(m: usize, k: usize, n: usize) -> (usize, usize) {
     }
 }
 
-/// `C = A x B` (or `C += A x B` when `accumulate`) with the default backend.
+/// `C = A x B` (or `C += A x B` when `accumulate`) with [`Backend::auto`].
 ///
 /// Shapes: `a` (m, k), `b` (k, n), `c` (m, n); any strides (a transposed
 /// view is fine). With `accumulate == false`, C is never read, so it may
 /// hold garbage (even NaN).
 pub fn sgemm(a: ArrayView2<f32>, b: ArrayView2<f32>, c: ArrayViewMut2<f32>, accumulate: bool) {
-    sgemm_with(Backend::DEFAULT, a, b, c, accumulate)
+    sgemm_with(Backend::auto(), a, b, c, accumulate)
 }
 
 /// [`sgemm`] with a chosen backend.
@@ -126,6 +156,12 @@ pub fn sgemm_with(
     let Some((m, k, n)) = check_and_trivial(&a, &b, &mut c, accumulate) else {
         return;
     };
+    if matches!(backend, Backend::OwnAvx2 | Backend::OwnGeneric) {
+        // Ours threads itself (B packed once for all threads).
+        let parallel = m.saturating_mul(k).saturating_mul(n) > SERIAL_MACS;
+        own(backend, a, b, c, accumulate, parallel);
+        return;
+    }
     let (tm, tn) = tile_shape(m, k, n);
     if tm >= m && tn >= n {
         sgemm_serial(backend, a, b, c, accumulate);
@@ -212,6 +248,7 @@ pub fn sgemm_serial(
     // longer than one.
     unsafe {
         match backend {
+            Backend::OwnAvx2 | Backend::OwnGeneric => own(backend, a, b, c, accumulate, false),
             Backend::Matrixmultiply => matrixmultiply::sgemm(
                 m,
                 k,
@@ -252,6 +289,47 @@ pub fn sgemm_serial(
                 gemm::Parallelism::None,
             ),
         }
+    }
+}
+
+/// Our SGEMM (`sgemm.rs`) on ndarray views, threaded or not.
+fn own(
+    backend: Backend,
+    a: ArrayView2<f32>,
+    b: ArrayView2<f32>,
+    mut c: ArrayViewMut2<f32>,
+    accumulate: bool,
+    parallel: bool,
+) {
+    let (m, k) = a.dim();
+    let n = b.ncols();
+    let isa = if backend == Backend::OwnAvx2 {
+        Isa::Avx2
+    } else {
+        Isa::Generic
+    };
+    let mat = |v: &ArrayView2<f32>| Mat {
+        ptr: v.as_ptr(),
+        rs: v.strides()[0],
+        cs: v.strides()[1],
+    };
+    let (rsc, csc) = (c.strides()[0], c.strides()[1]);
+    // SAFETY: as in `sgemm_serial`: live views of the stated shapes, `c`
+    // borrowed mutably with distinct elements.
+    unsafe {
+        sgemm::sgemm(
+            isa,
+            m,
+            k,
+            n,
+            mat(&a),
+            mat(&b),
+            c.as_mut_ptr(),
+            rsc,
+            csc,
+            accumulate,
+            parallel,
+        )
     }
 }
 

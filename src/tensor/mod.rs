@@ -6,4 +6,5 @@ pub mod dispatch;
 pub mod gemm;
 pub mod im2col;
 pub mod ops;
+pub mod sgemm;
 pub mod winograd;

@@ -977,7 +977,7 @@ pub fn conv3x3_winograd_dw(
                         .expect("sized");
                     let c = ndarray::ArrayViewMut2::from_shape((cin, cout), d).expect("sized");
                     // (Cin, Cout) (+)= (Cin, nt) x (nt, Cout)
-                    sgemm_serial(Backend::DEFAULT, a.t(), b, c, ci > 0);
+                    sgemm_serial(Backend::auto(), a.t(), b, c, ci > 0);
                 });
         }
         dw_output_transform(isa, &du[..XI * cin * cout], cin, cout, &mut dw);

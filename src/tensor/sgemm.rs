@@ -1,0 +1,760 @@
+//! Our own SGEMM: BLIS's blocking on a 6 x 16 micro-kernel, threaded over
+//! rayon.
+//!
+//! `C (m, n) (+)= A (m, k) x B (k, n)`, any strides. Packed layouts:
+//! - B in 16-column micro-panels, K block by K block ([`KC`] rows): `kc`
+//!   rows of 16 floats, the last panel zero-padded;
+//! - A in 6-row micro-panels: K in groups of 8, a group the six rows' 8
+//!   floats one after the other (element (r, p) at `(p / 8) * 48 + r * 8 +
+//!   p % 8`), so packing a row-major A is 8-float copies and a step's six
+//!   broadcasts read one 192-byte run.
+//!
+//! The work of a call is cut into items, (row block of at most [`MC`],
+//! group of B's panels), chosen by [`items`] so that each thread gets at
+//! least two and re-packing is least. Two nests:
+//! - [`shared_b`] (the usual one): all threads pack B together (as many K
+//!   blocks as fit 16 MiB: all of VGG-16's), then each item goes through
+//!   the K blocks packing its own rows of A (kept in L2) and running every
+//!   (B micro-panel in L1) x (A micro-panel) pair through the micro-kernel;
+//! - [`few_rows`] (all rows in one block, e.g. 196 x 4608 x 512): A packed
+//!   once by all threads, each item packs its own columns of B.
+//!
+//! The micro-kernel holds a 6 x 16 block of C in 12 ymm registers over a K
+//! block, then adds it to C (or stores it, on the first block without
+//! `accumulate`). While it runs, the next K block's rows that the item will
+//! pack are prefetched ([`Ahead`]): packing is otherwise bound by memory.
+//!
+//! Every element of C is the same sum in the same order whatever item or
+//! thread computes it (K blocks in order, each a plain k loop), so results
+//! are bit-identical for any thread count and any cut.
+//!
+//! Kernels: AVX2 + FMA (x86-64-v3; AVX-512 machines run it too) and a
+//! portable one in plain Rust; both tested against a naive GEMM
+//! (`tests/gemm.rs`), threaded against one thread bit for bit.
+
+use crate::tensor::dispatch::Isa;
+use rayon::prelude::*;
+use std::cell::RefCell;
+use std::sync::Mutex;
+
+/// Rows of a micro-panel of A (the micro-kernel's height).
+pub const MR: usize = 6;
+/// Columns of a micro-panel of B (two ymm registers).
+pub const NR: usize = 16;
+/// K block: a B micro-panel is `KC * NR * 4` = 20 KiB, with the A
+/// micro-panel streaming past it (7.5 KiB) inside a 32 KiB L1d. Measured on
+/// AVX2 (Zen 3) at 784 x 4608 x 512 and 2048^3, 2 threads: 256 154-169,
+/// 320 170-172, 384 169-171, 512 155-170 GFLOP/s.
+pub const KC: usize = 320;
+/// Most rows of A packed at once: `MC * KC * 4` = 216 KiB, inside a 512 KiB L2.
+pub const MC: usize = 216;
+/// Columns of C done at once (B's packed K blocks span this many).
+pub const NC: usize = 4096;
+
+/// A matrix operand: base pointer and element strides.
+#[derive(Clone, Copy)]
+pub struct Mat {
+    pub ptr: *const f32,
+    pub rs: isize,
+    pub cs: isize,
+}
+
+thread_local! {
+    /// The packing buffer of an item (A's rows, or B's columns), kept by
+    /// each thread across calls (borrowed only while one item runs, which
+    /// makes no rayon call, so never re-entered).
+    static ITEM_BUF: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Buffers shared by the threads of one call (packed B, or packed A with
+/// few rows): taken from this pool and given back, so a thread that waits
+/// in rayon and picks up another call meanwhile never finds its own
+/// buffer borrowed.
+static POOL: Mutex<Vec<Vec<f32>>> = Mutex::new(Vec::new());
+
+/// A 32-byte aligned slice of `len` floats inside `v` (grown as needed).
+fn aligned(v: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    if v.len() < len + 8 {
+        v.resize(len + 8, 0.0);
+    }
+    let off = v.as_ptr().align_offset(32);
+    assert!(off < 8, "cannot align a packing buffer");
+    &mut v[off..off + len]
+}
+
+/// A raw pointer handed to rayon's workers; the code using it guarantees
+/// that no two write the same element.
+#[derive(Clone, Copy)]
+struct Shared(*mut f32);
+// SAFETY: see the type's comment; every use writes disjoint elements.
+unsafe impl Send for Shared {}
+unsafe impl Sync for Shared {}
+
+impl Shared {
+    /// The pointer (a method, so closures capture the `Sync` wrapper, not
+    /// its field).
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+// SAFETY: `Mat` only reads, and the caller of `sgemm` guarantees the
+// matrices outlive the call and are not written meanwhile.
+unsafe impl Send for Mat {}
+unsafe impl Sync for Mat {}
+
+/// `C (m, n) = A (m, k) x B (k, n)`, or `C += A x B` with `accumulate`, on
+/// `isa`'s micro-kernel (AVX-512 runs the AVX2 one), on rayon's pool with
+/// `parallel`, else on the calling thread (see the module's notes). With
+/// `accumulate == false` C is never read.
+///
+/// # Safety
+/// `a`, `b` address (m, k) and (k, n) readable matrices; `c` addresses an
+/// (m, n) matrix with stride `rsc` between rows and `csc` between columns,
+/// writable, distinct elements, not read or written by anyone else meanwhile.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn sgemm(
+    isa: Isa,
+    m: usize,
+    k: usize,
+    n: usize,
+    a: Mat,
+    b: Mat,
+    c: *mut f32,
+    rsc: isize,
+    csc: isize,
+    accumulate: bool,
+    parallel: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                for j in 0..n {
+                    *c.offset(i as isize * rsc + j as isize * csc) = 0.0;
+                }
+            }
+        }
+        return;
+    }
+    let avx2 = matches!(isa, Isa::Avx2 | Isa::Avx512);
+    assert!(
+        !avx2 || Isa::Avx2.supported(),
+        "sgemm: this CPU cannot run the AVX2 kernel"
+    );
+    let (kc_b, mc_b) = (KC, MC);
+    let threads = if parallel {
+        rayon::current_num_threads().max(1)
+    } else {
+        1
+    };
+    let c = Shared(c);
+    for jc in (0..n).step_by(NC) {
+        let nc = NC.min(n - jc);
+        let panels = nc.div_ceil(NR);
+        let Items {
+            mc,
+            row_blocks,
+            col_groups,
+        } = items(m, panels, threads, mc_b);
+        let per_group = panels.div_ceil(col_groups);
+        let cols = Cols {
+            jc,
+            nc,
+            per_group,
+            col_groups,
+        };
+        if row_blocks == 1 && col_groups > 1 {
+            few_rows(avx2, m, k, kc_b, a, b, cols, c, rsc, csc, accumulate, threads > 1);
+        } else {
+            let rows = Rows { m, mc, row_blocks };
+            shared_b(avx2, rows, k, kc_b, a, b, cols, c, rsc, csc, accumulate, threads > 1);
+        }
+    }
+}
+
+/// Rows of C cut into `row_blocks` blocks of `mc`.
+#[derive(Clone, Copy)]
+struct Rows {
+    m: usize,
+    mc: usize,
+    row_blocks: usize,
+}
+
+/// Most floats of B packed at once by [`shared_b`] (16 MiB).
+const SHARED_B_FLOATS: usize = 4 << 20;
+
+/// [`sgemm`]'s main nest: B packed by all threads together, as many K
+/// blocks at once as fit [`SHARED_B_FLOATS`] (all of them at VGG-16's
+/// shapes), then one item per (row block, column group), each going
+/// through those K blocks packing its own rows of A. Two barriers per
+/// packed run of K blocks (a barrier per K block cost a tenth of the time
+/// where a block's work is a fraction of a millisecond).
+#[allow(clippy::too_many_arguments)]
+unsafe fn shared_b(
+    avx2: bool,
+    rows: Rows,
+    k: usize,
+    kc_b: usize,
+    a: Mat,
+    b: Mat,
+    cols: Cols,
+    c: Shared,
+    rsc: isize,
+    csc: isize,
+    accumulate: bool,
+    parallel: bool,
+) {
+    let Rows { m, mc, row_blocks } = rows;
+    let Cols {
+        jc,
+        nc,
+        per_group,
+        col_groups,
+    } = cols;
+    let panels = nc.div_ceil(NR);
+    // Packed K block q of the run at q * block_len, its panel jr at
+    // jr * NR * kc within.
+    let block_len = kc_b.min(k) * panels * NR;
+    let run_blocks = (SHARED_B_FLOATS / block_len).max(1).min(k.div_ceil(kc_b));
+    let mut bbuf = POOL.lock().map(|mut p| p.pop()).unwrap_or_default().unwrap_or_default();
+    let bp = aligned(&mut bbuf, block_len * run_blocks);
+    for p0 in (0..k).step_by(kc_b * run_blocks) {
+        let blocks = (k - p0).div_ceil(kc_b).min(run_blocks);
+        // Pack the run: (K block, group of 8 panels) tasks.
+        const PACK_PANELS: usize = 8;
+        let pack = |(q, blk): (usize, &mut [f32])| {
+            let pc = p0 + q * kc_b;
+            let kc = kc_b.min(k - pc);
+            let blk = &mut blk[..panels * NR * kc];
+            for (g, dst) in blk.chunks_mut(PACK_PANELS * NR * kc).enumerate() {
+                let j0 = g * PACK_PANELS * NR;
+                pack_b(b, pc, kc, jc + j0, nc.min(j0 + PACK_PANELS * NR) - j0, dst);
+            }
+        };
+        let bp = &mut bp[..block_len * blocks];
+        if parallel {
+            bp.par_chunks_mut(block_len).enumerate().for_each(pack);
+        } else {
+            bp.chunks_mut(block_len).enumerate().for_each(pack);
+        }
+        let bp = &*bp;
+        let item = |t: usize| {
+            let (rb, g) = (t / col_groups, t % col_groups);
+            let ic = rb * mc;
+            let rows_here = mc.min(m - ic);
+            let jrs = g * per_group..panels.min((g + 1) * per_group);
+            ITEM_BUF.with(|abuf| {
+                let abuf = &mut *abuf.borrow_mut();
+                let ap = aligned(abuf, a_panel_len(kc_b.min(k)) * rows_here.div_ceil(MR));
+                for q in 0..blocks {
+                    let pc = p0 + q * kc_b;
+                    let kc = kc_b.min(k - pc);
+                    let beta = accumulate || pc > 0;
+                    pack_a(a, ic, rows_here, pc, kc, ap);
+                    let kn = kc_b.min(k.saturating_sub(pc + kc));
+                    let next = a.ptr.wrapping_offset(ic as isize * a.rs + (pc + kc) as isize);
+                    let calls = jrs.len() * rows_here.div_ceil(MR);
+                    let mut ahead = Ahead::new(next, a.rs, a.cs, rows_here, kn, calls);
+                    for jr in jrs.clone() {
+                        let bpanel = bp[q * block_len + jr * NR * kc..].as_ptr();
+                        let ccols = NR.min(nc - jr * NR);
+                        for ir in 0..rows_here.div_ceil(MR) {
+                            let apanel = ap[ir * a_panel_len(kc)..].as_ptr();
+                            let rows = MR.min(rows_here - ir * MR);
+                            let cblk = c
+                                .get()
+                                .offset((ic + ir * MR) as isize * rsc + (jc + jr * NR) as isize * csc);
+                            block(avx2, kc, apanel, bpanel, cblk, rsc, csc, rows, ccols, beta);
+                            ahead.step();
+                        }
+                    }
+                }
+            });
+        };
+        let n_items = row_blocks * col_groups;
+        if parallel && n_items > 1 {
+            (0..n_items).into_par_iter().for_each(item);
+        } else {
+            (0..n_items).for_each(item);
+        }
+    }
+    if let Ok(mut pool) = POOL.lock() {
+        pool.push(bbuf);
+    }
+}
+
+/// Columns `jc..jc+nc` of C cut into `col_groups` groups of `per_group`
+/// panels.
+#[derive(Clone, Copy)]
+struct Cols {
+    jc: usize,
+    nc: usize,
+    per_group: usize,
+    col_groups: usize,
+}
+
+/// [`sgemm`] when all rows fit one block (few rows, e.g. 196 x 4608 x
+/// 512): A packed once for every K block by all threads together, then one
+/// item per column group, each packing its own panels of B block after
+/// block. One barrier in all, where the shared-B nest has two per K block
+/// (costly when a block's work is a fraction of a millisecond).
+#[allow(clippy::too_many_arguments)]
+unsafe fn few_rows(
+    avx2: bool,
+    m: usize,
+    k: usize,
+    kc_b: usize,
+    a: Mat,
+    b: Mat,
+    cols: Cols,
+    c: Shared,
+    rsc: isize,
+    csc: isize,
+    accumulate: bool,
+    parallel: bool,
+) {
+    let mp = m.div_ceil(MR);
+    // K block q starts at q * kc_b; its packed rows at q * block_len.
+    let block_len = a_panel_len(kc_b.min(k)) * mp;
+    let blocks = k.div_ceil(kc_b);
+    let mut abuf = POOL.lock().map(|mut p| p.pop()).unwrap_or_default().unwrap_or_default();
+    let ap = aligned(&mut abuf, block_len * blocks);
+    let pack = |(q, dst): (usize, &mut [f32])| {
+        let pc = q * kc_b;
+        pack_a(a, 0, m, pc, kc_b.min(k - pc), dst)
+    };
+    if parallel {
+        ap.par_chunks_mut(block_len).enumerate().for_each(pack);
+    } else {
+        ap.chunks_mut(block_len).enumerate().for_each(pack);
+    }
+    let ap = &*ap;
+    let Cols {
+        jc,
+        nc,
+        per_group,
+        col_groups,
+    } = cols;
+    let item = |g: usize| {
+        let j0 = g * per_group * NR;
+        let ncols = nc.min(j0 + per_group * NR) - j0;
+        let jp = ncols.div_ceil(NR);
+        ITEM_BUF.with(|bbuf| {
+            let bbuf = &mut *bbuf.borrow_mut();
+            let bp = aligned(bbuf, kc_b.min(k) * jp * NR);
+            for q in 0..blocks {
+                let pc = q * kc_b;
+                let kc = kc_b.min(k - pc);
+                let beta = accumulate || pc > 0;
+                pack_b(b, pc, kc, jc + j0, ncols, bp);
+                let kn = kc_b.min(k.saturating_sub(pc + kc));
+                let next = b.ptr.wrapping_offset((pc + kc) as isize * b.rs + (jc + j0) as isize);
+                let mut ahead = Ahead::new(next, b.rs, b.cs, kn, ncols, jp * mp);
+                for jr in 0..jp {
+                    let bpanel = bp[jr * NR * kc..].as_ptr();
+                    let ccols = NR.min(ncols - jr * NR);
+                    for ir in 0..mp {
+                        let apanel = ap[q * block_len + ir * a_panel_len(kc)..].as_ptr();
+                        let rows = MR.min(m - ir * MR);
+                        let cblk = c
+                            .get()
+                            .offset((ir * MR) as isize * rsc + (jc + j0 + jr * NR) as isize * csc);
+                        block(avx2, kc, apanel, bpanel, cblk, rsc, csc, rows, ccols, beta);
+                        ahead.step();
+                    }
+                }
+            }
+        });
+    };
+    if parallel {
+        (0..col_groups).into_par_iter().for_each(item);
+    } else {
+        (0..col_groups).for_each(item);
+    }
+    if let Ok(mut pool) = POOL.lock() {
+        pool.push(abuf);
+    }
+}
+
+/// How one K block's work is cut into items: rows in `row_blocks` blocks
+/// of `mc` (whole micro-panels), B's panels in `col_groups` groups.
+#[derive(Debug, PartialEq, Eq)]
+struct Items {
+    mc: usize,
+    row_blocks: usize,
+    col_groups: usize,
+}
+
+/// Picks the cut for `m` rows and `panels` panels of 16 columns on
+/// `threads` threads. An item packs its rows of A (re-packed once per
+/// column group) and streams its columns of B from L3 (re-read once per
+/// row block), so tall items over wide groups move the least; with
+/// several threads there must be at least two items a thread (work
+/// stealing evens out a slowed core) and whole rounds of them. Rows per
+/// block at most `mc_max` (the packed block stays in L2).
+fn items(m: usize, panels: usize, threads: usize, mc_max: usize) -> Items {
+    let mut best: Option<(f64, Items)> = None;
+    for col_groups in 1..=panels.min(16) {
+        let want = if threads > 1 {
+            (2 * threads).div_ceil(col_groups)
+        } else {
+            1
+        };
+        let row_blocks = m.div_ceil(mc_max).max(want).min(m.div_ceil(MR));
+        let mc = m.div_ceil(row_blocks).div_ceil(MR) * MR;
+        let row_blocks = m.div_ceil(mc);
+        let cols = panels.div_ceil(col_groups) * NR;
+        let col_groups = panels.div_ceil(panels.div_ceil(col_groups));
+        let n_items = row_blocks * col_groups;
+        let rounds = n_items.div_ceil(threads) as f64 * threads as f64 / n_items as f64;
+        let cost = rounds * (1.0 + 8.0 * (1.0 / mc.min(m) as f64 + 1.0 / cols as f64));
+        if best.as_ref().is_none_or(|(c, _)| cost < *c - 1e-9) {
+            best = Some((
+                cost,
+                Items {
+                    mc,
+                    row_blocks,
+                    col_groups,
+                },
+            ));
+        }
+    }
+    best.expect("at least one column group").1
+}
+
+/// One `rows` x `cols` block of C (at most 6 x 16) from a pair of packed
+/// micro-panels.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+unsafe fn block(
+    avx2: bool,
+    kc: usize,
+    apanel: *const f32,
+    bpanel: *const f32,
+    cblk: *mut f32,
+    rsc: isize,
+    csc: isize,
+    rows: usize,
+    cols: usize,
+    beta: bool,
+) {
+    if rows == MR && cols == NR && csc == 1 {
+        kernel(avx2, kc, apanel, bpanel, cblk, rsc, beta);
+    } else {
+        // Edge: the whole block into a buffer, then the valid part into C
+        // (the same sums).
+        let mut tmp = Aligned([0.0f32; MR * NR]);
+        kernel(avx2, kc, apanel, bpanel, tmp.0.as_mut_ptr(), NR as isize, false);
+        for r in 0..rows {
+            for j in 0..cols {
+                let p = cblk.offset(r as isize * rsc + j as isize * csc);
+                let v = tmp.0[r * NR + j];
+                *p = if beta { *p + v } else { v };
+            }
+        }
+    }
+}
+
+#[repr(align(32))]
+struct Aligned([f32; MR * NR]);
+
+#[inline]
+unsafe fn kernel(avx2: bool, kc: usize, a: *const f32, b: *const f32, c: *mut f32, rsc: isize, beta: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if avx2 {
+        return kernel_avx2(kc, a, b, c, rsc, beta);
+    }
+    let _ = avx2;
+    kernel_generic(kc, a, b, c, rsc, beta)
+}
+
+/// B rows `pc..pc+kc`, columns `jc..jc+nc` into micro-panels of [`NR`]
+/// columns: panel `j` at `j * NR * kc`, row `p` of it at `p * NR`.
+unsafe fn pack_b(b: Mat, pc: usize, kc: usize, jc: usize, nc: usize, dst: &mut [f32]) {
+    let full = nc / NR;
+    if b.cs == 1 {
+        // Row-major B: each row read once, left to right, its 16-float runs
+        // dealt to the panels (strided reads down a panel ran at a fraction
+        // of the bandwidth).
+        let row = |p: usize| b.ptr.offset((pc + p) as isize * b.rs + jc as isize);
+        for p0 in (0..kc).step_by(8) {
+            // The next 8 rows' runs, asked for now: the reads hop between
+            // rows 64 bytes at a time, which the hardware prefetcher does
+            // not follow (the loads missed on most runs without this).
+            for p in (p0 + 8)..kc.min(p0 + 16) {
+                for l in (0..full * NR).step_by(16) {
+                    prefetch(row(p).add(l));
+                }
+            }
+            for jr in 0..full {
+                for p in p0..kc.min(p0 + 8) {
+                    let src = b.ptr.offset((pc + p) as isize * b.rs + (jc + jr * NR) as isize);
+                    let run = &mut dst[jr * NR * kc + p * NR..][..NR];
+                    run.copy_from_slice(&*(src as *const [f32; NR]));
+                }
+            }
+        }
+    } else {
+        for jr in 0..full {
+            let base = b.ptr.offset(pc as isize * b.rs + (jc + jr * NR) as isize * b.cs);
+            for (p, row) in dst[jr * NR * kc..][..NR * kc].chunks_exact_mut(NR).enumerate() {
+                for (j, x) in row.iter_mut().enumerate() {
+                    *x = *base.offset(p as isize * b.rs + j as isize * b.cs);
+                }
+            }
+        }
+    }
+    if full * NR < nc {
+        // The last, partial panel, zero-padded.
+        let cols = nc - full * NR;
+        let base = b.ptr.offset(pc as isize * b.rs + (jc + full * NR) as isize * b.cs);
+        for (p, row) in dst[full * NR * kc..][..NR * kc].chunks_exact_mut(NR).enumerate() {
+            for (j, x) in row.iter_mut().enumerate() {
+                *x = if j < cols {
+                    *base.offset(p as isize * b.rs + j as isize * b.cs)
+                } else {
+                    0.0
+                };
+            }
+        }
+    }
+}
+
+/// Asks for the cache line at `p` (a hint; no effect off x86-64).
+#[inline(always)]
+fn prefetch(p: *const f32) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch never faults, whatever the address.
+    unsafe {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        _mm_prefetch::<_MM_HINT_T0>(p as *const i8)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
+/// The next K block's rows of a row-major operand, asked for a few cache
+/// lines at a time between micro-kernel calls, so that packing them reads
+/// from L2 instead of waiting on memory (packing ran at the machine's
+/// memory bandwidth, a quarter of a call's time at 196 x 4608 x 512,
+/// while the kernels' memory sat idle).
+struct Ahead {
+    base: *const f32,
+    rs: isize,
+    row_lines: usize,
+    next: usize,
+    total: usize,
+    per_call: usize,
+}
+
+impl Ahead {
+    /// `rows` rows of `cols` floats from `base` (row stride `rs`, unit
+    /// column stride; anything else asks for nothing), spread over `calls`.
+    fn new(base: *const f32, rs: isize, cs: isize, rows: usize, cols: usize, calls: usize) -> Ahead {
+        let row_lines = cols.div_ceil(16);
+        let total = if cs == 1 { rows * row_lines } else { 0 };
+        Ahead {
+            base,
+            rs,
+            row_lines,
+            next: 0,
+            total,
+            per_call: total.div_ceil(calls.max(1)),
+        }
+    }
+
+    /// Asks for the next share of lines.
+    #[inline]
+    fn step(&mut self) {
+        let end = self.total.min(self.next + self.per_call);
+        for i in self.next..end {
+            let (r, l) = (i / self.row_lines, i % self.row_lines);
+            prefetch(self.base.wrapping_offset(r as isize * self.rs + (l * 16) as isize));
+        }
+        self.next = end;
+    }
+}
+
+/// Floats of one packed A micro-panel over `kc` (K rounded up to whole
+/// groups of 8).
+fn a_panel_len(kc: usize) -> usize {
+    kc.div_ceil(8) * 8 * MR
+}
+
+/// A rows `ic..ic+mc`, columns `pc..pc+kc` into micro-panels of [`MR`]
+/// rows: panel `i` at `i * a_panel_len(kc)`, element (r, p) of it at
+/// `(p / 8) * 48 + r * 8 + p % 8`. Rows past `mc` and the tail group's
+/// unused lanes are zero.
+unsafe fn pack_a(a: Mat, ic: usize, mc: usize, pc: usize, kc: usize, dst: &mut [f32]) {
+    let len = a_panel_len(kc);
+    for (ir, panel) in dst[..mc.div_ceil(MR) * len].chunks_exact_mut(len).enumerate() {
+        let i0 = ic + ir * MR;
+        let rows = MR.min(ic + mc - i0);
+        let base = a.ptr.offset(i0 as isize * a.rs + pc as isize * a.cs);
+        if a.cs == 1 {
+            // Row-major A: 8-float runs of each row.
+            // The next panel's rows, fetched while this one is copied
+            // (1 KiB runs of rows far apart end before the hardware
+            // prefetcher has ramped up).
+            let next = (rows == MR && i0 + 2 * MR <= ic + mc).then(|| base.offset(MR as isize * a.rs));
+            for (g, group) in panel.chunks_exact_mut(8 * MR).enumerate() {
+                let p0 = g * 8;
+                let w = 8.min(kc - p0);
+                if let Some(nb) = next.filter(|_| g % 2 == 0) {
+                    for r in 0..MR {
+                        prefetch(nb.offset(r as isize * a.rs + p0 as isize));
+                    }
+                }
+                for (r, run) in group.chunks_exact_mut(8).enumerate() {
+                    if r < rows && w == 8 {
+                        let src = base.offset(r as isize * a.rs + p0 as isize) as *const [f32; 8];
+                        run.copy_from_slice(&*src);
+                    } else if r < rows {
+                        let src = std::slice::from_raw_parts(base.offset(r as isize * a.rs + p0 as isize), w);
+                        run[..w].copy_from_slice(src);
+                        run[w..].fill(0.0);
+                    } else {
+                        run.fill(0.0);
+                    }
+                }
+            }
+        } else {
+            // Any other layout (a transposed view is column-major): one
+            // element at a time, K outermost so columns are read in order.
+            panel.fill(0.0);
+            for p in 0..kc {
+                let src = base.offset(p as isize * a.cs);
+                let dst = &mut panel[(p / 8) * 8 * MR + p % 8..];
+                for r in 0..rows {
+                    dst[r * 8] = *src.offset(r as isize * a.rs);
+                }
+            }
+        }
+    }
+}
+
+/// The 6 x 16 block `c` (rows `rsc` apart, contiguous columns) `=` (or `+=`
+/// with `beta`) the packed micro-panels' product over `kc`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn kernel_avx2(kc: usize, a: *const f32, b: *const f32, c: *mut f32, rsc: isize, beta: bool) {
+    use std::arch::x86_64::*;
+    let mut s0 = [_mm256_setzero_ps(); MR];
+    let mut s1 = [_mm256_setzero_ps(); MR];
+    for r in 0..MR {
+        _mm_prefetch::<_MM_HINT_T0>(c.offset(r as isize * rsc) as *const i8);
+        _mm_prefetch::<_MM_HINT_T0>(c.offset(r as isize * rsc + 15) as *const i8);
+    }
+    // The groups of 8 steps in assembly: as Rust, LLVM hoisted the next
+    // step's B loads and spilled a sum to the stack in every group. One
+    // step: two B loads, six broadcasts (A's element (r, u) of the group
+    // at r * 8 + u), twelve FMAs; the next groups of A are prefetched from
+    // L2 (three lines a group).
+    let groups = kc / 8;
+    let (mut ap, mut bp) = (a, b);
+    if groups > 0 {
+        std::arch::asm!(
+            "2:",
+            "prefetcht0 [{a} + 512]",
+            "prefetcht0 [{a} + 576]",
+            "prefetcht0 [{a} + 640]",
+            "vmovaps ymm12, [{b} + 0]\nvmovaps ymm13, [{b} + 32]\nvbroadcastss ymm14, [{a} + 0]\nvfmadd231ps ymm0, ymm12, ymm14\nvfmadd231ps ymm6, ymm13, ymm14\nvbroadcastss ymm14, [{a} + 32]\nvfmadd231ps ymm1, ymm12, ymm14\nvfmadd231ps ymm7, ymm13, ymm14\nvbroadcastss ymm14, [{a} + 64]\nvfmadd231ps ymm2, ymm12, ymm14\nvfmadd231ps ymm8, ymm13, ymm14\nvbroadcastss ymm14, [{a} + 96]\nvfmadd231ps ymm3, ymm12, ymm14\nvfmadd231ps ymm9, ymm13, ymm14\nvbroadcastss ymm14, [{a} + 128]\nvfmadd231ps ymm4, ymm12, ymm14\nvfmadd231ps ymm10, ymm13, ymm14\nvbroadcastss ymm14, [{a} + 160]\nvfmadd231ps ymm5, ymm12, ymm14\nvfmadd231ps ymm11, ymm13, ymm14",
+            "vmovaps ymm12, [{b} + 64]\nvmovaps ymm13, [{b} + 96]\nvbroadcastss ymm14, [{a} + 4]\nvfmadd231ps ymm0, ymm12, ymm14\nvfmadd231ps ymm6, ymm13, ymm14\nvbroadcastss ymm14, [{a} + 36]\nvfmadd231ps ymm1, ymm12, ymm14\nvfmadd231ps ymm7, ymm13, ymm14\nvbroadcastss ymm14, [{a} + 68]\nvfmadd231ps ymm2, ymm12, ymm14\nvfmadd231ps ymm8, ymm13, ymm14\nvbroadcastss ymm14, [{a} + 100]\nvfmadd231ps ymm3, ymm12, ymm14\nvfmadd231ps ymm9, ymm13, ymm14\nvbroadcastss ymm14, [{a} + 132]\nvfmadd231ps ymm4, ymm12, ymm14\nvfmadd231ps ymm10, ymm13, ymm14\nvbroadcastss ymm14, [{a} + 164]\nvfmadd231ps ymm5, ymm12, ymm14\nvfmadd231ps ymm11, ymm13, ymm14",
+            "vmovaps ymm12, [{b} + 128]\nvmovaps ymm13, [{b} + 160]\nvbroadcastss ymm14, [{a} + 8]\nvfmadd231ps ymm0, ymm12, ymm14\nvfmadd231ps ymm6, ymm13, ymm14\nvbroadcastss ymm14, [{a} + 40]\nvfmadd231ps ymm1, ymm12, ymm14\nvfmadd231ps ymm7, ymm13, ymm14\nvbroadcastss ymm14, [{a} + 72]\nvfmadd231ps ymm2, ymm12, ymm14\nvfmadd231ps ymm8, ymm13, ymm14\nvbroadcastss ymm14, [{a} + 104]\nvfmadd231ps ymm3, ymm12, ymm14\nvfmadd231ps ymm9, ymm13, ymm14\nvbroadcastss ymm14, [{a} + 136]\nvfmadd231ps ymm4, ymm12, ymm14\nvfmadd231ps ymm10, ymm13, ymm14\nvbroadcastss ymm14, [{a} + 168]\nvfmadd231ps ymm5, ymm12, ymm14\nvfmadd231ps ymm11, ymm13, ymm14",
+            "vmovaps ymm12, [{b} + 192]\nvmovaps ymm13, [{b} + 224]\nvbroadcastss ymm14, [{a} + 12]\nvfmadd231ps ymm0, ymm12, ymm14\nvfmadd231ps ymm6, ymm13, ymm14\nvbroadcastss ymm14, [{a} + 44]\nvfmadd231ps ymm1, ymm12, ymm14\nvfmadd231ps ymm7, ymm13, ymm14\nvbroadcastss ymm14, [{a} + 76]\nvfmadd231ps ymm2, ymm12, ymm14\nvfmadd231ps ymm8, ymm13, ymm14\nvbroadcastss ymm14, [{a} + 108]\nvfmadd231ps ymm3, ymm12, ymm14\nvfmadd231ps ymm9, ymm13, ymm14\nvbroadcastss ymm14, [{a} + 140]\nvfmadd231ps ymm4, ymm12, ymm14\nvfmadd231ps ymm10, ymm13, ymm14\nvbroadcastss ymm14, [{a} + 172]\nvfmadd231ps ymm5, ymm12, ymm14\nvfmadd231ps ymm11, ymm13, ymm14",
+            "vmovaps ymm12, [{b} + 256]\nvmovaps ymm13, [{b} + 288]\nvbroadcastss ymm14, [{a} + 16]\nvfmadd231ps ymm0, ymm12, ymm14\nvfmadd231ps ymm6, ymm13, ymm14\nvbroadcastss ymm14, [{a} + 48]\nvfmadd231ps ymm1, ymm12, ymm14\nvfmadd231ps ymm7, ymm13, ymm14\nvbroadcastss ymm14, [{a} + 80]\nvfmadd231ps ymm2, ymm12, ymm14\nvfmadd231ps ymm8, ymm13, ymm14\nvbroadcastss ymm14, [{a} + 112]\nvfmadd231ps ymm3, ymm12, ymm14\nvfmadd231ps ymm9, ymm13, ymm14\nvbroadcastss ymm14, [{a} + 144]\nvfmadd231ps ymm4, ymm12, ymm14\nvfmadd231ps ymm10, ymm13, ymm14\nvbroadcastss ymm14, [{a} + 176]\nvfmadd231ps ymm5, ymm12, ymm14\nvfmadd231ps ymm11, ymm13, ymm14",
+            "vmovaps ymm12, [{b} + 320]\nvmovaps ymm13, [{b} + 352]\nvbroadcastss ymm14, [{a} + 20]\nvfmadd231ps ymm0, ymm12, ymm14\nvfmadd231ps ymm6, ymm13, ymm14\nvbroadcastss ymm14, [{a} + 52]\nvfmadd231ps ymm1, ymm12, ymm14\nvfmadd231ps ymm7, ymm13, ymm14\nvbroadcastss ymm14, [{a} + 84]\nvfmadd231ps ymm2, ymm12, ymm14\nvfmadd231ps ymm8, ymm13, ymm14\nvbroadcastss ymm14, [{a} + 116]\nvfmadd231ps ymm3, ymm12, ymm14\nvfmadd231ps ymm9, ymm13, ymm14\nvbroadcastss ymm14, [{a} + 148]\nvfmadd231ps ymm4, ymm12, ymm14\nvfmadd231ps ymm10, ymm13, ymm14\nvbroadcastss ymm14, [{a} + 180]\nvfmadd231ps ymm5, ymm12, ymm14\nvfmadd231ps ymm11, ymm13, ymm14",
+            "vmovaps ymm12, [{b} + 384]\nvmovaps ymm13, [{b} + 416]\nvbroadcastss ymm14, [{a} + 24]\nvfmadd231ps ymm0, ymm12, ymm14\nvfmadd231ps ymm6, ymm13, ymm14\nvbroadcastss ymm14, [{a} + 56]\nvfmadd231ps ymm1, ymm12, ymm14\nvfmadd231ps ymm7, ymm13, ymm14\nvbroadcastss ymm14, [{a} + 88]\nvfmadd231ps ymm2, ymm12, ymm14\nvfmadd231ps ymm8, ymm13, ymm14\nvbroadcastss ymm14, [{a} + 120]\nvfmadd231ps ymm3, ymm12, ymm14\nvfmadd231ps ymm9, ymm13, ymm14\nvbroadcastss ymm14, [{a} + 152]\nvfmadd231ps ymm4, ymm12, ymm14\nvfmadd231ps ymm10, ymm13, ymm14\nvbroadcastss ymm14, [{a} + 184]\nvfmadd231ps ymm5, ymm12, ymm14\nvfmadd231ps ymm11, ymm13, ymm14",
+            "vmovaps ymm12, [{b} + 448]\nvmovaps ymm13, [{b} + 480]\nvbroadcastss ymm14, [{a} + 28]\nvfmadd231ps ymm0, ymm12, ymm14\nvfmadd231ps ymm6, ymm13, ymm14\nvbroadcastss ymm14, [{a} + 60]\nvfmadd231ps ymm1, ymm12, ymm14\nvfmadd231ps ymm7, ymm13, ymm14\nvbroadcastss ymm14, [{a} + 92]\nvfmadd231ps ymm2, ymm12, ymm14\nvfmadd231ps ymm8, ymm13, ymm14\nvbroadcastss ymm14, [{a} + 124]\nvfmadd231ps ymm3, ymm12, ymm14\nvfmadd231ps ymm9, ymm13, ymm14\nvbroadcastss ymm14, [{a} + 156]\nvfmadd231ps ymm4, ymm12, ymm14\nvfmadd231ps ymm10, ymm13, ymm14\nvbroadcastss ymm14, [{a} + 188]\nvfmadd231ps ymm5, ymm12, ymm14\nvfmadd231ps ymm11, ymm13, ymm14",
+            "add {a}, 192",
+            "add {b}, 512",
+            "dec {g}",
+            "jnz 2b",
+            a = inout(reg) ap,
+            b = inout(reg) bp,
+            g = inout(reg) groups => _,
+            inout("ymm0") s0[0], inout("ymm1") s0[1], inout("ymm2") s0[2],
+            inout("ymm3") s0[3], inout("ymm4") s0[4], inout("ymm5") s0[5],
+            inout("ymm6") s1[0], inout("ymm7") s1[1], inout("ymm8") s1[2],
+            inout("ymm9") s1[3], inout("ymm10") s1[4], inout("ymm11") s1[5],
+            out("ymm12") _, out("ymm13") _, out("ymm14") _,
+            options(nostack, readonly),
+        );
+    }
+    for u in 0..kc % 8 {
+        let b0 = _mm256_load_ps(bp.add(u * NR));
+        let b1 = _mm256_load_ps(bp.add(u * NR + 8));
+        for r in 0..MR {
+            let av = _mm256_broadcast_ss(&*ap.add(r * 8 + u));
+            s0[r] = _mm256_fmadd_ps(av, b0, s0[r]);
+            s1[r] = _mm256_fmadd_ps(av, b1, s1[r]);
+        }
+    }
+    for r in 0..MR {
+        let p = c.offset(r as isize * rsc);
+        if beta {
+            _mm256_storeu_ps(p, _mm256_add_ps(_mm256_loadu_ps(p), s0[r]));
+            _mm256_storeu_ps(p.add(8), _mm256_add_ps(_mm256_loadu_ps(p.add(8)), s1[r]));
+        } else {
+            _mm256_storeu_ps(p, s0[r]);
+            _mm256_storeu_ps(p.add(8), s1[r]);
+        }
+    }
+}
+
+/// [`kernel_avx2`] in plain Rust: the same sums in the same order, with a
+/// separate multiply and add (`mul_add` would be a library call on targets
+/// without FMA), so it may differ from the AVX2 kernel in the last bits.
+unsafe fn kernel_generic(kc: usize, a: *const f32, b: *const f32, c: *mut f32, rsc: isize, beta: bool) {
+    let mut s = [[0.0f32; NR]; MR];
+    let a = std::slice::from_raw_parts(a, a_panel_len(kc));
+    let b = std::slice::from_raw_parts(b, kc * NR);
+    for (p, bk) in b.chunks_exact(NR).enumerate() {
+        let ak = &a[(p / 8) * 8 * MR + p % 8..];
+        for r in 0..MR {
+            for j in 0..NR {
+                s[r][j] += ak[r * 8] * bk[j];
+            }
+        }
+    }
+    for (r, sr) in s.iter().enumerate() {
+        let row = std::slice::from_raw_parts_mut(c.offset(r as isize * rsc), NR);
+        for (x, v) in row.iter_mut().zip(sr) {
+            *x = if beta { *x + v } else { *v };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn items_cover_and_spread() {
+        for &(m, panels, threads) in &[
+            (196, 32, 2),
+            (784, 32, 2),
+            (65536, 4, 2),
+            (5, 1, 2),
+            (1, 300, 3),
+            (3136, 16, 1),
+        ] {
+            let it = items(m, panels, threads, MC);
+            assert!(it.mc.is_multiple_of(MR) && it.mc <= MC.max(MR), "{m} {panels}: {it:?}");
+            assert!(
+                it.row_blocks * it.mc >= m && (it.row_blocks - 1) * it.mc < m,
+                "{m}: rows {it:?}"
+            );
+            let per = panels.div_ceil(it.col_groups);
+            assert!(
+                it.col_groups * per >= panels && (it.col_groups - 1) * per < panels,
+                "{panels}: {it:?}"
+            );
+        }
+        // The block5 shape at 224 px: whole-height items over column groups.
+        assert_eq!(items(196, 32, 2, MC).row_blocks, 1);
+        assert_eq!(items(3136, 16, 1, MC).col_groups, 1);
+    }
+}
