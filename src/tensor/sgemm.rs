@@ -16,8 +16,8 @@
 //!   blocks as fit 16 MiB: all of VGG-16's), then each item goes through
 //!   the K blocks packing its own rows of A (kept in L2) and running every
 //!   (B micro-panel in L1) x (A micro-panel) pair through the micro-kernel;
-//! - [`few_rows`] (all rows in one block, e.g. 196 x 4608 x 512): A packed
-//!   once by all threads, each item packs its own columns of B.
+//! - [`shared_a`] (fewer rows than columns, e.g. 196 x 4608 x 512): A
+//!   packed once by all threads, each item packs its own columns of B.
 //!
 //! The micro-kernel holds a 6 x 16 block of C in 12 ymm registers over a K
 //! block, then adds it to C (or stores it, on the first block without
@@ -165,10 +165,11 @@ pub unsafe fn sgemm(
             per_group,
             col_groups,
         };
-        if row_blocks == 1 && col_groups > 1 {
-            few_rows(avx2, m, k, kc_b, a, b, cols, c, rsc, csc, accumulate, threads > 1);
+        let rows = Rows { m, mc, row_blocks };
+        // Pack the smaller operand up front (A whole, or B in runs).
+        if m < nc && m * k <= SHARED_B_FLOATS {
+            shared_a(avx2, rows, k, kc_b, a, b, cols, c, rsc, csc, accumulate, threads > 1);
         } else {
-            let rows = Rows { m, mc, row_blocks };
             shared_b(avx2, rows, k, kc_b, a, b, cols, c, rsc, csc, accumulate, threads > 1);
         }
     }
@@ -182,7 +183,8 @@ struct Rows {
     row_blocks: usize,
 }
 
-/// Most floats of B packed at once by [`shared_b`] (16 MiB).
+/// Most floats of B packed at once by [`shared_b`], and of A by [`shared_a`]
+/// (16 MiB).
 const SHARED_B_FLOATS: usize = 4 << 20;
 
 /// [`sgemm`]'s main nest: B packed by all threads together, as many K
@@ -295,15 +297,18 @@ struct Cols {
     col_groups: usize,
 }
 
-/// [`sgemm`] when all rows fit one block (few rows, e.g. 196 x 4608 x
-/// 512): A packed once for every K block by all threads together, then one
-/// item per column group, each packing its own panels of B block after
-/// block. One barrier in all, where the shared-B nest has two per K block
-/// (costly when a block's work is a fraction of a millisecond).
+/// [`sgemm`] when A is the smaller operand (fewer rows than columns, e.g.
+/// 196 or 256 x 4608 x 512): A packed once for every K block by all
+/// threads together, then one item per (row block, column group), each
+/// packing its own panels of B block after block while the kernels
+/// prefetch the next. The mirror of [`shared_b`]: whatever is packed up
+/// front comes from memory before any kernel runs, so the smaller operand
+/// goes there (the whole of B up front cost a fifth of the time at 256 x
+/// 4608 x 512).
 #[allow(clippy::too_many_arguments)]
-unsafe fn few_rows(
+unsafe fn shared_a(
     avx2: bool,
-    m: usize,
+    rows: Rows,
     k: usize,
     kc_b: usize,
     a: Mat,
@@ -315,6 +320,7 @@ unsafe fn few_rows(
     accumulate: bool,
     parallel: bool,
 ) {
+    let Rows { m, mc, row_blocks } = rows;
     let mp = m.div_ceil(MR);
     // K block q starts at q * kc_b; its packed rows at q * block_len.
     let block_len = a_panel_len(kc_b.min(k)) * mp;
@@ -337,7 +343,10 @@ unsafe fn few_rows(
         per_group,
         col_groups,
     } = cols;
-    let item = |g: usize| {
+    let item = |t: usize| {
+        let (rb, g) = (t / col_groups, t % col_groups);
+        let ic = rb * mc;
+        let rows_here = mc.min(m - ic);
         let j0 = g * per_group * NR;
         let ncols = nc.min(j0 + per_group * NR) - j0;
         let jp = ncols.div_ceil(NR);
@@ -351,16 +360,17 @@ unsafe fn few_rows(
                 pack_b(b, pc, kc, jc + j0, ncols, bp);
                 let kn = kc_b.min(k.saturating_sub(pc + kc));
                 let next = b.ptr.wrapping_offset((pc + kc) as isize * b.rs + (jc + j0) as isize);
-                let mut ahead = Ahead::new(next, b.rs, b.cs, kn, ncols, jp * mp);
+                let ip = rows_here.div_ceil(MR);
+                let mut ahead = Ahead::new(next, b.rs, b.cs, kn, ncols, jp * ip);
                 for jr in 0..jp {
                     let bpanel = bp[jr * NR * kc..].as_ptr();
                     let ccols = NR.min(ncols - jr * NR);
-                    for ir in 0..mp {
-                        let apanel = ap[q * block_len + ir * a_panel_len(kc)..].as_ptr();
-                        let rows = MR.min(m - ir * MR);
+                    for ir in 0..ip {
+                        let apanel = ap[q * block_len + (ic / MR + ir) * a_panel_len(kc)..].as_ptr();
+                        let rows = MR.min(rows_here - ir * MR);
                         let cblk = c
                             .get()
-                            .offset((ir * MR) as isize * rsc + (jc + j0 + jr * NR) as isize * csc);
+                            .offset((ic + ir * MR) as isize * rsc + (jc + j0 + jr * NR) as isize * csc);
                         block(avx2, kc, apanel, bpanel, cblk, rsc, csc, rows, ccols, beta);
                         ahead.step();
                     }
@@ -368,10 +378,11 @@ unsafe fn few_rows(
             }
         });
     };
-    if parallel {
-        (0..col_groups).into_par_iter().for_each(item);
+    let n_items = row_blocks * col_groups;
+    if parallel && n_items > 1 {
+        (0..n_items).into_par_iter().for_each(item);
     } else {
-        (0..col_groups).for_each(item);
+        (0..n_items).for_each(item);
     }
     if let Ok(mut pool) = POOL.lock() {
         pool.push(abuf);
@@ -397,28 +408,31 @@ struct Items {
 fn items(m: usize, panels: usize, threads: usize, mc_max: usize) -> Items {
     let mut best: Option<(f64, Items)> = None;
     for col_groups in 1..=panels.min(16) {
+        let cols = panels.div_ceil(col_groups) * NR;
+        let col_groups = panels.div_ceil(panels.div_ceil(col_groups));
         let want = if threads > 1 {
             (2 * threads).div_ceil(col_groups)
         } else {
             1
         };
-        let row_blocks = m.div_ceil(mc_max).max(want).min(m.div_ceil(MR));
-        let mc = m.div_ceil(row_blocks).div_ceil(MR) * MR;
-        let row_blocks = m.div_ceil(mc);
-        let cols = panels.div_ceil(col_groups) * NR;
-        let col_groups = panels.div_ceil(panels.div_ceil(col_groups));
-        let n_items = row_blocks * col_groups;
-        let rounds = n_items.div_ceil(threads) as f64 * threads as f64 / n_items as f64;
-        let cost = rounds * (1.0 + 8.0 * (1.0 / mc.min(m) as f64 + 1.0 / cols as f64));
-        if best.as_ref().is_none_or(|(c, _)| cost < *c - 1e-9) {
-            best = Some((
-                cost,
-                Items {
-                    mc,
-                    row_blocks,
-                    col_groups,
-                },
-            ));
+        let fewest = m.div_ceil(mc_max).max(want).min(m.div_ceil(MR));
+        // A few more row blocks than the fewest, for whole rounds.
+        for row_blocks in fewest..=(fewest + threads - 1).min(m.div_ceil(MR)) {
+            let mc = m.div_ceil(row_blocks).div_ceil(MR) * MR;
+            let row_blocks = m.div_ceil(mc);
+            let n_items = row_blocks * col_groups;
+            let rounds = n_items.div_ceil(threads) as f64 * threads as f64 / n_items as f64;
+            let cost = rounds * (1.0 + 8.0 * (1.0 / mc.min(m) as f64 + 1.0 / cols as f64));
+            if best.as_ref().is_none_or(|(c, _)| cost < *c - 1e-9) {
+                best = Some((
+                    cost,
+                    Items {
+                        mc,
+                        row_blocks,
+                        col_groups,
+                    },
+                ));
+            }
         }
     }
     best.expect("at least one column group").1
@@ -544,8 +558,10 @@ struct Ahead {
     base: *const f32,
     rs: isize,
     row_lines: usize,
-    next: usize,
-    total: usize,
+    /// The next line: row `r`, line `l` of it.
+    r: usize,
+    l: usize,
+    rows: usize,
     per_call: usize,
 }
 
@@ -554,27 +570,50 @@ impl Ahead {
     /// column stride; anything else asks for nothing), spread over `calls`.
     fn new(base: *const f32, rs: isize, cs: isize, rows: usize, cols: usize, calls: usize) -> Ahead {
         let row_lines = cols.div_ceil(16);
-        let total = if cs == 1 { rows * row_lines } else { 0 };
+        let rows = if cs == 1 { rows } else { 0 };
         Ahead {
             base,
             rs,
             row_lines,
-            next: 0,
-            total,
-            per_call: total.div_ceil(calls.max(1)),
+            r: 0,
+            l: 0,
+            rows,
+            per_call: (rows * row_lines).div_ceil(calls.max(1)),
         }
     }
 
-    /// Asks for the next share of lines.
+    /// Asks for the next share of lines (into L2: the block is several
+    /// times L1's size, and the kernels' panels live there).
     #[inline]
     fn step(&mut self) {
-        let end = self.total.min(self.next + self.per_call);
-        for i in self.next..end {
-            let (r, l) = (i / self.row_lines, i % self.row_lines);
-            prefetch(self.base.wrapping_offset(r as isize * self.rs + (l * 16) as isize));
+        for _ in 0..self.per_call {
+            if self.r >= self.rows {
+                return;
+            }
+            prefetch_l2(
+                self.base
+                    .wrapping_offset(self.r as isize * self.rs + (self.l * 16) as isize),
+            );
+            self.l += 1;
+            if self.l == self.row_lines {
+                self.l = 0;
+                self.r += 1;
+            }
         }
-        self.next = end;
     }
+}
+
+/// As [`prefetch`], into L2 only where the CPU distinguishes.
+#[inline(always)]
+fn prefetch_l2(p: *const f32) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch never faults, whatever the address.
+    unsafe {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
+        _mm_prefetch::<_MM_HINT_T1>(p as *const i8)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
 }
 
 /// Floats of one packed A micro-panel over `kc` (K rounded up to whole
