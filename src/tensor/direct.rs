@@ -663,26 +663,12 @@ unsafe fn kernel_avx2_pa(
     out: Option<(*mut f32, usize)>,
     tail: &Tail,
 ) {
-    use std::arch::x86_64::*;
-    const MR: usize = 6;
-    const NR: usize = 16;
     let (mut s0, mut s1) = load_avx2(acc, first);
-    let mut bp = b;
-    // One loop over k (A's element (r, k) at (k / 8) * 48 + r * 8 + k % 8):
-    // written as 8 unrolled steps per group of 8, the compiler kept
-    // several steps' loads live and spilled accumulators to the stack in
-    // the loop, which ran this kernel at a third of its speed.
-    for k in 0..kc {
-        let b0 = _mm256_load_ps(bp);
-        let b1 = _mm256_load_ps(bp.add(8));
-        let ak = a.add((k / 8) * MR * 8 + k % 8);
-        for r in 0..MR {
-            let av = _mm256_broadcast_ss(&*ak.add(r * 8));
-            s0[r] = _mm256_fmadd_ps(av, b0, s0[r]);
-            s1[r] = _mm256_fmadd_ps(av, b1, s1[r]);
-        }
-        bp = bp.add(NR);
-    }
+    // The same groups of 8 steps as our SGEMM's kernel, in assembly (as a
+    // Rust loop over k it ran clean, but unrolled LLVM spilled sums; the
+    // assembly is both unrolled and clean).
+    let (mut ap, mut bp) = (a, b);
+    crate::tensor::sgemm::fma_groups(&mut ap, &mut bp, kc / 8, &mut s0, &mut s1);
     finish_avx2(&s0, &s1, acc, out, tail);
 }
 

@@ -674,6 +674,105 @@ unsafe fn pack_a(a: Mat, ic: usize, mc: usize, pc: usize, kc: usize, dst: &mut [
     }
 }
 
+/// One step `u` of a group: two B loads, six broadcasts (A's element
+/// (r, u) of the group at r * 8 + u), twelve FMAs into ymm0-5 / ymm6-11.
+#[cfg(target_arch = "x86_64")]
+macro_rules! fma_step {
+    ($u:literal) => {
+        concat!(
+            "vmovaps ymm12, [{b} + ",
+            $u,
+            " * 64]\n",
+            "vmovaps ymm13, [{b} + ",
+            $u,
+            " * 64 + 32]\n",
+            "vbroadcastss ymm14, [{a} + ",
+            $u,
+            " * 4]\n",
+            "vfmadd231ps ymm0, ymm12, ymm14\n",
+            "vfmadd231ps ymm6, ymm13, ymm14\n",
+            "vbroadcastss ymm14, [{a} + ",
+            $u,
+            " * 4 + 32]\n",
+            "vfmadd231ps ymm1, ymm12, ymm14\n",
+            "vfmadd231ps ymm7, ymm13, ymm14\n",
+            "vbroadcastss ymm14, [{a} + ",
+            $u,
+            " * 4 + 64]\n",
+            "vfmadd231ps ymm2, ymm12, ymm14\n",
+            "vfmadd231ps ymm8, ymm13, ymm14\n",
+            "vbroadcastss ymm14, [{a} + ",
+            $u,
+            " * 4 + 96]\n",
+            "vfmadd231ps ymm3, ymm12, ymm14\n",
+            "vfmadd231ps ymm9, ymm13, ymm14\n",
+            "vbroadcastss ymm14, [{a} + ",
+            $u,
+            " * 4 + 128]\n",
+            "vfmadd231ps ymm4, ymm12, ymm14\n",
+            "vfmadd231ps ymm10, ymm13, ymm14\n",
+            "vbroadcastss ymm14, [{a} + ",
+            $u,
+            " * 4 + 160]\n",
+            "vfmadd231ps ymm5, ymm12, ymm14\n",
+            "vfmadd231ps ymm11, ymm13, ymm14",
+        )
+    };
+}
+
+/// `groups` groups of 8 steps of the 6 x 16 micro-kernel: A in the
+/// micro-panel layout (a group the six rows' 8 floats, 192 bytes), B in
+/// 16-float rows (32-byte aligned); sums in `s0` (columns 0-7) and `s1`
+/// (8-15); `a` and `b` advanced past what was read. In assembly: as Rust,
+/// LLVM hoisted the next step's B loads and spilled a sum to the stack in
+/// every group. The next groups of A are prefetched from L2 (three lines
+/// a group). Shared by our SGEMM and Winograd's GEMMs (`direct.rs`).
+///
+/// # Safety
+/// AVX2 + FMA present; `a` and `b` readable for `groups` groups; `b`
+/// 32-byte aligned.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+pub(crate) unsafe fn fma_groups(
+    a: &mut *const f32,
+    b: &mut *const f32,
+    groups: usize,
+    s0: &mut [std::arch::x86_64::__m256; MR],
+    s1: &mut [std::arch::x86_64::__m256; MR],
+) {
+    if groups == 0 {
+        return;
+    }
+    std::arch::asm!(
+        "2:",
+        "prefetcht0 [{a} + 512]",
+        "prefetcht0 [{a} + 576]",
+        "prefetcht0 [{a} + 640]",
+        fma_step!("0"),
+        fma_step!("1"),
+        fma_step!("2"),
+        fma_step!("3"),
+        fma_step!("4"),
+        fma_step!("5"),
+        fma_step!("6"),
+        fma_step!("7"),
+        "add {a}, 192",
+        "add {b}, 512",
+        "dec {g}",
+        "jnz 2b",
+        a = inout(reg) *a,
+        b = inout(reg) *b,
+        g = inout(reg) groups => _,
+        inout("ymm0") s0[0], inout("ymm1") s0[1], inout("ymm2") s0[2],
+        inout("ymm3") s0[3], inout("ymm4") s0[4], inout("ymm5") s0[5],
+        inout("ymm6") s1[0], inout("ymm7") s1[1], inout("ymm8") s1[2],
+        inout("ymm9") s1[3], inout("ymm10") s1[4], inout("ymm11") s1[5],
+        out("ymm12") _, out("ymm13") _, out("ymm14") _,
+        options(nostack, readonly),
+    );
+}
+
 /// The 6 x 16 block `c` (rows `rsc` apart, contiguous columns) `=` (or `+=`
 /// with `beta`) the packed micro-panels' product over `kc`.
 #[cfg(target_arch = "x86_64")]
@@ -686,42 +785,8 @@ unsafe fn kernel_avx2(kc: usize, a: *const f32, b: *const f32, c: *mut f32, rsc:
         _mm_prefetch::<_MM_HINT_T0>(c.offset(r as isize * rsc) as *const i8);
         _mm_prefetch::<_MM_HINT_T0>(c.offset(r as isize * rsc + 15) as *const i8);
     }
-    // The groups of 8 steps in assembly: as Rust, LLVM hoisted the next
-    // step's B loads and spilled a sum to the stack in every group. One
-    // step: two B loads, six broadcasts (A's element (r, u) of the group
-    // at r * 8 + u), twelve FMAs; the next groups of A are prefetched from
-    // L2 (three lines a group).
-    let groups = kc / 8;
     let (mut ap, mut bp) = (a, b);
-    if groups > 0 {
-        std::arch::asm!(
-            "2:",
-            "prefetcht0 [{a} + 512]",
-            "prefetcht0 [{a} + 576]",
-            "prefetcht0 [{a} + 640]",
-            "vmovaps ymm12, [{b} + 0]\nvmovaps ymm13, [{b} + 32]\nvbroadcastss ymm14, [{a} + 0]\nvfmadd231ps ymm0, ymm12, ymm14\nvfmadd231ps ymm6, ymm13, ymm14\nvbroadcastss ymm14, [{a} + 32]\nvfmadd231ps ymm1, ymm12, ymm14\nvfmadd231ps ymm7, ymm13, ymm14\nvbroadcastss ymm14, [{a} + 64]\nvfmadd231ps ymm2, ymm12, ymm14\nvfmadd231ps ymm8, ymm13, ymm14\nvbroadcastss ymm14, [{a} + 96]\nvfmadd231ps ymm3, ymm12, ymm14\nvfmadd231ps ymm9, ymm13, ymm14\nvbroadcastss ymm14, [{a} + 128]\nvfmadd231ps ymm4, ymm12, ymm14\nvfmadd231ps ymm10, ymm13, ymm14\nvbroadcastss ymm14, [{a} + 160]\nvfmadd231ps ymm5, ymm12, ymm14\nvfmadd231ps ymm11, ymm13, ymm14",
-            "vmovaps ymm12, [{b} + 64]\nvmovaps ymm13, [{b} + 96]\nvbroadcastss ymm14, [{a} + 4]\nvfmadd231ps ymm0, ymm12, ymm14\nvfmadd231ps ymm6, ymm13, ymm14\nvbroadcastss ymm14, [{a} + 36]\nvfmadd231ps ymm1, ymm12, ymm14\nvfmadd231ps ymm7, ymm13, ymm14\nvbroadcastss ymm14, [{a} + 68]\nvfmadd231ps ymm2, ymm12, ymm14\nvfmadd231ps ymm8, ymm13, ymm14\nvbroadcastss ymm14, [{a} + 100]\nvfmadd231ps ymm3, ymm12, ymm14\nvfmadd231ps ymm9, ymm13, ymm14\nvbroadcastss ymm14, [{a} + 132]\nvfmadd231ps ymm4, ymm12, ymm14\nvfmadd231ps ymm10, ymm13, ymm14\nvbroadcastss ymm14, [{a} + 164]\nvfmadd231ps ymm5, ymm12, ymm14\nvfmadd231ps ymm11, ymm13, ymm14",
-            "vmovaps ymm12, [{b} + 128]\nvmovaps ymm13, [{b} + 160]\nvbroadcastss ymm14, [{a} + 8]\nvfmadd231ps ymm0, ymm12, ymm14\nvfmadd231ps ymm6, ymm13, ymm14\nvbroadcastss ymm14, [{a} + 40]\nvfmadd231ps ymm1, ymm12, ymm14\nvfmadd231ps ymm7, ymm13, ymm14\nvbroadcastss ymm14, [{a} + 72]\nvfmadd231ps ymm2, ymm12, ymm14\nvfmadd231ps ymm8, ymm13, ymm14\nvbroadcastss ymm14, [{a} + 104]\nvfmadd231ps ymm3, ymm12, ymm14\nvfmadd231ps ymm9, ymm13, ymm14\nvbroadcastss ymm14, [{a} + 136]\nvfmadd231ps ymm4, ymm12, ymm14\nvfmadd231ps ymm10, ymm13, ymm14\nvbroadcastss ymm14, [{a} + 168]\nvfmadd231ps ymm5, ymm12, ymm14\nvfmadd231ps ymm11, ymm13, ymm14",
-            "vmovaps ymm12, [{b} + 192]\nvmovaps ymm13, [{b} + 224]\nvbroadcastss ymm14, [{a} + 12]\nvfmadd231ps ymm0, ymm12, ymm14\nvfmadd231ps ymm6, ymm13, ymm14\nvbroadcastss ymm14, [{a} + 44]\nvfmadd231ps ymm1, ymm12, ymm14\nvfmadd231ps ymm7, ymm13, ymm14\nvbroadcastss ymm14, [{a} + 76]\nvfmadd231ps ymm2, ymm12, ymm14\nvfmadd231ps ymm8, ymm13, ymm14\nvbroadcastss ymm14, [{a} + 108]\nvfmadd231ps ymm3, ymm12, ymm14\nvfmadd231ps ymm9, ymm13, ymm14\nvbroadcastss ymm14, [{a} + 140]\nvfmadd231ps ymm4, ymm12, ymm14\nvfmadd231ps ymm10, ymm13, ymm14\nvbroadcastss ymm14, [{a} + 172]\nvfmadd231ps ymm5, ymm12, ymm14\nvfmadd231ps ymm11, ymm13, ymm14",
-            "vmovaps ymm12, [{b} + 256]\nvmovaps ymm13, [{b} + 288]\nvbroadcastss ymm14, [{a} + 16]\nvfmadd231ps ymm0, ymm12, ymm14\nvfmadd231ps ymm6, ymm13, ymm14\nvbroadcastss ymm14, [{a} + 48]\nvfmadd231ps ymm1, ymm12, ymm14\nvfmadd231ps ymm7, ymm13, ymm14\nvbroadcastss ymm14, [{a} + 80]\nvfmadd231ps ymm2, ymm12, ymm14\nvfmadd231ps ymm8, ymm13, ymm14\nvbroadcastss ymm14, [{a} + 112]\nvfmadd231ps ymm3, ymm12, ymm14\nvfmadd231ps ymm9, ymm13, ymm14\nvbroadcastss ymm14, [{a} + 144]\nvfmadd231ps ymm4, ymm12, ymm14\nvfmadd231ps ymm10, ymm13, ymm14\nvbroadcastss ymm14, [{a} + 176]\nvfmadd231ps ymm5, ymm12, ymm14\nvfmadd231ps ymm11, ymm13, ymm14",
-            "vmovaps ymm12, [{b} + 320]\nvmovaps ymm13, [{b} + 352]\nvbroadcastss ymm14, [{a} + 20]\nvfmadd231ps ymm0, ymm12, ymm14\nvfmadd231ps ymm6, ymm13, ymm14\nvbroadcastss ymm14, [{a} + 52]\nvfmadd231ps ymm1, ymm12, ymm14\nvfmadd231ps ymm7, ymm13, ymm14\nvbroadcastss ymm14, [{a} + 84]\nvfmadd231ps ymm2, ymm12, ymm14\nvfmadd231ps ymm8, ymm13, ymm14\nvbroadcastss ymm14, [{a} + 116]\nvfmadd231ps ymm3, ymm12, ymm14\nvfmadd231ps ymm9, ymm13, ymm14\nvbroadcastss ymm14, [{a} + 148]\nvfmadd231ps ymm4, ymm12, ymm14\nvfmadd231ps ymm10, ymm13, ymm14\nvbroadcastss ymm14, [{a} + 180]\nvfmadd231ps ymm5, ymm12, ymm14\nvfmadd231ps ymm11, ymm13, ymm14",
-            "vmovaps ymm12, [{b} + 384]\nvmovaps ymm13, [{b} + 416]\nvbroadcastss ymm14, [{a} + 24]\nvfmadd231ps ymm0, ymm12, ymm14\nvfmadd231ps ymm6, ymm13, ymm14\nvbroadcastss ymm14, [{a} + 56]\nvfmadd231ps ymm1, ymm12, ymm14\nvfmadd231ps ymm7, ymm13, ymm14\nvbroadcastss ymm14, [{a} + 88]\nvfmadd231ps ymm2, ymm12, ymm14\nvfmadd231ps ymm8, ymm13, ymm14\nvbroadcastss ymm14, [{a} + 120]\nvfmadd231ps ymm3, ymm12, ymm14\nvfmadd231ps ymm9, ymm13, ymm14\nvbroadcastss ymm14, [{a} + 152]\nvfmadd231ps ymm4, ymm12, ymm14\nvfmadd231ps ymm10, ymm13, ymm14\nvbroadcastss ymm14, [{a} + 184]\nvfmadd231ps ymm5, ymm12, ymm14\nvfmadd231ps ymm11, ymm13, ymm14",
-            "vmovaps ymm12, [{b} + 448]\nvmovaps ymm13, [{b} + 480]\nvbroadcastss ymm14, [{a} + 28]\nvfmadd231ps ymm0, ymm12, ymm14\nvfmadd231ps ymm6, ymm13, ymm14\nvbroadcastss ymm14, [{a} + 60]\nvfmadd231ps ymm1, ymm12, ymm14\nvfmadd231ps ymm7, ymm13, ymm14\nvbroadcastss ymm14, [{a} + 92]\nvfmadd231ps ymm2, ymm12, ymm14\nvfmadd231ps ymm8, ymm13, ymm14\nvbroadcastss ymm14, [{a} + 124]\nvfmadd231ps ymm3, ymm12, ymm14\nvfmadd231ps ymm9, ymm13, ymm14\nvbroadcastss ymm14, [{a} + 156]\nvfmadd231ps ymm4, ymm12, ymm14\nvfmadd231ps ymm10, ymm13, ymm14\nvbroadcastss ymm14, [{a} + 188]\nvfmadd231ps ymm5, ymm12, ymm14\nvfmadd231ps ymm11, ymm13, ymm14",
-            "add {a}, 192",
-            "add {b}, 512",
-            "dec {g}",
-            "jnz 2b",
-            a = inout(reg) ap,
-            b = inout(reg) bp,
-            g = inout(reg) groups => _,
-            inout("ymm0") s0[0], inout("ymm1") s0[1], inout("ymm2") s0[2],
-            inout("ymm3") s0[3], inout("ymm4") s0[4], inout("ymm5") s0[5],
-            inout("ymm6") s1[0], inout("ymm7") s1[1], inout("ymm8") s1[2],
-            inout("ymm9") s1[3], inout("ymm10") s1[4], inout("ymm11") s1[5],
-            out("ymm12") _, out("ymm13") _, out("ymm14") _,
-            options(nostack, readonly),
-        );
-    }
+    fma_groups(&mut ap, &mut bp, kc / 8, &mut s0, &mut s1);
     for u in 0..kc % 8 {
         let b0 = _mm256_load_ps(bp.add(u * NR));
         let b1 = _mm256_load_ps(bp.add(u * NR + 8));
