@@ -297,12 +297,10 @@ fn own(
     backend: Backend,
     a: ArrayView2<f32>,
     b: ArrayView2<f32>,
-    mut c: ArrayViewMut2<f32>,
+    c: ArrayViewMut2<f32>,
     accumulate: bool,
     parallel: bool,
 ) {
-    let (m, k) = a.dim();
-    let n = b.ncols();
     let isa = if backend == Backend::OwnAvx2 {
         Isa::Avx2
     } else {
@@ -313,24 +311,9 @@ fn own(
         rs: v.strides()[0],
         cs: v.strides()[1],
     };
-    let (rsc, csc) = (c.strides()[0], c.strides()[1]);
-    // SAFETY: as in `sgemm_serial`: live views of the stated shapes, `c`
-    // borrowed mutably with distinct elements.
-    unsafe {
-        sgemm::sgemm(
-            isa,
-            m,
-            k,
-            n,
-            mat(&a),
-            mat(&b),
-            c.as_mut_ptr(),
-            rsc,
-            csc,
-            accumulate,
-            parallel,
-        )
-    }
+    // SAFETY: `a` and `b` are live views of the shapes `check_and_trivial`
+    // checked, borrowed for the call, so nobody writes them meanwhile.
+    unsafe { sgemm::sgemm(isa, a.ncols(), mat(&a), mat(&b), c, accumulate, parallel) }
 }
 
 /// FLOPs of one product (2 per multiply-add), for GFLOP/s figures.

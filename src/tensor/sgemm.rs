@@ -9,30 +9,35 @@
 //!   p % 8`), so packing a row-major A is 8-float copies and a step's six
 //!   broadcasts read one 192-byte run.
 //!
-//! The work of a call is cut into items, (row block of at most [`MC`],
-//! group of B's panels), chosen by [`items`] so that each thread gets at
-//! least two and re-packing is least. Two nests:
-//! - [`shared_b`] (the usual one): all threads pack B together (as many K
-//!   blocks as fit 16 MiB: all of VGG-16's), then each item goes through
-//!   the K blocks packing its own rows of A (kept in L2) and running every
-//!   (B micro-panel in L1) x (A micro-panel) pair through the micro-kernel;
-//! - [`shared_a`] (fewer rows than columns, e.g. 196 x 4608 x 512): A
-//!   packed once by all threads, each item packs its own columns of B.
-//!
-//! The micro-kernel holds a 6 x 16 block of C in 12 ymm registers over a K
-//! block, then adds it to C (or stores it, on the first block without
-//! `accumulate`). While it runs, the next K block's rows that the item will
-//! pack are prefetched ([`Ahead`]): packing is otherwise bound by memory.
+//! The loops, outermost first:
+//! 1. columns of C in blocks of [`NC`] ([`sgemm`]);
+//! 2. the up-front packing of the smaller operand: B in runs of K blocks
+//!    ([`shared_b`], the usual case) or all of A ([`shared_a`], fewer rows
+//!    than columns, e.g. 196 x 4608 x 512), by all threads together;
+//! 3. items: C cut into tiles (row block of at most [`MC`], group of B's
+//!    panels) chosen by [`items`] so that every thread gets at least two and
+//!    re-packing is least; each item owns its tile (`split_tiles`, no
+//!    shared writable view) and packs its share of the other operand;
+//! 4. K blocks, in order;
+//! 5. B micro-panels of the tile (in L1) and
+//! 6. A micro-panels (from L2): one micro-kernel call each, a 6 x 16 block
+//!    of C held in 12 ymm registers over the K block, then added to C (or
+//!    stored, on the first block without `accumulate`). Between calls the
+//!    next K block's rows the item will pack are prefetched ([`Ahead`]):
+//!    packing is otherwise bound by memory.
 //!
 //! Every element of C is the same sum in the same order whatever item or
 //! thread computes it (K blocks in order, each a plain k loop), so results
 //! are bit-identical for any thread count and any cut.
 //!
-//! Kernels: AVX2 + FMA (x86-64-v3; AVX-512 machines run it too) and a
-//! portable one in plain Rust; both tested against a naive GEMM
+//! Kernels: AVX2 + FMA (x86-64-v3; AVX-512 machines run it too), whose
+//! inner loop is assembly ([`fma_groups`], shared with Winograd's GEMMs),
+//! and a portable one in plain Rust; both tested against a naive GEMM
 //! (`tests/gemm.rs`), threaded against one thread bit for bit.
 
 use crate::tensor::dispatch::Isa;
+use crate::tensor::gemm::split_tiles;
+use ndarray::{s, ArrayViewMut2};
 use rayon::prelude::*;
 use std::cell::RefCell;
 use std::sync::Mutex;
@@ -82,21 +87,6 @@ fn aligned(v: &mut Vec<f32>, len: usize) -> &mut [f32] {
     &mut v[off..off + len]
 }
 
-/// A raw pointer handed to rayon's workers; the code using it guarantees
-/// that no two write the same element.
-#[derive(Clone, Copy)]
-struct Shared(*mut f32);
-// SAFETY: see the type's comment; every use writes disjoint elements.
-unsafe impl Send for Shared {}
-unsafe impl Sync for Shared {}
-
-impl Shared {
-    /// The pointer (a method, so closures capture the `Sync` wrapper, not
-    /// its field).
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
 // SAFETY: `Mat` only reads, and the caller of `sgemm` guarantees the
 // matrices outlive the call and are not written meanwhile.
 unsafe impl Send for Mat {}
@@ -108,33 +98,16 @@ unsafe impl Sync for Mat {}
 /// `accumulate == false` C is never read.
 ///
 /// # Safety
-/// `a`, `b` address (m, k) and (k, n) readable matrices; `c` addresses an
-/// (m, n) matrix with stride `rsc` between rows and `csc` between columns,
-/// writable, distinct elements, not read or written by anyone else meanwhile.
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn sgemm(
-    isa: Isa,
-    m: usize,
-    k: usize,
-    n: usize,
-    a: Mat,
-    b: Mat,
-    c: *mut f32,
-    rsc: isize,
-    csc: isize,
-    accumulate: bool,
-    parallel: bool,
-) {
+/// `a` and `b` address readable (m, k) and (k, n) matrices (m, n from `c`)
+/// that nobody writes during the call.
+pub unsafe fn sgemm(isa: Isa, k: usize, a: Mat, b: Mat, mut c: ArrayViewMut2<f32>, accumulate: bool, parallel: bool) {
+    let (m, n) = c.dim();
     if m == 0 || n == 0 {
         return;
     }
     if k == 0 {
         if !accumulate {
-            for i in 0..m {
-                for j in 0..n {
-                    *c.offset(i as isize * rsc + j as isize * csc) = 0.0;
-                }
-            }
+            c.fill(0.0);
         }
         return;
     }
@@ -143,13 +116,12 @@ pub unsafe fn sgemm(
         !avx2 || Isa::Avx2.supported(),
         "sgemm: this CPU cannot run the AVX2 kernel"
     );
-    let (kc_b, mc_b) = (KC, MC);
     let threads = if parallel {
         rayon::current_num_threads().max(1)
     } else {
         1
     };
-    let c = Shared(c);
+    // LOOP 1: columns of C in blocks of NC.
     for jc in (0..n).step_by(NC) {
         let nc = NC.min(n - jc);
         let panels = nc.div_ceil(NR);
@@ -157,30 +129,59 @@ pub unsafe fn sgemm(
             mc,
             row_blocks,
             col_groups,
-        } = items(m, panels, threads, mc_b);
+        } = items(m, panels, threads, MC);
         let per_group = panels.div_ceil(col_groups);
-        let cols = Cols {
+        let cut = Cut {
             jc,
-            nc,
+            mc,
+            row_blocks,
             per_group,
             col_groups,
         };
-        let rows = Rows { m, mc, row_blocks };
+        let cblock = c.slice_mut(s![.., jc..jc + nc]);
         // Pack the smaller operand up front (A whole, or B in runs).
         if m < nc && m * k <= SHARED_B_FLOATS {
-            shared_a(avx2, rows, k, kc_b, a, b, cols, c, rsc, csc, accumulate, threads > 1);
+            shared_a(avx2, k, a, b, cut, cblock, accumulate, threads);
         } else {
-            shared_b(avx2, rows, k, kc_b, a, b, cols, c, rsc, csc, accumulate, threads > 1);
+            shared_b(avx2, k, a, b, cut, cblock, accumulate, threads);
         }
     }
 }
 
-/// Rows of C cut into `row_blocks` blocks of `mc`.
+/// How a block of C's columns is cut into items: rows in `row_blocks`
+/// blocks of `mc`, the block's panels in `col_groups` groups of
+/// `per_group`; `jc` the block's first column in B.
 #[derive(Clone, Copy)]
-struct Rows {
-    m: usize,
+struct Cut {
+    jc: usize,
     mc: usize,
     row_blocks: usize,
+    per_group: usize,
+    col_groups: usize,
+}
+
+impl Cut {
+    /// The items' tiles of `c` (this block of columns), item `t` = (row
+    /// block `t / col_groups`, column group `t % col_groups`) at index `t`:
+    /// each item owns its tile, so workers never share a writable view.
+    fn tiles<'a>(&self, c: ArrayViewMut2<'a, f32>) -> Vec<(usize, usize, ArrayViewMut2<'a, f32>)> {
+        let tiles = split_tiles(c, self.mc, self.per_group * NR);
+        debug_assert_eq!(tiles.len(), self.row_blocks * self.col_groups);
+        tiles
+    }
+}
+
+/// Runs `item` on every tile, on rayon's pool when `parallel`.
+fn each_tile<'a>(
+    tiles: Vec<(usize, usize, ArrayViewMut2<'a, f32>)>,
+    parallel: bool,
+    item: impl Fn((usize, usize, ArrayViewMut2<'a, f32>)) + Sync + Send,
+) {
+    if parallel && tiles.len() > 1 {
+        tiles.into_par_iter().for_each(item);
+    } else {
+        tiles.into_iter().for_each(item);
+    }
 }
 
 /// Most floats of B packed at once by [`shared_b`], and of A by [`shared_a`]
@@ -189,46 +190,41 @@ const SHARED_B_FLOATS: usize = 4 << 20;
 
 /// [`sgemm`]'s main nest: B packed by all threads together, as many K
 /// blocks at once as fit [`SHARED_B_FLOATS`] (all of them at VGG-16's
-/// shapes), then one item per (row block, column group), each going
+/// shapes), then one item per tile (row block, column group), each going
 /// through those K blocks packing its own rows of A. Two barriers per
 /// packed run of K blocks (a barrier per K block cost a tenth of the time
 /// where a block's work is a fraction of a millisecond).
+///
+/// # Safety
+/// As [`sgemm`]; `c` is the block of columns `cut.jc..` of C.
 #[allow(clippy::too_many_arguments)]
 unsafe fn shared_b(
     avx2: bool,
-    rows: Rows,
     k: usize,
-    kc_b: usize,
     a: Mat,
     b: Mat,
-    cols: Cols,
-    c: Shared,
-    rsc: isize,
-    csc: isize,
+    cut: Cut,
+    mut c: ArrayViewMut2<f32>,
     accumulate: bool,
-    parallel: bool,
+    threads: usize,
 ) {
-    let Rows { m, mc, row_blocks } = rows;
-    let Cols {
-        jc,
-        nc,
-        per_group,
-        col_groups,
-    } = cols;
+    let parallel = threads > 1;
+    let (jc, nc) = (cut.jc, c.ncols());
     let panels = nc.div_ceil(NR);
     // Packed K block q of the run at q * block_len, its panel jr at
     // jr * NR * kc within.
-    let block_len = kc_b.min(k) * panels * NR;
-    let run_blocks = (SHARED_B_FLOATS / block_len).max(1).min(k.div_ceil(kc_b));
+    let block_len = KC.min(k) * panels * NR;
+    let run_blocks = (SHARED_B_FLOATS / block_len).max(1).min(k.div_ceil(KC));
     let mut bbuf = POOL.lock().map(|mut p| p.pop()).unwrap_or_default().unwrap_or_default();
     let bp = aligned(&mut bbuf, block_len * run_blocks);
-    for p0 in (0..k).step_by(kc_b * run_blocks) {
-        let blocks = (k - p0).div_ceil(kc_b).min(run_blocks);
-        // Pack the run: (K block, group of 8 panels) tasks.
+    // LOOP 2: K in runs of K blocks.
+    for p0 in (0..k).step_by(KC * run_blocks) {
+        let blocks = (k - p0).div_ceil(KC).min(run_blocks);
+        // Pack the run: one task per K block, in groups of 8 panels.
         const PACK_PANELS: usize = 8;
         let pack = |(q, blk): (usize, &mut [f32])| {
-            let pc = p0 + q * kc_b;
-            let kc = kc_b.min(k - pc);
+            let pc = p0 + q * KC;
+            let kc = KC.min(k - pc);
             let blk = &mut blk[..panels * NR * kc];
             for (g, dst) in blk.chunks_mut(PACK_PANELS * NR * kc).enumerate() {
                 let j0 = g * PACK_PANELS * NR;
@@ -242,94 +238,67 @@ unsafe fn shared_b(
             bp.chunks_mut(block_len).enumerate().for_each(pack);
         }
         let bp = &*bp;
-        let item = |t: usize| {
-            let (rb, g) = (t / col_groups, t % col_groups);
-            let ic = rb * mc;
-            let rows_here = mc.min(m - ic);
-            let jrs = g * per_group..panels.min((g + 1) * per_group);
+        // LOOP 3: the items, each its own tile of C.
+        each_tile(cut.tiles(c.view_mut()), parallel, |(ic, j0, mut tile)| {
+            let (rows_here, ncols) = tile.dim();
+            let jr0 = j0 / NR;
             ITEM_BUF.with(|abuf| {
                 let abuf = &mut *abuf.borrow_mut();
-                let ap = aligned(abuf, a_panel_len(kc_b.min(k)) * rows_here.div_ceil(MR));
+                let ap = aligned(abuf, a_panel_len(KC.min(k)) * rows_here.div_ceil(MR));
+                // LOOP 4: the run's K blocks.
                 for q in 0..blocks {
-                    let pc = p0 + q * kc_b;
-                    let kc = kc_b.min(k - pc);
+                    let pc = p0 + q * KC;
+                    let kc = KC.min(k - pc);
                     let beta = accumulate || pc > 0;
                     pack_a(a, ic, rows_here, pc, kc, ap);
-                    let kn = kc_b.min(k.saturating_sub(pc + kc));
-                    let next = a.ptr.wrapping_offset(ic as isize * a.rs + (pc + kc) as isize);
-                    let calls = jrs.len() * rows_here.div_ceil(MR);
-                    let mut ahead = Ahead::new(next, a.rs, a.cs, rows_here, kn, calls);
-                    for jr in jrs.clone() {
-                        let bpanel = bp[q * block_len + jr * NR * kc..].as_ptr();
-                        let ccols = NR.min(nc - jr * NR);
-                        for ir in 0..rows_here.div_ceil(MR) {
-                            let apanel = ap[ir * a_panel_len(kc)..].as_ptr();
-                            let rows = MR.min(rows_here - ir * MR);
-                            let cblk = c
-                                .get()
-                                .offset((ic + ir * MR) as isize * rsc + (jc + jr * NR) as isize * csc);
-                            block(avx2, kc, apanel, bpanel, cblk, rsc, csc, rows, ccols, beta);
-                            ahead.step();
-                        }
-                    }
+                    let kn = KC.min(k.saturating_sub(pc + kc));
+                    let calls = ncols.div_ceil(NR) * rows_here.div_ceil(MR);
+                    let mut ahead = Ahead::new(a, (ic, pc + kc), rows_here, kn, calls);
+                    let bq = &bp[q * block_len..];
+                    micro_panels(avx2, kc, ap, &bq[jr0 * NR * kc..], tile.view_mut(), beta, &mut ahead);
                 }
             });
-        };
-        let n_items = row_blocks * col_groups;
-        if parallel && n_items > 1 {
-            (0..n_items).into_par_iter().for_each(item);
-        } else {
-            (0..n_items).for_each(item);
-        }
+        });
     }
     if let Ok(mut pool) = POOL.lock() {
         pool.push(bbuf);
     }
 }
 
-/// Columns `jc..jc+nc` of C cut into `col_groups` groups of `per_group`
-/// panels.
-#[derive(Clone, Copy)]
-struct Cols {
-    jc: usize,
-    nc: usize,
-    per_group: usize,
-    col_groups: usize,
-}
-
 /// [`sgemm`] when A is the smaller operand (fewer rows than columns, e.g.
 /// 196 or 256 x 4608 x 512): A packed once for every K block by all
-/// threads together, then one item per (row block, column group), each
-/// packing its own panels of B block after block while the kernels
+/// threads together, then one item per tile (row block, column group),
+/// each packing its own panels of B block after block while the kernels
 /// prefetch the next. The mirror of [`shared_b`]: whatever is packed up
 /// front comes from memory before any kernel runs, so the smaller operand
 /// goes there (the whole of B up front cost a fifth of the time at 256 x
 /// 4608 x 512).
+///
+/// # Safety
+/// As [`sgemm`]; `c` is the block of columns `cut.jc..` of C.
 #[allow(clippy::too_many_arguments)]
 unsafe fn shared_a(
     avx2: bool,
-    rows: Rows,
     k: usize,
-    kc_b: usize,
     a: Mat,
     b: Mat,
-    cols: Cols,
-    c: Shared,
-    rsc: isize,
-    csc: isize,
+    cut: Cut,
+    mut c: ArrayViewMut2<f32>,
     accumulate: bool,
-    parallel: bool,
+    threads: usize,
 ) {
-    let Rows { m, mc, row_blocks } = rows;
+    let parallel = threads > 1;
+    let m = c.nrows();
     let mp = m.div_ceil(MR);
-    // K block q starts at q * kc_b; its packed rows at q * block_len.
-    let block_len = a_panel_len(kc_b.min(k)) * mp;
-    let blocks = k.div_ceil(kc_b);
+    // K block q starts at q * KC; its packed rows at q * block_len, row
+    // panel i at i * a_panel_len(kc) within.
+    let block_len = a_panel_len(KC.min(k)) * mp;
+    let blocks = k.div_ceil(KC);
     let mut abuf = POOL.lock().map(|mut p| p.pop()).unwrap_or_default().unwrap_or_default();
     let ap = aligned(&mut abuf, block_len * blocks);
     let pack = |(q, dst): (usize, &mut [f32])| {
-        let pc = q * kc_b;
-        pack_a(a, 0, m, pc, kc_b.min(k - pc), dst)
+        let pc = q * KC;
+        pack_a(a, 0, m, pc, KC.min(k - pc), dst)
     };
     if parallel {
         ap.par_chunks_mut(block_len).enumerate().for_each(pack);
@@ -337,55 +306,58 @@ unsafe fn shared_a(
         ap.chunks_mut(block_len).enumerate().for_each(pack);
     }
     let ap = &*ap;
-    let Cols {
-        jc,
-        nc,
-        per_group,
-        col_groups,
-    } = cols;
-    let item = |t: usize| {
-        let (rb, g) = (t / col_groups, t % col_groups);
-        let ic = rb * mc;
-        let rows_here = mc.min(m - ic);
-        let j0 = g * per_group * NR;
-        let ncols = nc.min(j0 + per_group * NR) - j0;
+    // LOOP 3: the items, each its own tile of C.
+    each_tile(cut.tiles(c.view_mut()), parallel, |(ic, j0, mut tile)| {
+        let (rows_here, ncols) = tile.dim();
         let jp = ncols.div_ceil(NR);
         ITEM_BUF.with(|bbuf| {
             let bbuf = &mut *bbuf.borrow_mut();
-            let bp = aligned(bbuf, kc_b.min(k) * jp * NR);
+            let bp = aligned(bbuf, KC.min(k) * jp * NR);
+            // LOOP 4: every K block.
             for q in 0..blocks {
-                let pc = q * kc_b;
-                let kc = kc_b.min(k - pc);
+                let pc = q * KC;
+                let kc = KC.min(k - pc);
                 let beta = accumulate || pc > 0;
-                pack_b(b, pc, kc, jc + j0, ncols, bp);
-                let kn = kc_b.min(k.saturating_sub(pc + kc));
-                let next = b.ptr.wrapping_offset((pc + kc) as isize * b.rs + (jc + j0) as isize);
-                let ip = rows_here.div_ceil(MR);
-                let mut ahead = Ahead::new(next, b.rs, b.cs, kn, ncols, jp * ip);
-                for jr in 0..jp {
-                    let bpanel = bp[jr * NR * kc..].as_ptr();
-                    let ccols = NR.min(ncols - jr * NR);
-                    for ir in 0..ip {
-                        let apanel = ap[q * block_len + (ic / MR + ir) * a_panel_len(kc)..].as_ptr();
-                        let rows = MR.min(rows_here - ir * MR);
-                        let cblk = c
-                            .get()
-                            .offset((ic + ir * MR) as isize * rsc + (jc + j0 + jr * NR) as isize * csc);
-                        block(avx2, kc, apanel, bpanel, cblk, rsc, csc, rows, ccols, beta);
-                        ahead.step();
-                    }
-                }
+                pack_b(b, pc, kc, cut.jc + j0, ncols, bp);
+                let kn = KC.min(k.saturating_sub(pc + kc));
+                let calls = jp * rows_here.div_ceil(MR);
+                let mut ahead = Ahead::new(b, (pc + kc, cut.jc + j0), kn, ncols, calls);
+                let aq = &ap[q * block_len + (ic / MR) * a_panel_len(kc)..];
+                micro_panels(avx2, kc, aq, bp, tile.view_mut(), beta, &mut ahead);
             }
         });
-    };
-    let n_items = row_blocks * col_groups;
-    if parallel && n_items > 1 {
-        (0..n_items).into_par_iter().for_each(item);
-    } else {
-        (0..n_items).for_each(item);
-    }
+    });
     if let Ok(mut pool) = POOL.lock() {
         pool.push(abuf);
+    }
+}
+
+/// LOOPs 5 and 6: every (B micro-panel, A micro-panel) pair of a tile of C
+/// through the micro-kernel, `ahead` stepped after each call. `ap` holds
+/// the tile's rows packed (panels `a_panel_len(kc)` apart), `bp` its
+/// columns (panels `NR * kc` apart), both over one K block of `kc`.
+unsafe fn micro_panels(
+    avx2: bool,
+    kc: usize,
+    ap: &[f32],
+    bp: &[f32],
+    mut tile: ArrayViewMut2<f32>,
+    beta: bool,
+    ahead: &mut Ahead,
+) {
+    let (rows, cols) = tile.dim();
+    let (rsc, csc) = (tile.strides()[0], tile.strides()[1]);
+    let c0 = tile.as_mut_ptr();
+    for jr in 0..cols.div_ceil(NR) {
+        let bpanel = bp[jr * NR * kc..].as_ptr();
+        let ccols = NR.min(cols - jr * NR);
+        for ir in 0..rows.div_ceil(MR) {
+            let apanel = ap[ir * a_panel_len(kc)..].as_ptr();
+            let crows = MR.min(rows - ir * MR);
+            let cblk = c0.offset((ir * MR) as isize * rsc + (jr * NR) as isize * csc);
+            block(avx2, kc, apanel, bpanel, cblk, rsc, csc, crows, ccols, beta);
+            ahead.step();
+        }
     }
 }
 
@@ -566,14 +538,15 @@ struct Ahead {
 }
 
 impl Ahead {
-    /// `rows` rows of `cols` floats from `base` (row stride `rs`, unit
-    /// column stride; anything else asks for nothing), spread over `calls`.
-    fn new(base: *const f32, rs: isize, cs: isize, rows: usize, cols: usize, calls: usize) -> Ahead {
+    /// `rows` rows of `cols` floats of `m` from element `(r0, c0)` (a
+    /// row-major operand; any other layout asks for nothing), spread over
+    /// `calls`.
+    fn new(m: Mat, (r0, c0): (usize, usize), rows: usize, cols: usize, calls: usize) -> Ahead {
         let row_lines = cols.div_ceil(16);
-        let rows = if cs == 1 { rows } else { 0 };
+        let rows = if m.cs == 1 { rows } else { 0 };
         Ahead {
-            base,
-            rs,
+            base: m.ptr.wrapping_offset(r0 as isize * m.rs + c0 as isize),
+            rs: m.rs,
             row_lines,
             r: 0,
             l: 0,
