@@ -272,13 +272,15 @@ impl Dispatch {
         }
     }
 
-    /// The SGEMM backend for this dispatch: ours on AVX2 (AVX-512 machines
-    /// run its AVX2 kernel), the `gemm` crate on the portable ISA (tuned
-    /// kernels for more targets than ours).
+    /// The SGEMM backend for this dispatch: ours on AVX2 (0.92-1.29x
+    /// OpenBLAS, BENCHMARKS.md 7.3); the `gemm` crate on AVX-512 (its
+    /// 16-wide kernels measured 1.02-1.43x OpenBLAS there, where ours has
+    /// only an 8-wide one) and on the portable ISA (tuned kernels for more
+    /// targets than ours). `VGG16_ISA=avx2` on an AVX-512 machine runs ours.
     pub fn gemm_backend(&self) -> Backend {
         match self.isa {
-            Isa::Avx512 | Isa::Avx2 => Backend::OwnAvx2,
-            Isa::Generic => Backend::Gemm,
+            Isa::Avx2 => Backend::OwnAvx2,
+            Isa::Avx512 | Isa::Generic => Backend::Gemm,
         }
     }
 
@@ -366,6 +368,22 @@ pub fn cpu_features() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gemm_backend_per_isa() {
+        let on = |isa| {
+            Dispatch {
+                isa,
+                conv: ConvAlgo::Auto,
+            }
+            .gemm_backend()
+        };
+        assert_eq!(on(Isa::Avx2), Backend::OwnAvx2);
+        // AVX-512 keeps the gemm crate's 16-wide kernels; the portable
+        // ISA the crate's tuned ones.
+        assert_eq!(on(Isa::Avx512), Backend::Gemm);
+        assert_eq!(on(Isa::Generic), Backend::Gemm);
+    }
 
     #[test]
     fn parses_and_refuses_forced_paths() {

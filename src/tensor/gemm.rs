@@ -10,12 +10,12 @@
 //!
 //! Backends:
 //! - [`Backend::OwnAvx2`]: ours (`sgemm.rs`, BLIS's loop nest on a 6 x 16
-//!   AVX2 + FMA micro-kernel). The default wherever AVX2 runs (AVX2 and
-//!   AVX-512 machines): measured against OpenBLAS in BENCHMARKS.md 7.3.
+//!   AVX2 + FMA micro-kernel). The default on AVX2 machines: measured
+//!   against OpenBLAS in BENCHMARKS.md 7.3.
 //! - [`Backend::OwnGeneric`]: the same in plain Rust, for any target.
 //! - [`Backend::Gemm`]: the `gemm` crate (AVX-512 / AVX2 / NEON kernels with
-//!   runtime CPU detection). The default without AVX2, or when
-//!   `VGG16_ISA=generic` forces the portable path.
+//!   runtime CPU detection). The default on AVX-512 (its 16-wide kernels),
+//!   without AVX2, and when `VGG16_ISA=generic` forces the portable path.
 //! - [`Backend::Matrixmultiply`]: bluss's `matrixmultiply`, the portable
 //!   baseline.
 //!
