@@ -71,10 +71,10 @@ thread_local! {
     static ITEM_BUF: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Buffers shared by the threads of one call (packed B, or packed A with
-/// few rows): taken from this pool and given back, so a thread that waits
-/// in rayon and picks up another call meanwhile never finds its own
-/// buffer borrowed.
+/// Buffers shared by the threads of one call (the operand packed up front):
+/// taken from this pool and given back, so a thread that waits in rayon
+/// and picks up another call meanwhile never finds its own buffer
+/// borrowed. Each keeps its largest size (at most 16 MiB) for later calls.
 static POOL: Mutex<Vec<Vec<f32>>> = Mutex::new(Vec::new());
 
 /// A 32-byte aligned slice of `len` floats inside `v` (grown as needed).
@@ -93,7 +93,8 @@ unsafe impl Send for Mat {}
 unsafe impl Sync for Mat {}
 
 /// `C (m, n) = A (m, k) x B (k, n)`, or `C += A x B` with `accumulate`, on
-/// `isa`'s micro-kernel (AVX-512 runs the AVX2 one), on rayon's pool with
+/// `isa`'s micro-kernel (AVX2 for `Avx2` and `Avx512`, else the portable
+/// one), on rayon's pool with
 /// `parallel`, else on the calling thread (see the module's notes). With
 /// `accumulate == false` C is never read.
 ///
