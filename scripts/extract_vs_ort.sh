@@ -2,6 +2,9 @@
 # Side-by-side whole-base throughput: `vgg16 extract` and ONNX Runtime on the
 # same VGG-16 base, alternated ROUNDS times so machine drift hits both.
 # Usage: scripts/extract_vs_ort.sh SIZE BATCH IMAGES [ROUNDS]
+# CONVS="auto direct im2col" (default "auto") runs `vgg16 extract` once per
+# round with each VGG16_CONV value, so the algorithms are compared in the
+# same rounds too.
 # Needs: target/release/vgg16, weights/vgg16_imagenet_notop.npz, the full
 # CIFAR-10 archive (DATA, default data/), python3 with onnxruntime, onnx,
 # numpy, and ../shared/peers/ort_vgg16_bench.py (PEER to override).
@@ -9,13 +12,23 @@ set -euo pipefail
 S=${1:?size}; B=${2:?batch}; N=${3:?images}; ROUNDS=${4:-3}
 DATA=${DATA:-data/}
 PEER=${PEER:-../shared/peers/ort_vgg16_bench.py}
+CONVS=${CONVS:-auto}
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 for r in $(seq "$ROUNDS"); do
-  ours=$(./target/release/vgg16 extract --data "$DATA" --image-size "$S" --batch-size "$B" \
-    --limit "$N" --layers gap --out "$out/x.npz" --threads 2 2>&1 |
-    sed -n 's/^done: .*(\([0-9.]*\) img\/s.*/\1/p')
+  line="round $r: size $S batch $B:"
+  rates=()
+  for c in $CONVS; do
+    ours=$(VGG16_CONV=$c ./target/release/vgg16 extract --data "$DATA" --image-size "$S" --batch-size "$B" \
+      --limit "$N" --layers gap --out "$out/x.npz" --threads 2 2>&1 |
+      sed -n 's/^done: .*(\([0-9.]*\) img\/s.*/\1/p')
+    rates+=("$c=$ours")
+  done
   ort=$(python3 "$PEER" --size "$S" --batch "$B" --threads 2 --seconds 5 |
     python3 -c "import json,sys; print(round(json.loads(sys.stdin.read())['images_per_second'], 2))")
-  echo "round $r: size $S batch $B: vgg16 $ours img/s, onnxruntime $ort img/s, ratio $(python3 -c "print(round($ours / $ort, 3))")"
+  for cr in "${rates[@]}"; do
+    c=${cr%%=*}; ours=${cr#*=}
+    line="$line vgg16[$c] $ours img/s (ratio $(python3 -c "print(round($ours / $ort, 3))")),"
+  done
+  echo "$line onnxruntime $ort img/s"
 done

@@ -3,7 +3,7 @@
 //! clipped at the edge), one-pixel images, many tiles over several chunks,
 //! Cin over one reduction chunk, Cout not a multiple of the panel width,
 //! with and without bias and ReLU; outputs pre-filled with NaN so an
-//! unwritten element fails. On AVX2, Cin a multiple of 8 takes the
+//! unwritten element fails. On AVX2 and AVX-512, Cin a multiple of 8 takes the
 //! micro-panel layout of V (`gemm_packed_a`), other Cin the row-pointer
 //! GEMM: both occur in every test. An ISA the CPU lacks is reported SKIPPED.
 

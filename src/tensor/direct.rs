@@ -573,17 +573,17 @@ pub(crate) unsafe fn gemm_packed(
     }
 }
 
-/// As [`gemm_packed`] on AVX2, with A already in micro-panels: rows in
-/// blocks of 6 (block `row / 6` at `(row / 6) * 6 * k`), each block's K in
-/// groups of 8, a group 6 rows x 8 lanes contiguous (element (row, c) at
-/// `(c / 8) * 48 + (row % 6) * 8 + c % 8` within its block). The 6
-/// broadcasts of a step then read one 192-byte run instead of 6 rows far
-/// apart. `a` starts at the first block; `k` (the
-/// packed matrix's rows) is a multiple of 8; `m` rows (blocks beyond are
-/// not read).
+/// As [`gemm_packed`] on AVX2 or AVX-512, with A already in micro-panels:
+/// rows in blocks of the ISA's `mr` (6 or 12; block `row / mr` at
+/// `(row / mr) * mr * k`), each block's K in groups of 8, a group mr rows x 8
+/// lanes contiguous (element (row, c) at `(c / 8) * 8 * mr + (row % mr) * 8 +
+/// c % 8` within its block). The mr broadcasts of a step then read one run
+/// of memory (8*mr floats a group of 8 steps) instead of mr rows far apart.
+/// `a` starts at the first block; `k` (the packed matrix's rows)
+/// is a multiple of 8; `m` rows (blocks beyond are not read).
 ///
 /// # Safety
-/// As [`gemm_packed`]; `a` holds `m.div_ceil(6) * 6 * k` floats.
+/// As [`gemm_packed`]; `a` holds `m.div_ceil(mr) * mr * k` floats.
 #[cfg(target_arch = "x86_64")]
 pub(crate) unsafe fn gemm_packed_a(
     a: &[f32],
@@ -594,55 +594,56 @@ pub(crate) unsafe fn gemm_packed_a(
     ldo: usize,
     scratch: &mut GemmScratch,
 ) {
-    assert_eq!(b.isa, Isa::Avx2, "gemm_packed_a: the micro-panel kernel is AVX2's");
-    assert!(Isa::Avx2.supported(), "gemm_packed_a: this CPU has no AVX2");
+    let isa = b.isa;
+    assert!(
+        matches!(isa, Isa::Avx2 | Isa::Avx512),
+        "gemm_packed_a: no micro-panel kernel for {}",
+        isa.name()
+    );
+    assert!(isa.supported(), "gemm_packed_a: this CPU cannot run {}", isa.name());
     assert_eq!(b.taps, 1, "gemm_packed_a: the matrix was packed as a conv kernel");
-    const MR: usize = 6;
-    const NR: usize = 16;
+    let Geometry { mr, nr, kc: kc_max } = Geometry::of(isa);
     let k = b.k;
     assert!(k.is_multiple_of(8), "gemm_packed_a: K = {k} is not a multiple of 8");
-    let blocks = m.div_ceil(MR);
+    let blocks = m.div_ceil(mr);
     assert!(
-        a.len() >= blocks * MR * k,
+        a.len() >= blocks * mr * k,
         "gemm_packed_a: A is not {blocks} blocks of {k}"
     );
     assert!(panels.end <= b.panels(), "gemm_packed_a: panel range past the matrix");
     if m == 0 || k == 0 {
         return;
     }
-    if scratch.acc.len() < blocks * MR * NR + 16 {
-        scratch.acc.resize(blocks * MR * NR + 16, 0.0);
+    if scratch.acc.len() < blocks * mr * nr + 16 {
+        scratch.acc.resize(blocks * mr * nr + 16, 0.0);
     }
-    if scratch.zero_bias.len() < NR {
-        scratch.zero_bias.resize(NR, 0.0);
+    if scratch.zero_bias.len() < nr {
+        scratch.zero_bias.resize(nr, 0.0);
     }
     let a0 = scratch.acc.as_ptr().align_offset(64);
     assert!(a0 < 16, "cannot align the partial sums");
-    let accs = &mut scratch.acc[a0..a0 + blocks * MR * NR];
-    let kc_max = Geometry::of(Isa::Avx2).kc;
+    let accs = &mut scratch.acc[a0..a0 + blocks * mr * nr];
     for j in panels {
         let panel = b.panel(j);
         let tail = Tail {
             bias: scratch.zero_bias.as_ptr(),
             relu: false,
             ldo,
-            cols: NR.min(b.cout - j * NR),
+            cols: nr.min(b.cout - j * nr),
         };
         let mut c0 = 0;
         while c0 < k {
             let kc = kc_max.min(k - c0);
             let (first, last) = (c0 == 0, c0 + kc >= k);
             for blk in 0..blocks {
-                let g0 = blk * MR;
-                kernel_avx2_pa(
-                    a[blk * MR * k + c0 * MR..].as_ptr(),
-                    kc,
-                    panel[c0 * NR..].as_ptr(),
-                    accs[blk * MR * NR..].as_mut_ptr(),
-                    first,
-                    last.then(|| (out.add(g0 * ldo + j * NR), MR.min(m - g0))),
-                    &tail,
-                );
+                let g0 = blk * mr;
+                let (ap, bp) = (a[blk * mr * k + c0 * mr..].as_ptr(), panel[c0 * nr..].as_ptr());
+                let acc = accs[blk * mr * nr..].as_mut_ptr();
+                let out = last.then(|| (out.add(g0 * ldo + j * nr), mr.min(m - g0)));
+                match isa {
+                    Isa::Avx512 => kernel_avx512_pa(ap, kc, bp, acc, first, out, &tail),
+                    _ => kernel_avx2_pa(ap, kc, bp, acc, first, out, &tail),
+                }
             }
             c0 += kc;
         }
@@ -670,6 +671,42 @@ unsafe fn kernel_avx2_pa(
     let (mut ap, mut bp) = (a, b);
     crate::tensor::sgemm::fma_groups(&mut ap, &mut bp, kc / 8, &mut s0, &mut s1);
     finish_avx2(&s0, &s1, acc, out, tail);
+}
+
+/// The AVX-512 12 x 32 micro-kernel reading A from a micro-panel (see
+/// [`gemm_packed_a`]); `kc` a multiple of 8. Same sums, same order, as
+/// `kernel_avx512` with one tap: one pointer walks A (96 floats a group of
+/// 8 steps), so no row pointer is kept or spilled.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn kernel_avx512_pa(
+    a: *const f32,
+    kc: usize,
+    b: *const f32,
+    acc: *mut f32,
+    first: bool,
+    out: Option<(*mut f32, usize)>,
+    tail: &Tail,
+) {
+    use std::arch::x86_64::*;
+    const MR: usize = 12;
+    const NR: usize = 32;
+    let (mut s0, mut s1) = load_avx512(acc, first);
+    let (mut ap, mut bp) = (a, b);
+    for _ in 0..kc / 8 {
+        for l in 0..8 {
+            let b0 = _mm512_load_ps(bp.add(l * NR));
+            let b1 = _mm512_load_ps(bp.add(l * NR + 16));
+            for r in 0..MR {
+                let av = _mm512_set1_ps(*ap.add(r * 8 + l));
+                s0[r] = _mm512_fmadd_ps(av, b0, s0[r]);
+                s1[r] = _mm512_fmadd_ps(av, b1, s1[r]);
+            }
+        }
+        ap = ap.add(8 * MR);
+        bp = bp.add(8 * NR);
+    }
+    finish_avx512(&s0, &s1, acc, out, tail);
 }
 
 /// Scratch of [`gemm_packed`], kept by each worker across calls.
@@ -735,14 +772,7 @@ unsafe fn kernel_avx512(c: &Call, tail: &Tail) {
     use std::arch::x86_64::*;
     const MR: usize = 12;
     const NR: usize = 32;
-    let mut s0 = [_mm512_setzero_ps(); MR];
-    let mut s1 = [_mm512_setzero_ps(); MR];
-    if !c.first {
-        for r in 0..MR {
-            s0[r] = _mm512_load_ps(c.acc.add(r * NR));
-            s1[r] = _mm512_load_ps(c.acc.add(r * NR + 16));
-        }
-    }
+    let (mut s0, mut s1) = load_avx512(c.acc, c.first);
     for t in 0..c.taps {
         if c.mask & (1 << t) == 0 {
             continue;
@@ -760,10 +790,48 @@ unsafe fn kernel_avx512(c: &Call, tail: &Tail) {
             bp = bp.add(NR);
         }
     }
-    let Some((out, rows)) = c.out else {
+    finish_avx512(&s0, &s1, c.acc, c.out, tail);
+}
+
+/// The AVX-512 kernels' 24 sums: zeros on the first chunk, else the
+/// partial sums in `acc` (64-byte aligned, 12 x 32).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn load_avx512(
+    acc: *const f32,
+    first: bool,
+) -> ([std::arch::x86_64::__m512; 12], [std::arch::x86_64::__m512; 12]) {
+    use std::arch::x86_64::*;
+    let mut s0 = [_mm512_setzero_ps(); 12];
+    let mut s1 = [_mm512_setzero_ps(); 12];
+    if !first {
+        for r in 0..12 {
+            s0[r] = _mm512_load_ps(acc.add(r * 32));
+            s1[r] = _mm512_load_ps(acc.add(r * 32 + 16));
+        }
+    }
+    (s0, s1)
+}
+
+/// The AVX-512 kernels' end of a chunk: the sums back to `acc`, or (the
+/// last chunk, `out` given) plus the bias, ReLU when asked, masked stores
+/// of `rows` rows.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn finish_avx512(
+    s0: &[std::arch::x86_64::__m512; 12],
+    s1: &[std::arch::x86_64::__m512; 12],
+    acc: *mut f32,
+    out: Option<(*mut f32, usize)>,
+    tail: &Tail,
+) {
+    use std::arch::x86_64::*;
+    const MR: usize = 12;
+    const NR: usize = 32;
+    let Some((out, rows)) = out else {
         for r in 0..MR {
-            _mm512_store_ps(c.acc.add(r * NR), s0[r]);
-            _mm512_store_ps(c.acc.add(r * NR + 16), s1[r]);
+            _mm512_store_ps(acc.add(r * NR), s0[r]);
+            _mm512_store_ps(acc.add(r * NR + 16), s1[r]);
         }
         return;
     };

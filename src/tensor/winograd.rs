@@ -17,9 +17,10 @@
 //! M[xi] (tiles, Cout) = V[xi] (tiles, Cin) x U[xi] (Cin, Cout)
 //! ```
 //! which run on the direct kernel's micro-kernels ([`super::direct`], one
-//! tap, packed panels); on AVX2 the input transform writes V straight into
-//! the 6-row micro-panels the kernel reads as one stream
-//! (`gemm_packed_a`), which measured 10-25% faster on block4/5 shapes. So a layer is three passes over a chunk of tiles,
+//! tap, packed panels); on AVX2 and AVX-512 the input transform writes V
+//! straight into the micro-panels of 6 or 12 rows the kernel reads as one
+//! stream (`gemm_packed_a`), which measured 10-25% faster on block4/5
+//! shapes on AVX2. So a layer is three passes over a chunk of tiles,
 //! each parallel over fixed partitions:
 //!
 //! 1. input transform: tile -> V[xi][tile][c], vectorised over channels;
@@ -64,8 +65,6 @@ pub const XI: usize = T * T;
 pub const CHUNK_BYTES: usize = 12 << 20;
 /// Fewest input channels worth the transforms (the RGB layer is not).
 pub const MIN_CIN: usize = 16;
-/// Rows of a micro-panel of V (the AVX2 kernel's 6 pixels).
-const MR_PA: usize = 6;
 /// Target bytes of one GEMM job's rows of V (kept in L2 across panels).
 const JOB_ROWS_BYTES: usize = 192 << 10;
 
@@ -409,7 +408,7 @@ pub fn conv3x3_winograd(
     }
     // AVX2 with whole 8-channel groups: V in micro-panels (see
     // `gemm_packed_a`), read as one stream by the kernel.
-    let packed = cfg!(target_arch = "x86_64") && isa == Isa::Avx2 && cin.is_multiple_of(8);
+    let packed = cfg!(target_arch = "x86_64") && isa != Isa::Generic && cin.is_multiple_of(8);
     let zero_bias = vec![0.0f32; cout];
     let bias = bias.unwrap_or(&zero_bias);
     let g = Geometry::of(isa);
@@ -465,7 +464,7 @@ pub fn conv3x3_winograd(
                         let o = mp.get().add((xi * chunk + r0) * cout);
                         #[cfg(target_arch = "x86_64")]
                         if packed {
-                            let a = &v[(xi * chunk + r0) * cin..(xi * chunk + r0 + rows.div_ceil(6) * 6) * cin];
+                            let a = &v[(xi * chunk + r0) * cin..(xi * chunk + r0 + rows.div_ceil(g.mr) * g.mr) * cin];
                             gemm_packed_a(a, rows, &kernel.u[xi], p0..p1, o, cout, scratch);
                             return;
                         }
@@ -675,10 +674,12 @@ unsafe fn input_tile(
             }
         }
     }
-    // Row t of each V[xi]; packed: block t/MR_PA, lane row t%MR_PA of each
-    // 8-channel group (channel c at c*MR_PA + lane row * 8 + c%8).
+    // Row t of each V[xi]; packed: block t/mr, lane row t%mr of each
+    // 8-channel group (channel c at c*mr + lane row * 8 + c%8), mr the
+    // ISA's micro-kernel rows (6 on AVX2, 12 on AVX-512).
     let (dst, cmul) = if packed {
-        (v.add((t / MR_PA) * MR_PA * cin + (t % MR_PA) * 8), MR_PA)
+        let mr = Geometry::of(isa).mr;
+        (v.add((t / mr) * mr * cin + (t % mr) * 8), mr)
     } else {
         (v.add(t * cin), 1)
     };
