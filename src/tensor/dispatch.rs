@@ -216,7 +216,7 @@ impl Dispatch {
     /// [`WINOGRAD_MIN_SIDE`] where it serves the layer); above it Winograd F(4,3)
     /// where there are enough input channels, on AVX-512 or AVX2 (measured
     /// faster than the direct kernel at every VGG-16 layer from
-    /// block1_conv2 on, BENCHMARKS.md); the RGB layer on the direct kernel
+    /// block1_conv2 on, on both: BENCHMARKS.md 7.2 and 11); the RGB layer on the direct kernel
     /// with AVX-512, on im2col + GEMM with AVX2 (measured faster there);
     /// im2col + GEMM for everything on the portable ISA (the `gemm` crate
     /// has tuned kernels for more targets than ours).
