@@ -642,7 +642,8 @@ pub(crate) unsafe fn gemm_packed_a(
                 let out = last.then(|| (out.add(g0 * ldo + j * nr), mr.min(m - g0)));
                 match isa {
                     Isa::Avx512 => kernel_avx512_pa(ap, kc, bp, acc, first, out, &tail),
-                    _ => kernel_avx2_pa(ap, kc, bp, acc, first, out, &tail),
+                    Isa::Avx2 => kernel_avx2_pa(ap, kc, bp, acc, first, out, &tail),
+                    Isa::Generic => unreachable!("refused above"),
                 }
             }
             c0 += kc;
