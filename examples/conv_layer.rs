@@ -6,7 +6,6 @@ use std::time::Instant;
 use vgg16_cpu::tensor::conv::{
     conv3x3_forward_path, conv3x3_forward_prepared, forward_flops, ConvPath, PreparedKernel,
 };
-use vgg16_cpu::tensor::dispatch::Isa;
 
 fn main() {
     let a: Vec<String> = std::env::args().skip(1).collect();
@@ -17,7 +16,10 @@ fn main() {
     let num = |i: usize| -> usize { a[i].parse().expect("a number") };
     let (s, n, cin, cout) = (num(1), num(2), num(3), num(4));
     let reps = if a.len() > 5 { num(5) } else { 5 };
-    let isa = Isa::detect();
+    // VGG16_ISA forces the instruction set, as in the program.
+    let isa = vgg16_cpu::tensor::dispatch::Dispatch::from_env()
+        .expect("VGG16_ISA")
+        .isa;
     let path = match a[0].as_str() {
         "direct" => ConvPath::Direct(isa),
         "winograd" => ConvPath::Winograd(isa),

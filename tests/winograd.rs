@@ -13,7 +13,9 @@ use ndarray::{Array1, Array2};
 use rand::Rng;
 use vgg16_cpu::tensor::conv::{conv3x3_forward_path, conv3x3_forward_prepared, ConvPath, PreparedKernel};
 use vgg16_cpu::tensor::dispatch::Isa;
-use vgg16_cpu::tensor::winograd::{chunk_tiles, conv3x3_winograd_dw, CHUNK_BYTES};
+use vgg16_cpu::tensor::winograd::{
+    chunk_tiles, conv3x3_winograd_dw, conv3x3_winograd_scheduled, WinogradKernel, WinogradSchedule, CHUNK_BYTES,
+};
 
 fn check(isa: Isa, seed: u64, (n, h, w, cin, cout): (usize, usize, usize, usize, usize), relu: bool) -> f64 {
     let mut r = rng(seed);
@@ -85,7 +87,9 @@ fn winograd_matches_reference_on_random_shapes() {
 #[test]
 fn winograd_spans_several_chunks() {
     for isa in isas_or_skip("winograd_spans_several_chunks") {
-        let (cin, cout) = (64, 64);
+        // U over FUSED_U_BYTES: the chunked schedule.
+        let (cin, cout) = (64, 128);
+        assert_eq!(WinogradSchedule::of(cin, cout), WinogradSchedule::Chunked);
         // Tiles of one chunk at this width, then a batch that needs ~2.5.
         let per_chunk = CHUNK_BYTES / (36 * (cin + cout) * 4);
         let n = (per_chunk * 5 / 2).div_ceil(16); // 16 tiles an image at 16x16
@@ -107,6 +111,61 @@ fn winograd_spans_several_chunks() {
         // The same kernel again gives the same bits (prepared once, reused).
         let again = conv3x3_forward_prepared(x.view(), &p, Some(Array1::zeros(cout).view()), false);
         assert!(got.iter().zip(again.iter()).all(|(a, b)| a.to_bits() == b.to_bits()));
+    }
+}
+
+/// The fused schedule (a dozen tiles a job through all three phases) and
+/// the chunked one give the same bits, and both match the reference: many
+/// jobs with a short last one, partial tiles, a tail panel, Cin not a
+/// multiple of 8 (where both run chunked), bias and ReLU.
+#[test]
+fn winograd_fused_and_chunked_schedules_agree() {
+    assert_eq!(WinogradSchedule::of(64, 64), WinogradSchedule::Fused);
+    assert_eq!(WinogradSchedule::of(128, 128), WinogradSchedule::Chunked);
+    assert_eq!(WinogradSchedule::of(512, 512), WinogradSchedule::Chunked);
+    for isa in isas_or_skip("winograd_fused_and_chunked_schedules_agree") {
+        for (i, &(n, h, w, cin, cout)) in [
+            (3, 21, 19, 64, 64), // 3 x 30 tiles: several jobs, the last short
+            (1, 9, 7, 16, 24),   // 6 tiles: one job, padding rows
+            (2, 14, 14, 64, 40), // a tail panel
+            (1, 10, 10, 20, 16), // Cin not a multiple of 8
+            (2, 32, 32, 64, 64), // 128 tiles
+        ]
+        .iter()
+        .enumerate()
+        {
+            let mut r = rng(900 + i as u64);
+            let x = rand4(&mut r, (n, h, w, cin), -1.0, 1.0);
+            let k = rand4(&mut r, (3, 3, cin, cout), -0.5, 0.5);
+            let b = rand1(&mut r, cout, -0.5, 0.5);
+            let relu = i % 2 == 0;
+            let want = ref_conv(&to64_4(x.view()), &to64_4(k.view()), Some(&b.mapv(|v| v as f64)), relu);
+            let kernel = WinogradKernel::from_keras(isa, k.view());
+            let run = |schedule| {
+                let mut out = vec![std::mem::MaybeUninit::new(f32::NAN); n * h * w * cout];
+                conv3x3_winograd_scheduled(
+                    x.as_slice().unwrap(),
+                    (n, h, w, cin),
+                    &kernel,
+                    Some(b.as_slice().unwrap()),
+                    relu,
+                    &mut out,
+                    schedule,
+                );
+                // SAFETY: f32 from MaybeUninit<f32> initialised above.
+                out.into_iter()
+                    .map(|v| unsafe { v.assume_init() })
+                    .collect::<Vec<f32>>()
+            };
+            let (fused, chunked) = (run(WinogradSchedule::Fused), run(WinogradSchedule::Chunked));
+            let e = rel_err(fused.iter(), want.iter());
+            assert!(e <= tol::WINOGRAD_FORWARD, "{} fused {i}: error {e}", isa.name());
+            assert!(
+                fused.iter().zip(&chunked).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{} shape {i}: fused and chunked differ",
+                isa.name()
+            );
+        }
     }
 }
 

@@ -67,6 +67,38 @@ pub const CHUNK_BYTES: usize = 12 << 20;
 pub const MIN_CIN: usize = 16;
 /// Target bytes of one GEMM job's rows of V (kept in L2 across panels).
 const JOB_ROWS_BYTES: usize = 192 << 10;
+/// Largest U (36 * Cin * Cout floats) the fused schedule takes: it re-reads
+/// all of U for every few tiles, so U must stay in L2 (block1_conv2's
+/// 64 x 64 kernel is 0.6 MB).
+pub const FUSED_U_BYTES: usize = 1 << 20;
+/// Target bytes of one fused job's V and M together (in L2 with U).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+const FUSED_JOB_BYTES: usize = 256 << 10;
+
+/// How [`conv3x3_winograd_scheduled`] orders the three phases.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WinogradSchedule {
+    /// Each phase over a chunk of thousands of tiles (V and M in L3), so U
+    /// is read once per chunk: for kernels too large for L2.
+    Chunked,
+    /// Each job takes a dozen or so tiles through all three phases with
+    /// its V and M in L2: the memory-bound transforms no longer go through
+    /// L3 (block1_conv2 at 224 px: 20-30% faster on an AVX-512 Xeon). Only
+    /// with the micro-panel layout (x86, Cin a multiple of 8); elsewhere
+    /// the chunked schedule runs.
+    Fused,
+}
+
+impl WinogradSchedule {
+    /// Fused where U fits [`FUSED_U_BYTES`], chunked otherwise.
+    pub fn of(cin: usize, cout: usize) -> WinogradSchedule {
+        if XI * cin * cout * std::mem::size_of::<f32>() <= FUSED_U_BYTES {
+            WinogradSchedule::Fused
+        } else {
+            WinogradSchedule::Chunked
+        }
+    }
+}
 
 /// G (6x3): the kernel transform.
 const G: [[f64; 3]; T] = [
@@ -364,14 +396,30 @@ pub fn chunk_tiles(tiles: usize, cin: usize, cout: usize, mr: usize) -> usize {
 
 /// `out` (N*H*W, Cout) = conv3x3(x, kernel) + bias, then ReLU when `relu`.
 /// `x` is NHWC (n, h, w, cin) as a flat slice; every element of `out` is
-/// written once and none is read.
+/// written once and none is read. The schedule is [`WinogradSchedule::of`]
+/// the kernel's channels.
 pub fn conv3x3_winograd(
+    x: &[f32],
+    dims: (usize, usize, usize, usize),
+    kernel: &WinogradKernel,
+    bias: Option<&[f32]>,
+    relu: bool,
+    out: &mut [std::mem::MaybeUninit<f32>],
+) {
+    let schedule = WinogradSchedule::of(kernel.cin, kernel.cout);
+    conv3x3_winograd_scheduled(x, dims, kernel, bias, relu, out, schedule);
+}
+
+/// [`conv3x3_winograd`] on a given schedule; both give the same bits (each
+/// output's sums run in the same order), which the tests check.
+pub fn conv3x3_winograd_scheduled(
     x: &[f32],
     (n, h, w, cin): (usize, usize, usize, usize),
     kernel: &WinogradKernel,
     bias: Option<&[f32]>,
     relu: bool,
     out: &mut [std::mem::MaybeUninit<f32>],
+    schedule: WinogradSchedule,
 ) {
     let isa = kernel.isa;
     assert!(
@@ -414,6 +462,50 @@ pub fn conv3x3_winograd(
     let g = Geometry::of(isa);
     let (ty, tx) = (h.div_ceil(M), w.div_ceil(M));
     let tiles = n * ty * tx;
+    #[cfg(target_arch = "x86_64")]
+    if packed && schedule == WinogradSchedule::Fused {
+        let geom = (n, h, w, ty, tx);
+        let out = SendPtr(out.as_mut_ptr().cast::<f32>());
+        // Tiles a job: whole micro-panels, V and M within FUSED_JOB_BYTES.
+        let per_tile = XI * (cin + cout) * std::mem::size_of::<f32>();
+        let bt = (FUSED_JOB_BYTES / per_tile).max(g.mr) / g.mr * g.mr;
+        let panels = cout.div_ceil(g.nr);
+        (0..tiles.div_ceil(bt))
+            .into_par_iter()
+            .for_each_init(GemmScratch::default, |gemm_scratch, b| {
+                let (t0, nt) = (b * bt, bt.min(tiles - b * bt));
+                // V (XI, bt, cin), M (XI, bt, cout): this thread's, kept
+                // across jobs and calls as in the chunked schedule.
+                let mut scratch = Scratch::take(XI * bt * cin, XI * bt * cout);
+                let (v, mm) = scratch.parts();
+                for t in 0..nt {
+                    // SAFETY: tile t writes row t of this job's V only.
+                    unsafe { input_tile(isa, x, geom, cin, t0 + t, v.as_mut_ptr(), t, bt, true) };
+                }
+                let rows = nt.div_ceil(g.mr) * g.mr;
+                for (xi, u) in kernel.u.iter().enumerate() {
+                    let a = &v[xi * bt * cin..(xi * bt + rows) * cin];
+                    // SAFETY: rows 0..nt of this job's M[xi].
+                    unsafe {
+                        gemm_packed_a(
+                            a,
+                            nt,
+                            u,
+                            0..panels,
+                            mm.as_mut_ptr().add(xi * bt * cout),
+                            cout,
+                            gemm_scratch,
+                        )
+                    };
+                }
+                for t in 0..nt {
+                    // SAFETY: tile t0+t writes its own output pixels only.
+                    unsafe { output_tile(isa, mm, geom, cout, t, bt, t0 + t, bias, relu, out.get()) };
+                }
+            });
+        return;
+    }
+    let _ = schedule;
     let chunk = chunk_tiles(tiles, cin, cout, g.mr);
     // V: (XI, chunk, cin); M: (XI, chunk, cout). Reused across chunks and,
     // kept by the calling thread, across calls ([`Scratch`]): the
