@@ -88,7 +88,7 @@ fn winograd_matches_reference_on_random_shapes() {
 fn winograd_spans_several_chunks() {
     for isa in isas_or_skip("winograd_spans_several_chunks") {
         // U over FUSED_U_BYTES: the chunked schedule.
-        let (cin, cout) = (64, 128);
+        let (cin, cout) = (64, 160);
         assert_eq!(WinogradSchedule::of(cin, cout), WinogradSchedule::Chunked);
         // Tiles of one chunk at this width, then a batch that needs ~2.5.
         let per_chunk = CHUNK_BYTES / (36 * (cin + cout) * 4);
@@ -121,6 +121,7 @@ fn winograd_spans_several_chunks() {
 #[test]
 fn winograd_fused_and_chunked_schedules_agree() {
     assert_eq!(WinogradSchedule::of(64, 64), WinogradSchedule::Fused);
+    assert_eq!(WinogradSchedule::of(64, 128), WinogradSchedule::Fused);
     assert_eq!(WinogradSchedule::of(128, 128), WinogradSchedule::Chunked);
     assert_eq!(WinogradSchedule::of(512, 512), WinogradSchedule::Chunked);
     for isa in isas_or_skip("winograd_fused_and_chunked_schedules_agree") {

@@ -69,8 +69,9 @@ pub const MIN_CIN: usize = 16;
 const JOB_ROWS_BYTES: usize = 192 << 10;
 /// Largest U (36 * Cin * Cout floats) the fused schedule takes: it re-reads
 /// all of U for every few tiles, so U must stay in L2 (block1_conv2's
-/// 64 x 64 kernel is 0.6 MB).
-pub const FUSED_U_BYTES: usize = 1 << 20;
+/// 64 x 64 kernel is 0.6 MB, block2_conv1's 64 x 128 1.2 MB; 128 x 128 and
+/// up measured no faster fused).
+pub const FUSED_U_BYTES: usize = 5 << 18;
 /// Target bytes of one fused job's V and M together (in L2 with U).
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 const FUSED_JOB_BYTES: usize = 256 << 10;
@@ -83,7 +84,7 @@ pub enum WinogradSchedule {
     Chunked,
     /// Each job takes a dozen or so tiles through all three phases with
     /// its V and M in L2: the memory-bound transforms no longer go through
-    /// L3 (block1_conv2 at 224 px: 20-30% faster on an AVX-512 Xeon). Only
+    /// L3 (block1_conv2 at 224 px: 25-30% faster on an AVX-512 Xeon). Only
     /// with the micro-panel layout (x86, Cin a multiple of 8); elsewhere
     /// the chunked schedule runs.
     Fused,
