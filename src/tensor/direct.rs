@@ -455,32 +455,30 @@ pub fn conv3x3_direct(
                     let kc = if gathered { 9 * cin } else { kc_max.min(cin - c0) };
                     let bchunk = panel[9 * c0 * nr..].as_ptr();
                     let (first, last) = (c0 == 0, c0 + kc >= cin);
-                    // LOOP 3: the job's pixel blocks; LOOP 4 (taps) and 5
-                    // (channels) run in the kernel.
-                    for (blk, &mask) in masks.iter().enumerate() {
-                        let g0 = p0 + blk * mr;
-                        let call = Call {
-                            ptrs: ptrs[blk * taps * mr..].as_ptr(),
-                            taps,
-                            mask,
-                            c0,
-                            kc,
-                            b: bchunk,
-                            acc: accs[blk * mr * nr..].as_mut_ptr(),
-                            first,
-                            // SAFETY (of the add): g0 < m, j*nr < cout.
-                            out: last.then(|| (unsafe { out_ptr.get().add(g0 * cout + j * nr) }, mr.min(p1 - g0))),
-                        };
-                        // SAFETY: the ISA was checked above; each pointer
-                        // addresses `cin` floats (an input row or `zeros`),
-                        // or 9*cin gathered floats, so c0..c0+kc is in
-                        // bounds; the chunk holds taps*kc*nr floats of the
-                        // panel; the block's partial sums are mr*nr floats,
-                        // 64-byte aligned; the last chunk writes rows
-                        // g0..g0+rows, columns j*nr..j*nr+cols of `out`,
-                        // which only this job writes.
-                        unsafe { run_kernel(isa, &call, &tail) };
-                    }
+                    // LOOP 3 (the job's pixel blocks), 4 (taps) and 5
+                    // (channels) run in one call, on the ISA's kernel.
+                    let run = Blocks {
+                        ptrs: ptrs.as_ptr(),
+                        masks: masks.as_ptr(),
+                        count: masks.len(),
+                        taps,
+                        c0,
+                        kc,
+                        b: bchunk,
+                        acc: accs.as_mut_ptr(),
+                        first,
+                        // SAFETY (of the add): p0 < m, j*nr < cout.
+                        out: last.then(|| unsafe { out_ptr.get().add(p0 * cout + j * nr) }),
+                        rows: p1 - p0,
+                    };
+                    // SAFETY: the ISA was checked above; each pointer
+                    // addresses `cin` floats (an input row or `zeros`), or
+                    // 9*cin gathered floats, so c0..c0+kc is in bounds; the
+                    // chunk holds taps*kc*nr floats of the panel; each
+                    // block's partial sums are mr*nr floats, 64-byte
+                    // aligned; the last chunk writes rows p0..p1, columns
+                    // j*nr..j*nr+cols of `out`, which only this job writes.
+                    unsafe { run_blocks(isa, &run, &tail) };
                     c0 += kc;
                 }
             }
@@ -535,6 +533,8 @@ pub(crate) unsafe fn gemm_packed(
     if scratch.acc.len() < blocks * mr * nr + 16 {
         scratch.acc.resize(blocks * mr * nr + 16, 0.0);
     }
+    scratch.masks.clear();
+    scratch.masks.resize(blocks, 1);
     if scratch.zero_bias.len() < nr {
         scratch.zero_bias.resize(nr, 0.0);
     }
@@ -553,21 +553,20 @@ pub(crate) unsafe fn gemm_packed(
         while c0 < k {
             let kc = kc_max.min(k - c0);
             let (first, last) = (c0 == 0, c0 + kc >= k);
-            for blk in 0..blocks {
-                let g0 = blk * mr;
-                let call = Call {
-                    ptrs: scratch.ptrs[blk * mr..].as_ptr(),
-                    taps: 1,
-                    mask: 1,
-                    c0,
-                    kc,
-                    b: panel[c0 * nr..].as_ptr(),
-                    acc: accs[blk * mr * nr..].as_mut_ptr(),
-                    first,
-                    out: last.then(|| (out.add(g0 * ldo + j * nr), mr.min(m - g0))),
-                };
-                run_kernel(isa, &call, &tail);
-            }
+            let run = Blocks {
+                ptrs: scratch.ptrs.as_ptr(),
+                masks: scratch.masks.as_ptr(),
+                count: blocks,
+                taps: 1,
+                c0,
+                kc,
+                b: panel[c0 * nr..].as_ptr(),
+                acc: accs.as_mut_ptr(),
+                first,
+                out: last.then(|| out.add(j * nr)),
+                rows: m,
+            };
+            run_blocks(isa, &run, &tail);
             c0 += kc;
         }
     }
@@ -716,6 +715,7 @@ pub(crate) struct GemmScratch {
     ptrs: Vec<*const f32>,
     acc: Vec<f32>,
     zero_bias: Vec<f32>,
+    masks: Vec<u16>,
 }
 
 /// One micro-kernel call: adds one channel chunk to an `mr` x `nr` block.
@@ -749,54 +749,98 @@ struct Tail {
     cols: usize,
 }
 
-/// Runs `call` on the micro-kernel of `isa`.
+/// One chunk over a job's consecutive pixel blocks (LOOP 3 in one call, so
+/// a block costs no call, dispatch or argument set-up: the RGB layer's
+/// chunk is only 27 steps). Block i is the [`Call`] with row pointers
+/// `ptrs[i*taps*mr..]`, mask `masks[i]`, partial sums `acc[i*mr*nr..]`,
+/// and on the last chunk output rows `i*mr..` of `out` (stride
+/// `tail.ldo`), `rows` rows in all.
+struct Blocks {
+    ptrs: *const *const f32,
+    masks: *const u16,
+    count: usize,
+    taps: usize,
+    c0: usize,
+    kc: usize,
+    b: *const f32,
+    acc: *mut f32,
+    first: bool,
+    out: Option<*mut f32>,
+    rows: usize,
+}
+
+/// Block `i` of `run` as one micro-kernel call for geometry (mr, nr).
 ///
 /// # Safety
-/// The CPU supports `isa`, and the pointers of `call` and `tail` are valid
-/// as [`Call`] describes for that ISA's [`Geometry`].
-unsafe fn run_kernel(isa: Isa, call: &Call, tail: &Tail) {
+/// `i < run.count`, and `run` is valid as [`Blocks`] describes.
+#[inline(always)]
+unsafe fn block_call(run: &Blocks, i: usize, mr: usize, nr: usize, ldo: usize) -> Call {
+    Call {
+        ptrs: run.ptrs.add(i * run.taps * mr),
+        taps: run.taps,
+        mask: *run.masks.add(i),
+        c0: run.c0,
+        kc: run.kc,
+        b: run.b,
+        acc: run.acc.add(i * mr * nr),
+        first: run.first,
+        out: run.out.map(|o| (o.add(i * mr * ldo), mr.min(run.rows - i * mr))),
+    }
+}
+
+/// Runs every block of `run` on the micro-kernel of `isa`.
+///
+/// # Safety
+/// The CPU supports `isa`, and for every block of `run` the pointers are
+/// valid as [`Call`] describes for that ISA's [`Geometry`].
+unsafe fn run_blocks(isa: Isa, run: &Blocks, tail: &Tail) {
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => kernel_avx512(call, tail),
+        Isa::Avx512 => kernel_avx512(run, tail),
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => kernel_avx2(call, tail),
+        Isa::Avx2 => kernel_avx2(run, tail),
         #[cfg(not(target_arch = "x86_64"))]
         Isa::Avx512 | Isa::Avx2 => unreachable!("x86 kernels are checked as unsupported here"),
-        Isa::Generic => kernel_generic(call, tail),
+        Isa::Generic => kernel_generic(run, tail),
     }
 }
 
 /// AVX-512F: 12 pixels x 32 channels, 24 zmm sums.
 #[cfg(target_arch = "x86_64")]
+#[inline]
 #[target_feature(enable = "avx512f")]
-unsafe fn kernel_avx512(c: &Call, tail: &Tail) {
+unsafe fn kernel_avx512(run: &Blocks, tail: &Tail) {
     use std::arch::x86_64::*;
     const MR: usize = 12;
     const NR: usize = 32;
-    let (mut s0, mut s1) = load_avx512(c.acc, c.first);
-    for t in 0..c.taps {
-        if c.mask & (1 << t) == 0 {
-            continue;
-        }
-        let a: [*const f32; MR] = std::array::from_fn(|r| (*c.ptrs.add(t * MR + r)).add(c.c0));
-        let mut bp = c.b.add(t * c.kc * NR);
-        for ci in 0..c.kc {
-            let b0 = _mm512_load_ps(bp);
-            let b1 = _mm512_load_ps(bp.add(16));
-            for r in 0..MR {
-                let av = _mm512_set1_ps(*a[r].add(ci));
-                s0[r] = _mm512_fmadd_ps(av, b0, s0[r]);
-                s1[r] = _mm512_fmadd_ps(av, b1, s1[r]);
+    for i in 0..run.count {
+        let c = &block_call(run, i, MR, NR, tail.ldo);
+        let (mut s0, mut s1) = load_avx512(c.acc, c.first);
+        for t in 0..c.taps {
+            if c.mask & (1 << t) == 0 {
+                continue;
             }
-            bp = bp.add(NR);
+            let a: [*const f32; MR] = std::array::from_fn(|r| (*c.ptrs.add(t * MR + r)).add(c.c0));
+            let mut bp = c.b.add(t * c.kc * NR);
+            for ci in 0..c.kc {
+                let b0 = _mm512_load_ps(bp);
+                let b1 = _mm512_load_ps(bp.add(16));
+                for r in 0..MR {
+                    let av = _mm512_set1_ps(*a[r].add(ci));
+                    s0[r] = _mm512_fmadd_ps(av, b0, s0[r]);
+                    s1[r] = _mm512_fmadd_ps(av, b1, s1[r]);
+                }
+                bp = bp.add(NR);
+            }
         }
+        finish_avx512(&s0, &s1, c.acc, c.out, tail);
     }
-    finish_avx512(&s0, &s1, c.acc, c.out, tail);
 }
 
 /// The AVX-512 kernels' 24 sums: zeros on the first chunk, else the
 /// partial sums in `acc` (64-byte aligned, 12 x 32).
 #[cfg(target_arch = "x86_64")]
+#[inline]
 #[target_feature(enable = "avx512f")]
 unsafe fn load_avx512(
     acc: *const f32,
@@ -818,6 +862,7 @@ unsafe fn load_avx512(
 /// last chunk, `out` given) plus the bias, ReLU when asked, masked stores
 /// of `rows` rows.
 #[cfg(target_arch = "x86_64")]
+#[inline]
 #[target_feature(enable = "avx512f")]
 unsafe fn finish_avx512(
     s0: &[std::arch::x86_64::__m512; 12],
@@ -867,35 +912,40 @@ unsafe fn finish_avx512(
 /// AVX2 + FMA: 6 pixels x 16 channels, 12 ymm sums (16 ymm registers: 12
 /// sums, 2 kernel vectors, 1 broadcast).
 #[cfg(target_arch = "x86_64")]
+#[inline]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn kernel_avx2(c: &Call, tail: &Tail) {
+unsafe fn kernel_avx2(run: &Blocks, tail: &Tail) {
     use std::arch::x86_64::*;
     const MR: usize = 6;
     const NR: usize = 16;
-    let (mut s0, mut s1) = load_avx2(c.acc, c.first);
-    for t in 0..c.taps {
-        if c.mask & (1 << t) == 0 {
-            continue;
-        }
-        let a: [*const f32; MR] = std::array::from_fn(|r| (*c.ptrs.add(t * MR + r)).add(c.c0));
-        let mut bp = c.b.add(t * c.kc * NR);
-        for ci in 0..c.kc {
-            let b0 = _mm256_load_ps(bp);
-            let b1 = _mm256_load_ps(bp.add(8));
-            for r in 0..MR {
-                let av = _mm256_broadcast_ss(&*a[r].add(ci));
-                s0[r] = _mm256_fmadd_ps(av, b0, s0[r]);
-                s1[r] = _mm256_fmadd_ps(av, b1, s1[r]);
+    for i in 0..run.count {
+        let c = &block_call(run, i, MR, NR, tail.ldo);
+        let (mut s0, mut s1) = load_avx2(c.acc, c.first);
+        for t in 0..c.taps {
+            if c.mask & (1 << t) == 0 {
+                continue;
             }
-            bp = bp.add(NR);
+            let a: [*const f32; MR] = std::array::from_fn(|r| (*c.ptrs.add(t * MR + r)).add(c.c0));
+            let mut bp = c.b.add(t * c.kc * NR);
+            for ci in 0..c.kc {
+                let b0 = _mm256_load_ps(bp);
+                let b1 = _mm256_load_ps(bp.add(8));
+                for r in 0..MR {
+                    let av = _mm256_broadcast_ss(&*a[r].add(ci));
+                    s0[r] = _mm256_fmadd_ps(av, b0, s0[r]);
+                    s1[r] = _mm256_fmadd_ps(av, b1, s1[r]);
+                }
+                bp = bp.add(NR);
+            }
         }
+        finish_avx2(&s0, &s1, c.acc, c.out, tail);
     }
-    finish_avx2(&s0, &s1, c.acc, c.out, tail);
 }
 
 /// The AVX2 kernels' 12 sums: zeros on the first chunk, else the partial
 /// sums in `acc` (64-byte aligned, 6 x 16).
 #[cfg(target_arch = "x86_64")]
+#[inline]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn load_avx2(acc: *const f32, first: bool) -> ([std::arch::x86_64::__m256; 6], [std::arch::x86_64::__m256; 6]) {
     use std::arch::x86_64::*;
@@ -913,6 +963,7 @@ unsafe fn load_avx2(acc: *const f32, first: bool) -> ([std::arch::x86_64::__m256
 /// The AVX2 kernels' end of a chunk: the sums back to `acc`, or (the last
 /// chunk, `out` given) out through [`store_avx2`].
 #[cfg(target_arch = "x86_64")]
+#[inline]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn finish_avx2(
     s0: &[std::arch::x86_64::__m256; 6],
@@ -935,6 +986,7 @@ unsafe fn finish_avx2(
 
 /// The AVX2 kernels' last step: bias, ReLU, masked store of `rows` rows.
 #[cfg(target_arch = "x86_64")]
+#[inline]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn store_avx2(
     s0: &[std::arch::x86_64::__m256; 6],
@@ -975,43 +1027,46 @@ unsafe fn store_avx2(
 
 /// Portable Rust, the AVX2 geometry (6 x 16) in plain arrays: runs on any
 /// target, and is the reference the SIMD kernels are compared with.
-unsafe fn kernel_generic(c: &Call, tail: &Tail) {
+unsafe fn kernel_generic(run: &Blocks, tail: &Tail) {
     const MR: usize = 6;
     const NR: usize = 16;
-    let mut s = [[0.0f32; NR]; MR];
-    if !c.first {
-        for (r, row) in s.iter_mut().enumerate() {
-            row.copy_from_slice(std::slice::from_raw_parts(c.acc.add(r * NR), NR));
+    for i in 0..run.count {
+        let c = &block_call(run, i, MR, NR, tail.ldo);
+        let mut s = [[0.0f32; NR]; MR];
+        if !c.first {
+            for (r, row) in s.iter_mut().enumerate() {
+                row.copy_from_slice(std::slice::from_raw_parts(c.acc.add(r * NR), NR));
+            }
         }
-    }
-    for t in 0..c.taps {
-        if c.mask & (1 << t) == 0 {
-            continue;
-        }
-        let a: [&[f32]; MR] =
-            std::array::from_fn(|r| std::slice::from_raw_parts((*c.ptrs.add(t * MR + r)).add(c.c0), c.kc));
-        let b = std::slice::from_raw_parts(c.b.add(t * c.kc * NR), c.kc * NR);
-        for (ci, brow) in b.chunks_exact(NR).enumerate() {
-            for r in 0..MR {
-                let av = a[r][ci];
-                for (sv, &bv) in s[r].iter_mut().zip(brow) {
-                    *sv += av * bv;
+        for t in 0..c.taps {
+            if c.mask & (1 << t) == 0 {
+                continue;
+            }
+            let a: [&[f32]; MR] =
+                std::array::from_fn(|r| std::slice::from_raw_parts((*c.ptrs.add(t * MR + r)).add(c.c0), c.kc));
+            let b = std::slice::from_raw_parts(c.b.add(t * c.kc * NR), c.kc * NR);
+            for (ci, brow) in b.chunks_exact(NR).enumerate() {
+                for r in 0..MR {
+                    let av = a[r][ci];
+                    for (sv, &bv) in s[r].iter_mut().zip(brow) {
+                        *sv += av * bv;
+                    }
                 }
             }
         }
-    }
-    let Some((out, rows)) = c.out else {
-        for (r, row) in s.iter().enumerate() {
-            std::slice::from_raw_parts_mut(c.acc.add(r * NR), NR).copy_from_slice(row);
-        }
-        return;
-    };
-    let bias = std::slice::from_raw_parts(tail.bias, NR);
-    for (r, row) in s.iter().enumerate().take(rows.min(MR)) {
-        let o = std::slice::from_raw_parts_mut(out.add(r * tail.ldo), tail.cols);
-        for ((ov, &sv), &bv) in o.iter_mut().zip(row).zip(bias) {
-            let v = sv + bv;
-            *ov = if tail.relu { v.max(0.0) } else { v };
+        let Some((out, rows)) = c.out else {
+            for (r, row) in s.iter().enumerate() {
+                std::slice::from_raw_parts_mut(c.acc.add(r * NR), NR).copy_from_slice(row);
+            }
+            continue;
+        };
+        let bias = std::slice::from_raw_parts(tail.bias, NR);
+        for (r, row) in s.iter().enumerate().take(rows.min(MR)) {
+            let o = std::slice::from_raw_parts_mut(out.add(r * tail.ldo), tail.cols);
+            for ((ov, &sv), &bv) in o.iter_mut().zip(row).zip(bias) {
+                let v = sv + bv;
+                *ov = if tail.relu { v.max(0.0) } else { v };
+            }
         }
     }
 }
