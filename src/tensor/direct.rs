@@ -374,18 +374,21 @@ pub fn conv3x3_direct(
     if let Some(b) = bias {
         bias_pad[..cout].copy_from_slice(b);
     }
-    let zeros = vec![0.0f32; cin];
+    // Long enough for a tap of either kind below (cin or 3*cin floats).
+    let zeros = vec![0.0f32; 3 * cin];
     let plan = DirectPlan::new(isa, m, w, cin, cout);
     let pixel_jobs = m.div_ceil(plan.pixels);
     let panel_jobs = kernel.panels().div_ceil(plan.panels);
     let out_ptr = SendPtr(out.as_mut_ptr().cast::<f32>());
-    // Few input channels (the RGB layer): a job first gathers its pixels'
-    // 9*cin taps into rows (im2col, 27 floats a pixel at cin = 3), and the
-    // kernel runs each row as a single tap of 9*cin channels; 9*cin fits one
-    // chunk, so the panel rows are in the plain order that this reads.
+    // Few input channels (the RGB layer): a 3-channel tap is too short a
+    // reduction, so each kernel row ky is one tap of 3*cin floats, the
+    // input pixels xx-1..xx+1 of row y+ky-1, contiguous in NHWC (9 floats
+    // at cin = 3). Their kernel rows (ky, kx, c) are the panel's plain order
+    // (9*cin fits one chunk). Only pixels on the left or right edge copy
+    // their three taps, with the zeros of the padding, into `col`.
     let gathered = cin < MIN_CIN;
-    debug_assert!(!gathered || 9 * cin <= kc_max);
-    let taps = if gathered { 1 } else { 9 };
+    debug_assert!(!gathered || cin <= kc_max);
+    let (taps, tap_len) = if gathered { (3, 3 * cin) } else { (9, cin) };
     (0..pixel_jobs * panel_jobs).into_par_iter().for_each_init(
         || (Vec::<*const f32>::new(), Vec::<f32>::new(), Vec::<f32>::new()),
         |(ptrs, acc, col), job| {
@@ -398,27 +401,49 @@ pub fn conv3x3_direct(
             ptrs.resize(blocks * taps * mr, zeros.as_ptr());
             let mut masks = vec![0u16; blocks];
             if gathered {
-                let k = 9 * cin;
-                col.resize(blocks * mr * k, 0.0);
-                super::im2col::im2col(x, h, w, cin, p0, p1 - p0, col);
-                col[(p1 - p0) * k..].fill(0.0);
-                for (i, p) in ptrs.iter_mut().enumerate() {
-                    *p = col[i * k..].as_ptr();
-                }
-                masks.fill(1);
+                // Room for every pixel's edge copy (only edges use it; no
+                // pointer into it is taken before it stops growing).
+                col.resize((p1 - p0) * 3 * tap_len, 0.0);
             }
             // Output pixel (img, y, xx) of p0, then stepped along.
             let (mut img, mut y, mut xx) = (p0 / (h * w), (p0 % (h * w)) / w, p0 % w);
-            for i in 0..if gathered { 0 } else { p1 - p0 } {
+            for i in 0..p1 - p0 {
                 let (blk, r) = (i / mr, i % mr);
-                let table = &mut ptrs[blk * 9 * mr..(blk + 1) * 9 * mr];
-                for t in 0..9 {
-                    // Input pixel (y + dy - 1, xx + dx - 1), if inside.
-                    let (iy, ix) = (y + t / 3, xx + t % 3);
-                    if iy >= 1 && iy <= h && ix >= 1 && ix <= w {
-                        let idx = ((img * h + iy - 1) * w + ix - 1) * cin;
-                        table[t * mr + r] = x[idx..idx + cin].as_ptr();
-                        masks[blk] |= 1 << t;
+                let table = &mut ptrs[blk * taps * mr..(blk + 1) * taps * mr];
+                if gathered {
+                    for ky in 0..3 {
+                        // Input row y + ky - 1, if inside.
+                        if y + ky < 1 || y + ky > h {
+                            continue;
+                        }
+                        let row = (img * h + y + ky - 1) * w;
+                        if xx >= 1 && xx + 1 < w {
+                            let idx = (row + xx - 1) * cin;
+                            table[ky * mr + r] = x[idx..idx + tap_len].as_ptr();
+                        } else {
+                            let seg = &mut col[(i * 3 + ky) * tap_len..(i * 3 + ky + 1) * tap_len];
+                            for (kx, dst) in seg.chunks_exact_mut(cin).enumerate() {
+                                // Input column xx + kx - 1, if inside.
+                                if xx + kx >= 1 && xx + kx <= w {
+                                    let idx = (row + xx + kx - 1) * cin;
+                                    dst.copy_from_slice(&x[idx..idx + cin]);
+                                } else {
+                                    dst.fill(0.0);
+                                }
+                            }
+                            table[ky * mr + r] = seg.as_ptr();
+                        }
+                        masks[blk] |= 1 << ky;
+                    }
+                } else {
+                    for t in 0..9 {
+                        // Input pixel (y + dy - 1, xx + dx - 1), if inside.
+                        let (iy, ix) = (y + t / 3, xx + t % 3);
+                        if iy >= 1 && iy <= h && ix >= 1 && ix <= w {
+                            let idx = ((img * h + iy - 1) * w + ix - 1) * cin;
+                            table[t * mr + r] = x[idx..idx + cin].as_ptr();
+                            masks[blk] |= 1 << t;
+                        }
                     }
                 }
                 xx += 1;
@@ -452,7 +477,7 @@ pub fn conv3x3_direct(
                 // LOOP 2: channel chunks (9*kc panel rows, contiguous).
                 let mut c0 = 0;
                 while c0 < cin {
-                    let kc = if gathered { 9 * cin } else { kc_max.min(cin - c0) };
+                    let kc = if gathered { tap_len } else { kc_max.min(cin - c0) };
                     let bchunk = panel[9 * c0 * nr..].as_ptr();
                     let (first, last) = (c0 == 0, c0 + kc >= cin);
                     // LOOP 3 (the job's pixel blocks), 4 (taps) and 5
@@ -473,7 +498,8 @@ pub fn conv3x3_direct(
                     };
                     // SAFETY: the ISA was checked above; each pointer
                     // addresses `cin` floats (an input row or `zeros`), or
-                    // 9*cin gathered floats, so c0..c0+kc is in bounds; the
+                    // 3*cin (three input pixels of a row, an edge copy in
+                    // `col`, or `zeros`), so c0..c0+kc is in bounds; the
                     // chunk holds taps*kc*nr floats of the panel; each
                     // block's partial sums are mr*nr floats, 64-byte
                     // aligned; the last chunk writes rows p0..p1, columns
