@@ -74,9 +74,10 @@ impl Geometry {
 
 /// Largest `mr` of any geometry (sizes the per-block pointer table).
 pub const MAX_MR: usize = 12;
-/// Below this many input channels a job gathers its pixels' taps into
-/// rows first (see [`conv3x3_direct`]): with 3 channels (the RGB layer) a
-/// tap is too short a reduction to pay for its row pointers.
+/// Below this many input channels a tap is a kernel row's three input
+/// pixels (3*Cin contiguous floats) instead of one pixel (see
+/// [`conv3x3_direct`]): with 3 channels (the RGB layer) a one-pixel tap is
+/// too short a reduction to pay for its row pointer.
 pub const MIN_CIN: usize = 16;
 /// Target bytes of input rows one job reads (kept in L2 across panels).
 const JOB_INPUT_BYTES: usize = 512 << 10;
@@ -386,9 +387,9 @@ pub fn conv3x3_direct(
     // at cin = 3). Their kernel rows (ky, kx, c) are the panel's plain order
     // (9*cin fits one chunk). Only pixels on the left or right edge copy
     // their three taps, with the zeros of the padding, into `col`.
-    let gathered = cin < MIN_CIN;
-    debug_assert!(!gathered || cin <= kc_max);
-    let (taps, tap_len) = if gathered { (3, 3 * cin) } else { (9, cin) };
+    let row_taps = cin < MIN_CIN;
+    debug_assert!(!row_taps || cin <= kc_max);
+    let (taps, tap_len) = if row_taps { (3, 3 * cin) } else { (9, cin) };
     (0..pixel_jobs * panel_jobs).into_par_iter().for_each_init(
         || (Vec::<*const f32>::new(), Vec::<f32>::new(), Vec::<f32>::new()),
         |(ptrs, acc, col), job| {
@@ -400,7 +401,7 @@ pub fn conv3x3_direct(
             ptrs.clear();
             ptrs.resize(blocks * taps * mr, zeros.as_ptr());
             let mut masks = vec![0u16; blocks];
-            if gathered {
+            if row_taps {
                 // Room for every pixel's edge copy (only edges use it; no
                 // pointer into it is taken before it stops growing).
                 col.resize((p1 - p0) * 3 * tap_len, 0.0);
@@ -410,7 +411,7 @@ pub fn conv3x3_direct(
             for i in 0..p1 - p0 {
                 let (blk, r) = (i / mr, i % mr);
                 let table = &mut ptrs[blk * taps * mr..(blk + 1) * taps * mr];
-                if gathered {
+                if row_taps {
                     for ky in 0..3 {
                         // Input row y + ky - 1, if inside.
                         if y + ky < 1 || y + ky > h {
@@ -477,7 +478,7 @@ pub fn conv3x3_direct(
                 // LOOP 2: channel chunks (9*kc panel rows, contiguous).
                 let mut c0 = 0;
                 while c0 < cin {
-                    let kc = if gathered { tap_len } else { kc_max.min(cin - c0) };
+                    let kc = if row_taps { tap_len } else { kc_max.min(cin - c0) };
                     let bchunk = panel[9 * c0 * nr..].as_ptr();
                     let (first, last) = (c0 == 0, c0 + kc >= cin);
                     // LOOP 3 (the job's pixel blocks), 4 (taps) and 5
@@ -747,7 +748,8 @@ pub(crate) struct GemmScratch {
 /// One micro-kernel call: adds one channel chunk to an `mr` x `nr` block.
 ///
 /// `ptrs` holds the block's `taps` x mr row pointers (tap-major; 9 taps, or
-/// 1 for gathered rows); taps whose bit is clear in `mask` are skipped. The
+/// 3 row taps under [`MIN_CIN`] channels, 1 for a GEMM); taps whose bit is
+/// clear in `mask` are skipped. The
 /// chunk covers channels c0..c0+kc of every tap; `b` is the panel's
 /// matching taps x kc x nr rows (tap-major). `acc` holds the block's mr x nr
 /// partial sums (64-byte aligned): read unless `first`, written back unless

@@ -244,7 +244,8 @@ impl Dispatch {
                 Isa::Avx512 | Isa::Avx2 if winograd_ok => ConvPath::Winograd(self.isa),
                 Isa::Avx512 => ConvPath::Direct(self.isa),
                 // The RGB layer: the 6x16 kernel on 27-long gathered rows
-                // measured 0.7x of im2col + GEMM (BENCHMARKS.md section 7).
+                // measured 0.7x of im2col + GEMM (BENCHMARKS.md section 7);
+                // on rows of three pixels it is level with it (section 14.4).
                 Isa::Avx2 | Isa::Generic => ConvPath::Im2col,
             },
         }
