@@ -1,7 +1,7 @@
 //! im2col for 3x3 "same" convolutions over NHWC input: one row per output
 //! pixel, its 9 taps' Cin channels side by side (zeros off the edge). Used
-//! by the im2col + GEMM path, the dW pass, and the direct kernel's
-//! few-channel (RGB) layer.
+//! by the im2col + GEMM path and the dW pass (the direct kernel reads the
+//! few-channel RGB layer in place, as rows of three pixels).
 
 /// Fills `col` (rows, 9*cin) with the im2col rows of output pixels
 /// `p0 .. p0+rows` (NHWC order) of `x` (n, h, w, cin), zero padding 1.
