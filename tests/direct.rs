@@ -9,7 +9,7 @@ mod common;
 use common::*;
 use ndarray::Array4;
 use rand::Rng;
-use vgg16_cpu::model::vgg::{Kind, LAYERS};
+use vgg16_cpu::model::vgg::{Kind, BLOCK5_START, LAYERS};
 use vgg16_cpu::tensor::conv::{conv3x3_forward, conv3x3_forward_path, ConvPath};
 use vgg16_cpu::tensor::direct::{DirectPlan, Geometry};
 use vgg16_cpu::tensor::dispatch::Isa;
@@ -175,18 +175,25 @@ fn maxpool_infer_equals_forward() {
     }
 }
 
-/// A prepared base (kernels packed once, reused) gives bit for bit what
-/// one-off forward passes give, across batches of different image sizes
-/// (64 px packs block1-5; 32 px reuses them, its 4x4 and 2x2 layers never
-/// touch them) and after the packed kernels exist.
+/// A prepared base (kernels packed once, reused; layer outputs written into
+/// buffers freed by earlier layers and batches, stale values and all) gives
+/// bit for bit what one-off forward passes give, at every layer, across
+/// batches of different image sizes and batch sizes (64 px packs block1-5;
+/// 32 px reuses them, its 4x4 and 2x2 layers never touch them; a larger
+/// batch after smaller ones needs larger buffers), and from inputs that are
+/// not one plain buffer (a slice with an offset, a transposed layout).
 #[test]
 fn prepared_base_matches_one_off_forward() {
     let model = fake_vgg(54);
     let net = model.prepare();
     let mut r = rng(55);
-    for &(n, s) in &[(2usize, 64usize), (3, 32), (1, 64)] {
+    for (b, &(n, s)) in [(2usize, 64usize), (3, 32), (1, 64), (3, 64), (2, 32)]
+        .iter()
+        .enumerate()
+    {
         let x = rand4(&mut r, (n, s, s, 3), -100.0, 100.0);
         // Layer by layer through the public ops, packing per call.
+        let mut want = Vec::new();
         let mut y = x.clone();
         for (i, l) in LAYERS.iter().enumerate() {
             y = match l.kind {
@@ -196,13 +203,56 @@ fn prepared_base_matches_one_off_forward() {
                 }
                 Kind::Pool => maxpool2x2_forward(y.view()).0,
             };
+            want.push(y.clone());
         }
+        // The same values in a buffer of another shape: batch 1 as a slice
+        // past its start, batch 3 in a transposed memory layout.
+        let input = match b {
+            1 => {
+                let mut big = ndarray::Array4::<f32>::zeros((n + 1, s, s, 3));
+                big.slice_mut(ndarray::s![1.., .., .., ..]).assign(&x);
+                big.slice_move(ndarray::s![1.., .., .., ..])
+            }
+            3 => {
+                let mut t = ndarray::Array4::<f32>::zeros((3, s, s, n));
+                t.assign(&x.view().permuted_axes([3, 1, 2, 0]));
+                t.permuted_axes([3, 1, 2, 0])
+            }
+            _ => x.clone(),
+        };
+        assert_eq!(input, x);
+        let mut got = Vec::new();
+        let last = net.forward_range(input, 0..LAYERS.len(), &mut |_, a| got.push(a.to_owned()));
+        assert_eq!(got.len(), LAYERS.len());
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(g.dim(), w.dim(), "{} at {n} x {s} px", LAYERS[i].name);
+            let same = g.iter().zip(w.iter()).all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "prepared base differs at {} ({n} x {s} px)", LAYERS[i].name);
+        }
+        assert_eq!(last, want[LAYERS.len() - 1]);
         let once = gap_forward(y.view());
         let reused = net.features(x);
         assert_eq!(once.dim(), (n, 512));
         let same = once.iter().zip(reused.iter()).all(|(a, b)| a.to_bits() == b.to_bits());
         assert!(same, "prepared base differs at {n} x {s} px");
     }
+    // A range that starts inside the base, and an empty one.
+    let x = rand4(&mut r, (2, 4, 4, 512), 0.0, 3.0);
+    let mut y = x.clone();
+    for i in BLOCK5_START..LAYERS.len() {
+        y = match LAYERS[i].kind {
+            Kind::Conv { .. } => {
+                let p = model.conv_at(i);
+                conv3x3_forward(y.view(), p.w.view(), Some(p.b.view()), true)
+            }
+            Kind::Pool => maxpool2x2_forward(y.view()).0,
+        };
+    }
+    assert_eq!(
+        net.forward_range(x.clone(), BLOCK5_START..LAYERS.len(), &mut |_, _| {}),
+        y
+    );
+    assert_eq!(net.forward_range(x.clone(), 3..3, &mut |_, _| panic!("no layer")), x);
 }
 
 /// The transposed convolution's kernel prepared straight from W (dX in

@@ -116,7 +116,7 @@ fn matches_reference_activations_at_32_64_224() {
             let y = model
                 .prepare_with(d)
                 .forward_range(x.clone(), 0..LAYERS.len(), &mut |i, a| {
-                    acts.insert(LAYERS[i].name, a.clone().into_dyn());
+                    acts.insert(LAYERS[i].name, a.to_owned().into_dyn());
                 });
             let mut checked = 0;
             for name in &names {

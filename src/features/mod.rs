@@ -21,7 +21,7 @@ use crate::model::head::{head_forward, Head};
 use crate::model::vgg::{auto_batch, ConvParams, Prepared, Vgg16, BLOCK5_START, LAYERS};
 use crate::tensor::ops::gap_forward;
 use cache::Cache;
-use ndarray::{Array2, Array4};
+use ndarray::{Array2, Array4, ArrayView4};
 use std::ops::Range;
 
 /// The base run over many records: `batch` images at a time, each
@@ -51,7 +51,7 @@ impl<'m> BatchedForward<'m> {
         n: usize,
         input: impl Fn(Range<usize>) -> std::result::Result<Array4<f32>, E>,
         layers: Range<usize>,
-        mut tap: impl FnMut(Range<usize>, usize, &Array4<f32>) -> std::result::Result<(), E>,
+        mut tap: impl FnMut(Range<usize>, usize, ArrayView4<f32>) -> std::result::Result<(), E>,
         mut done: impl FnMut(Range<usize>, Array4<f32>) -> std::result::Result<(), E>,
     ) -> std::result::Result<(), E> {
         for start in (0..n).step_by(self.batch) {

@@ -4,10 +4,11 @@
 
 pub use crate::model::params::{ConvParams, WeightsError};
 use crate::model::params::{NpzIn, NpzOut};
-use crate::tensor::conv::{conv3x3_forward_path, conv3x3_forward_prepared, PreparedKernel};
+use crate::tensor::conv::{conv3x3_forward_path, conv3x3_forward_prepared_into, PreparedKernel};
 use crate::tensor::dispatch::{ConvAlgo, ConvPath, Dispatch};
-use crate::tensor::ops::{gap_forward, maxpool2x2_infer};
-use ndarray::{Array2, Array4};
+use crate::tensor::ops::{gap_forward, maxpool2x2_infer_into};
+use crate::tensor::pool::BufferPool;
+use ndarray::{Array2, Array4, ArrayView4, ArrayViewMut2};
 use sha2::{Digest, Sha256};
 use std::path::Path;
 use std::sync::OnceLock;
@@ -195,7 +196,7 @@ impl Vgg16 {
         &self,
         x: Array4<f32>,
         range: std::ops::Range<usize>,
-        tap: &mut dyn FnMut(usize, &Array4<f32>),
+        tap: &mut dyn FnMut(usize, ArrayView4<f32>),
     ) -> Array4<f32> {
         self.prepare().forward_range(x, range, tap)
     }
@@ -221,6 +222,7 @@ impl Vgg16 {
             packed: (0..self.convs.len())
                 .map(|_| (OnceLock::new(), OnceLock::new()))
                 .collect(),
+            pool: BufferPool::new(SPARE_ACTIVATIONS),
         }
     }
 }
@@ -230,57 +232,86 @@ impl Vgg16 {
 /// layer by layer: 4x4 and smaller images (tap classes) never pack. Packing a
 /// block5 kernel takes about 1.3 ms, a quarter of that layer's forward at
 /// 224 px and batch 1. It borrows the weights, so they cannot change while
-/// prepared copies exist.
+/// prepared copies exist. Layer outputs are written into buffers the pass
+/// freed (this batch's or the last one's; see [`crate::tensor::pool`]),
+/// so after the first batch the pass takes no fresh pages.
 pub struct Prepared<'a> {
     model: &'a Vgg16,
     dispatch: Dispatch,
     /// Per conv layer: (direct, Winograd).
     packed: Vec<(OnceLock<PreparedKernel>, OnceLock<PreparedKernel>)>,
+    pool: BufferPool,
 }
 
+/// Spare activation buffers a [`Prepared`] keeps: a layer's input and
+/// output are the two live ones, the batch's input a third (two 205 MB
+/// and one 9.6 MB buffer at 224 px, batch 16).
+const SPARE_ACTIVATIONS: usize = 3;
+
 impl Prepared<'_> {
-    /// As [`Vgg16::forward_range`].
+    /// As [`Vgg16::forward_range`]. Every output but the last is written
+    /// into a spare buffer of the pool; the last is a fresh array of its
+    /// own size (callers keep it).
     pub fn forward_range(
         &self,
-        mut x: Array4<f32>,
+        x: Array4<f32>,
         range: std::ops::Range<usize>,
-        tap: &mut dyn FnMut(usize, &Array4<f32>),
+        tap: &mut dyn FnMut(usize, ArrayView4<f32>),
     ) -> Array4<f32> {
+        let Some(last) = range.end.checked_sub(1).filter(|&l| l >= range.start) else {
+            return x;
+        };
+        let (mut dim, len, standard) = (x.dim(), x.len(), x.is_standard_layout());
+        // The input's own buffer when it is one plain run from its start.
+        let mut cur = match standard {
+            true => match x.into_raw_vec_and_offset() {
+                (v, Some(0)) => v,
+                (v, Some(o)) => v[o..o + len].to_vec(),
+                (_, None) => Vec::new(),
+            },
+            false => x.iter().copied().collect(),
+        };
         for i in range {
-            x = match LAYERS[i].kind {
-                Kind::Conv { .. } => {
-                    let ci = conv_index(i);
-                    let p = &self.model.convs[ci];
-                    let (n, h, w, cin) = x.dim();
-                    let path = self.dispatch.path(ConvAlgo::Auto, h, w, cin);
-                    let slot = match path {
-                        ConvPath::Direct(_) => Some(&self.packed[ci].0),
-                        ConvPath::Winograd(_) => Some(&self.packed[ci].1),
-                        ConvPath::Im2col | ConvPath::TapClasses => None,
-                    };
-                    match slot {
-                        Some(slot) => {
-                            let k = slot
-                                .get_or_init(|| PreparedKernel::new(path, p.w.view()).expect("has a prepared form"));
-                            conv3x3_forward_prepared(x.view(), k, Some(p.b.view()), true)
-                        }
-                        None => {
-                            let cout = p.w.dim().3;
-                            let mut y = Array4::<f32>::zeros((n, h, w, cout));
-                            let y2 = y
-                                .view_mut()
-                                .into_shape_with_order((n * h * w, cout))
-                                .expect("fresh array is contiguous");
-                            conv3x3_forward_path(path, x.view(), p.w.view(), Some(p.b.view()), true, y2);
-                            y
-                        }
-                    }
-                }
-                Kind::Pool => maxpool2x2_infer(x.view()),
+            let (n, h, w, c) = dim;
+            let xv = ArrayView4::from_shape(dim, &cur[..n * h * w * c]).expect("sized");
+            let out_dim = match LAYERS[i].kind {
+                Kind::Conv { .. } => (n, h, w, self.model.convs[conv_index(i)].w.dim().3),
+                Kind::Pool => (n, h / 2, w / 2, c),
             };
-            tap(i, &x);
+            let len = out_dim.0 * out_dim.1 * out_dim.2 * out_dim.3;
+            let mut y = if i == last { vec![0.0; len] } else { self.pool.take(len) };
+            let out = &mut y[..len];
+            match LAYERS[i].kind {
+                Kind::Conv { .. } => self.conv(conv_index(i), xv, out),
+                Kind::Pool => maxpool2x2_infer_into(xv, out),
+            }
+            self.pool.give(std::mem::replace(&mut cur, y));
+            dim = out_dim;
+            tap(i, ArrayView4::from_shape(dim, &cur[..len]).expect("sized"));
         }
-        x
+        Array4::from_shape_vec(dim, cur).expect("the last output is a buffer of its own size")
+    }
+
+    /// Conv layer `ci` (of the 13) of `x`, + bias, ReLU, into `out`.
+    fn conv(&self, ci: usize, x: ArrayView4<f32>, out: &mut [f32]) {
+        let p = &self.model.convs[ci];
+        let (n, h, w, cin) = x.dim();
+        let path = self.dispatch.path(ConvAlgo::Auto, h, w, cin);
+        let slot = match path {
+            ConvPath::Direct(_) => Some(&self.packed[ci].0),
+            ConvPath::Winograd(_) => Some(&self.packed[ci].1),
+            ConvPath::Im2col | ConvPath::TapClasses => None,
+        };
+        match slot {
+            Some(slot) => {
+                let k = slot.get_or_init(|| PreparedKernel::new(path, p.w.view()).expect("has a prepared form"));
+                conv3x3_forward_prepared_into(x, k, Some(p.b.view()), true, out);
+            }
+            None => {
+                let out = ArrayViewMut2::from_shape((n * h * w, p.w.dim().3), out).expect("sized");
+                conv3x3_forward_path(path, x, p.w.view(), Some(p.b.view()), true, out);
+            }
+        }
     }
 
     /// As [`Vgg16::features`].

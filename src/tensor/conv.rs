@@ -264,14 +264,48 @@ pub fn conv3x3_forward_prepared(
     // Both kernels write every output once: no zero-fill pass (at 224 px
     // that memset was 3% of a forward pass).
     let mut out = Array4::<f32>::uninit((n, h, wd, cout));
-    let x = x.as_standard_layout();
-    let bias = bias.map(|b| b.to_vec());
     let o = out.as_slice_mut().expect("fresh array is contiguous");
-    let xs = x.as_slice().expect("standard layout");
-    kernel.run(xs, (n, h, wd, cin), bias.as_deref(), relu, o);
+    run_prepared(x, kernel, bias, relu, o);
     // SAFETY: both kernels wrote every element (each covers every output
     // pixel and channel exactly once; tests pre-fill with NaN to check).
     unsafe { out.assume_init() }
+}
+
+/// [`conv3x3_forward_prepared`] into `out`, the (N, H, W, Cout) output as
+/// a flat slice, which is overwritten (never read): a buffer reused across
+/// layers and batches (see [`super::pool`]).
+pub fn conv3x3_forward_prepared_into(
+    x: ArrayView4<f32>,
+    kernel: &PreparedKernel,
+    bias: Option<ArrayView1<f32>>,
+    relu: bool,
+    out: &mut [f32],
+) {
+    // SAFETY: the kernels only write initialised f32 values through it.
+    let o = unsafe { &mut *(out as *mut [f32] as *mut [std::mem::MaybeUninit<f32>]) };
+    run_prepared(x, kernel, bias, relu, o);
+}
+
+fn run_prepared(
+    x: ArrayView4<f32>,
+    kernel: &PreparedKernel,
+    bias: Option<ArrayView1<f32>>,
+    relu: bool,
+    out: &mut [std::mem::MaybeUninit<f32>],
+) {
+    let (n, h, wd, cin) = x.dim();
+    let (kcin, cout) = kernel.channels();
+    assert_eq!(kcin, cin, "conv3x3: input has {cin} channels, kernel expects {kcin}");
+    assert_eq!(
+        out.len(),
+        n * h * wd * cout,
+        "conv3x3: output holds {} floats, expected {n}x{h}x{wd}x{cout}",
+        out.len()
+    );
+    let x = x.as_standard_layout();
+    let bias = bias.map(|b| b.to_vec());
+    let xs = x.as_slice().expect("standard layout");
+    kernel.run(xs, (n, h, wd, cin), bias.as_deref(), relu, out);
 }
 
 /// [`conv3x3_forward`] into a caller's (N*H*W, Cout) matrix, which is

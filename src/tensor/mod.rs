@@ -6,5 +6,6 @@ pub mod dispatch;
 pub mod gemm;
 pub mod im2col;
 pub mod ops;
+pub mod pool;
 pub mod sgemm;
 pub mod winograd;

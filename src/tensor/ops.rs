@@ -74,14 +74,36 @@ pub fn maxpool2x2_forward(x: ArrayView4<f32>) -> (Array4<f32>, Array4<u8>) {
 /// in a loop the compiler vectorises.
 pub fn maxpool2x2_infer(x: ArrayView4<f32>) -> Array4<f32> {
     let (n, h, w, c) = x.dim();
+    let mut y = Array4::<f32>::uninit((n, h / 2, w / 2, c));
+    maxpool_rows(x, y.as_slice_mut().expect("fresh"));
+    // SAFETY: maxpool_rows writes every value of y.
+    unsafe { y.assume_init() }
+}
+
+/// [`maxpool2x2_infer`] into `out`, the (N, H/2, W/2, C) output as a flat
+/// slice, which is overwritten (never read).
+pub fn maxpool2x2_infer_into(x: ArrayView4<f32>, out: &mut [f32]) {
+    // SAFETY: maxpool_rows only writes initialised values through it.
+    maxpool_rows(x, unsafe {
+        &mut *(out as *mut [f32] as *mut [std::mem::MaybeUninit<f32>])
+    });
+}
+
+/// The 2x2 max of `x` (N, H, W, C) into every value of `ys` (N, H/2, W/2, C).
+fn maxpool_rows(x: ArrayView4<f32>, ys: &mut [std::mem::MaybeUninit<f32>]) {
+    let (n, h, w, c) = x.dim();
     let (ho, wo) = (h / 2, w / 2);
+    assert_eq!(
+        ys.len(),
+        n * ho * wo * c,
+        "maxpool2x2: output holds {} floats, expected {n}x{ho}x{wo}x{c}",
+        ys.len()
+    );
+    if ys.is_empty() {
+        return;
+    }
     let x = x.as_standard_layout();
     let xs = x.as_slice().expect("standard layout");
-    if n * ho * wo * c == 0 {
-        return Array4::<f32>::zeros((n, ho, wo, c));
-    }
-    let mut y = Array4::<f32>::uninit((n, ho, wo, c));
-    let ys = y.as_slice_mut().expect("fresh");
     ys.par_chunks_mut(wo * c).enumerate().for_each(|(row, yr)| {
         let (img, oy) = (row / ho, row % ho);
         let top = &xs[(img * h + 2 * oy) * w * c..][..w * c];
@@ -99,8 +121,6 @@ pub fn maxpool2x2_infer(x: ArrayView4<f32>) -> Array4<f32> {
             }
         }
     });
-    // SAFETY: the rows above cover y, and each writes all of its values.
-    unsafe { y.assume_init() }
 }
 
 /// Max-pool backward: routes each dY to the input that won. `input_dim` is
