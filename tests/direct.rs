@@ -239,8 +239,8 @@ fn prepared_base_matches_one_off_forward() {
     // A range that starts inside the base, and an empty one.
     let x = rand4(&mut r, (2, 4, 4, 512), 0.0, 3.0);
     let mut y = x.clone();
-    for i in BLOCK5_START..LAYERS.len() {
-        y = match LAYERS[i].kind {
+    for (i, l) in LAYERS.iter().enumerate().skip(BLOCK5_START) {
+        y = match l.kind {
             Kind::Conv { .. } => {
                 let p = model.conv_at(i);
                 conv3x3_forward(y.view(), p.w.view(), Some(p.b.view()), true)
