@@ -390,6 +390,8 @@ pub fn conv3x3_direct(
     let row_taps = cin < MIN_CIN;
     debug_assert!(!row_taps || cin <= kc_max);
     let (taps, tap_len) = if row_taps { (3, 3 * cin) } else { (9, cin) };
+    // Tap t of an inside pixel, in floats from its top-left tap.
+    let tap_offsets: [usize; 9] = std::array::from_fn(|t| ((t / 3) * w + t % 3) * cin);
     (0..pixel_jobs * panel_jobs).into_par_iter().for_each_init(
         || (Vec::<*const f32>::new(), Vec::<f32>::new(), Vec::<f32>::new()),
         |(ptrs, acc, col), job| {
@@ -436,6 +438,14 @@ pub fn conv3x3_direct(
                         }
                         masks[blk] |= 1 << ky;
                     }
+                } else if y >= 1 && y + 1 < h && xx >= 1 && xx + 1 < w {
+                    // Inside the padding ring (most pixels): all nine taps,
+                    // at fixed offsets from the top-left one.
+                    let top_left = &x[((img * h + y - 1) * w + xx - 1) * cin..][..(2 * w + 3) * cin];
+                    for (t, off) in tap_offsets.iter().enumerate() {
+                        table[t * mr + r] = top_left[*off..].as_ptr();
+                    }
+                    masks[blk] |= 0x1ff;
                 } else {
                     for t in 0..9 {
                         // Input pixel (y + dy - 1, xx + dx - 1), if inside.
