@@ -24,6 +24,7 @@ def main():
     a = ap.parse_args()
     g = defaultdict(list)
     shapes = {}
+    kernels = set()
     sys.path.insert(0, here)
     from openblas_gemm import SHAPES
     names = [s[0] for s in SHAPES]
@@ -37,6 +38,8 @@ def main():
             rows += lines([sys.executable, os.path.join(here, "openblas_gemm.py"), "--threads", str(a.threads),
                            "--shape", name])
             for r in rows:
+                if r["backend"] == "openblas":
+                    kernels.add(r.get("kernel") or "unknown")
                 g[(r["name"], r["backend"])].append(r["gflops"])
                 shapes[r["name"]] = (r["m"], r["k"], r["n"])
         print(f"pass {p + 1}/{a.passes} done", file=sys.stderr)
@@ -47,6 +50,14 @@ def main():
     ratio = {(name, b): statistics.median(x / y for x, y in zip(g[(name, b)], g[(name, "openblas")]))
              for name in shapes for b in ours}
     print(f"{a.passes} passes, {a.threads} threads; GFLOP/s medians; ratio = median of the per-pass ratios")
+    # Which of its kernels OpenBLAS ran: a build that does not know the CPU
+    # falls back to an older one (numpy's 0.3.31 runs Haswell's AVX2
+    # kernels on a Zen 5 EPYC; OPENBLAS_CORETYPE=SkylakeX forces AVX-512).
+    print(f"OpenBLAS kernel: {', '.join(sorted(kernels))}")
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    if " avx512f" in flags and kernels & {"Haswell", "Zen", "Sandybridge"}:
+        print("warning: this CPU has AVX-512 but OpenBLAS ran AVX2 kernels; "
+              "set OPENBLAS_CORETYPE=SkylakeX for its AVX-512 ones", file=sys.stderr)
     print("| shape | m x k x n | " + " | ".join(ours) + " | OpenBLAS | " + " | ".join(f"{b} / OpenBLAS" for b in ours) + " |")
     print("| --- | --- |" + " --- |" * (2 * len(ours) + 1))
     for name, (m, k, n) in shapes.items():
