@@ -44,10 +44,10 @@ fn main() {
     for (i, l) in LAYERS.iter().enumerate() {
         println!("{:14} {:8.1} ms", l.name, median(&mut times[i]));
     }
+    let total = median(&mut totals);
     println!(
-        "{:14} {:8.1} ms per batch of {n} ({:.2} img/s)",
+        "{:14} {total:8.1} ms per batch of {n} ({:.2} img/s)",
         "total",
-        median(&mut totals),
-        n as f64 * 1e3 / median(&mut totals.clone())
+        n as f64 * 1e3 / total
     );
 }

@@ -266,24 +266,25 @@ impl Prepared<'_> {
         let mut cur = match standard {
             true => match x.into_raw_vec_and_offset() {
                 (v, Some(0)) => v,
-                (v, Some(o)) => v[o..o + len].to_vec(),
-                (_, None) => Vec::new(),
+                // A slice of a larger buffer (or empty: no offset).
+                (v, o) => v[o.unwrap_or(0)..][..len].to_vec(),
             },
             false => x.iter().copied().collect(),
         };
         for i in range {
             let (n, h, w, c) = dim;
             let xv = ArrayView4::from_shape(dim, &cur[..n * h * w * c]).expect("sized");
-            let out_dim = match LAYERS[i].kind {
-                Kind::Conv { .. } => (n, h, w, self.model.convs[conv_index(i)].w.dim().3),
-                Kind::Pool => (n, h / 2, w / 2, c),
+            let conv = matches!(LAYERS[i].kind, Kind::Conv { .. }).then(|| conv_index(i));
+            let out_dim = match conv {
+                Some(ci) => (n, h, w, self.model.convs[ci].w.dim().3),
+                None => (n, h / 2, w / 2, c),
             };
             let len = out_dim.0 * out_dim.1 * out_dim.2 * out_dim.3;
             let mut y = if i == last { vec![0.0; len] } else { self.pool.take(len) };
             let out = &mut y[..len];
-            match LAYERS[i].kind {
-                Kind::Conv { .. } => self.conv(conv_index(i), xv, out),
-                Kind::Pool => maxpool2x2_infer_into(xv, out),
+            match conv {
+                Some(ci) => self.conv(ci, xv, out),
+                None => maxpool2x2_infer_into(xv, out),
             }
             self.pool.give(std::mem::replace(&mut cur, y));
             dim = out_dim;
