@@ -159,6 +159,20 @@ pub enum DispatchError {
 /// Winograd.
 pub const WINOGRAD_MIN_TILES: usize = 32;
 
+/// [`WINOGRAD_MIN_TILES`], or `VGG16_WINOGRAD_MIN_TILES` when set (a
+/// number): for measuring the crossover on another CPU with `vgg16 bench
+/// step` (on Zen 5 AVX-512, 2026-12-02: 1, 2 images level, 4-16 images
+/// 1.4-2x faster on Winograd than with the threshold out of reach).
+fn min_tiles() -> usize {
+    static T: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *T.get_or_init(|| {
+        std::env::var("VGG16_WINOGRAD_MIN_TILES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(WINOGRAD_MIN_TILES)
+    })
+}
+
 /// The engine's choices for this process: ISA of the direct kernel and the
 /// algorithm for images larger than [`SMALL_SIDE`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -266,7 +280,7 @@ impl Dispatch {
         let auto = algo == ConvAlgo::Auto && self.conv == ConvAlgo::Auto;
         match p {
             // The direct kernel, or tap classes on a small image.
-            ConvPath::Winograd(_) if auto && n * h.div_ceil(4) * w.div_ceil(4) < WINOGRAD_MIN_TILES => {
+            ConvPath::Winograd(_) if auto && n * h.div_ceil(4) * w.div_ceil(4) < min_tiles() => {
                 self.path(ConvAlgo::Direct, h, w, cin)
             }
             p => p,

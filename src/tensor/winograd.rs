@@ -189,7 +189,7 @@ impl WinogradKernel {
         const CB: usize = FLIP_ROWS;
         let dst: Vec<SendPtr> = self.u.iter_mut().map(|k| SendPtr(k.data_ptr_mut())).collect();
         let dst: &[SendPtr; XI] = dst.as_slice().try_into().expect("36 matrices");
-        let rows = rows_fn(nr, flipped);
+        let rows = rows_fn(self.isa, nr, flipped);
         (0..cin.div_ceil(CB)).into_par_iter().for_each(|b| {
             // SAFETY: this job writes rows b*CB.. of every panel of the 36
             // matrices (each K = cin rows of nr floats), no one else does;
@@ -207,15 +207,24 @@ const FLIP_ROWS: usize = 16;
 /// `flipped`), compiled for AVX2 when this CPU has it (the same operations
 /// in the same order either way).
 type RowsFn = unsafe fn(&[f32], usize, usize, std::ops::Range<usize>, &[SendPtr; XI]);
-fn rows_fn(nr: usize, flipped: bool) -> RowsFn {
+fn rows_fn(isa: Isa, nr: usize, flipped: bool) -> RowsFn {
     if flipped {
-        rows_fn_of::<true>(nr)
+        rows_fn_of::<true>(isa, nr)
     } else {
-        rows_fn_of::<false>(nr)
+        rows_fn_of::<false>(isa, nr)
     }
 }
 
-fn rows_fn_of<const FLIP: bool>(nr: usize) -> RowsFn {
+fn rows_fn_of<const FLIP: bool>(isa: Isa, nr: usize) -> RowsFn {
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512 {
+        return match nr {
+            16 => transform_rows_avx512::<16, FLIP>,
+            32 => transform_rows_avx512::<32, FLIP>,
+            _ => unreachable!("panel width {nr}"),
+        };
+    }
+    let _ = isa;
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx2") {
         return match nr {
@@ -229,6 +238,20 @@ fn rows_fn_of<const FLIP: bool>(nr: usize) -> RowsFn {
         32 => transform_rows::<32, FLIP>,
         _ => unreachable!("panel width {nr}"),
     }
+}
+
+/// [`transform_rows`] compiled for AVX-512 (8 doubles a vector, twice
+/// AVX2's; the same operations in the same order, so the same results).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn transform_rows_avx512<const NR: usize, const FLIP: bool>(
+    ws: &[f32],
+    cin: usize,
+    cout: usize,
+    cis: std::ops::Range<usize>,
+    dst: &[SendPtr; XI],
+) {
+    transform_rows::<NR, FLIP>(ws, cin, cout, cis, dst)
 }
 
 /// [`transform_rows`] compiled for AVX2 (the same operations in the same
@@ -1142,17 +1165,26 @@ fn dw_output_transform(isa: Isa, du: &[f32], cin: usize, cout: usize, dw: &mut [
                 std::slice::from_raw_parts_mut(out.get().add((tap * cin + ci) * cout), cout)
             });
             let src: [&[f32]; XI] = std::array::from_fn(|xi| &du[(xi * cin + ci) * cout..(xi * cin + ci + 1) * cout]);
+            // SAFETY: the dispatch only names ISAs this CPU runs, and
+            // AVX2 is the least of them on x86.
             #[cfg(target_arch = "x86_64")]
-            if isa != Isa::Generic {
-                // SAFETY: the dispatch only names ISAs this CPU runs, and
-                // AVX2 is the least of them on x86.
-                unsafe { dw_channel_avx2(&src, scratch, rows) };
-                return;
+            match isa {
+                Isa::Avx512 => return unsafe { dw_channel_avx512(&src, scratch, rows) },
+                Isa::Avx2 => return unsafe { dw_channel_avx2(&src, scratch, rows) },
+                Isa::Generic => {}
             }
             let _ = isa;
             dw_channel(&src, scratch, rows);
         },
     );
+}
+
+/// [`dw_channel`] compiled for AVX-512 (8 doubles a vector; the same
+/// operations in the same order, so the same results).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn dw_channel_avx512(du: &[&[f32]; XI], scratch: &mut [f64], dw: [&mut [f32]; 9]) {
+    dw_channel(du, scratch, dw)
 }
 
 /// [`dw_channel`] compiled for AVX2 (4 doubles a vector; the same
@@ -1195,5 +1227,78 @@ fn dw_channel(du: &[&[f32]; XI], scratch: &mut [f64], dw: [&mut [f32]; 9]) {
             }
         }
         row.iter_mut().zip(&*acc).for_each(|(o, &s)| *o = s as f32);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The 36 packed matrices of a `cin` x `cout` kernel filled by `rows`.
+    fn transform_with(rows: RowsFn, nr: usize, ws: &[f32], cin: usize, cout: usize) -> Vec<Vec<f32>> {
+        let mut u: Vec<Vec<f32>> = (0..XI).map(|_| vec![f32::NAN; cout.div_ceil(nr) * cin * nr]).collect();
+        let dst: Vec<SendPtr> = u.iter_mut().map(|m| SendPtr(m.as_mut_ptr())).collect();
+        let dst: &[SendPtr; XI] = dst.as_slice().try_into().expect("36 matrices");
+        for b in (0..cin).step_by(FLIP_ROWS) {
+            // SAFETY: every matrix holds cout.div_ceil(nr) panels of cin rows.
+            unsafe { rows(ws, cin, cout, b..(b + FLIP_ROWS).min(cin), dst) };
+        }
+        u
+    }
+
+    fn bits(v: &[Vec<f32>]) -> Vec<u32> {
+        v.iter().flatten().map(|x| x.to_bits()).collect()
+    }
+
+    /// The kernel transform compiled for AVX-512, for AVX2 and portably
+    /// gives the same floats bit for bit (plain and flipped, both panel
+    /// widths, channel counts that leave partial panels and jobs).
+    #[test]
+    fn kernel_transform_builds_agree() {
+        let (cin, cout) = (37, 45);
+        let ws: Vec<f32> = (0..9 * cin * cout)
+            .map(|i| ((i * 7919) % 1013) as f32 / 97.0 - 5.0)
+            .collect();
+        type Pair = (usize, RowsFn, RowsFn);
+        let portable: [Pair; 2] = [
+            (16, transform_rows::<16, false>, transform_rows::<16, true>),
+            (32, transform_rows::<32, false>, transform_rows::<32, true>),
+        ];
+        for (nr, plain, flipped) in portable {
+            let want = [
+                bits(&transform_with(plain, nr, &ws, cin, cout)),
+                bits(&transform_with(flipped, nr, &ws, cin, cout)),
+            ];
+            assert!(
+                want[0].iter().all(|&b| !f32::from_bits(b).is_nan()),
+                "every float written"
+            );
+            for isa in Isa::ALL.into_iter().filter(|i| i.supported()) {
+                let got = [
+                    bits(&transform_with(rows_fn(isa, nr, false), nr, &ws, cin, cout)),
+                    bits(&transform_with(rows_fn(isa, nr, true), nr, &ws, cin, cout)),
+                ];
+                assert_eq!(got[0], want[0], "plain, {} nr {nr}", isa.name());
+                assert_eq!(got[1], want[1], "flipped, {} nr {nr}", isa.name());
+            }
+        }
+    }
+
+    /// dW's output transform gives the same floats on every ISA.
+    #[test]
+    fn dw_output_transform_builds_agree() {
+        let (cin, cout) = (5, 43);
+        let du: Vec<f32> = (0..XI * cin * cout)
+            .map(|i| ((i * 6101) % 977) as f32 / 89.0 - 5.0)
+            .collect();
+        let mut want = vec![f32::NAN; 9 * cin * cout];
+        dw_output_transform(Isa::Generic, &du, cin, cout, &mut want);
+        assert!(want.iter().all(|v| !v.is_nan()), "every float written");
+        for isa in Isa::ALL.into_iter().filter(|i| i.supported()) {
+            let mut got = vec![f32::NAN; 9 * cin * cout];
+            dw_output_transform(isa, &du, cin, cout, &mut got);
+            let b = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(b(&got), b(&want), "{}", isa.name());
+        }
     }
 }
