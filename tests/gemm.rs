@@ -141,10 +141,10 @@ fn tiles_cover_the_output_exactly_once() {
     }
 }
 
-/// Our backend's blocking edges: K across its 256-long blocks (with a tail
-/// that is not a whole group of 8) and its packed runs of them, rows across
-/// its row blocks and micro-panels, columns past its 4096-wide B block and
-/// its 16-wide panels;
+/// Our backends' blocking edges: K across their 320- or 256-long blocks
+/// (with a tail that is not a whole group of 8) and packed runs of them,
+/// rows across their row blocks (216, 384) and 6- or 12-row micro-panels,
+/// columns past the 4096-wide B block and the 16- or 32-wide panels;
 /// transposed A and B, a transposed (column-strided) C, accumulate. Each
 /// against the naive GEMM, and the threaded call bit-identical to one
 /// thread's (`sgemm_serial`).
@@ -162,10 +162,13 @@ fn own_backend_blocking_edges() {
         (61, 1025, 130),
         // B over the 4 Mi floats packed at once: two runs of K blocks.
         (13, 1100, 3900),
+        // The 12 x 32 kernel: rows over its 384-row block (and 1 past a
+        // micro-panel), K over two of its blocks with a tail of 91.
+        (397, 603, 70),
     ];
-    for backend in [Backend::OwnAvx2, Backend::OwnGeneric] {
+    for backend in [Backend::OwnAvx512, Backend::OwnAvx2, Backend::OwnGeneric] {
         if !backend.supported() {
-            eprintln!("skipped {backend:?}: this CPU cannot run it");
+            eprintln!("SKIPPED own_backend_blocking_edges on {backend:?}: this CPU cannot run it");
             continue;
         }
         for &(m, k, n) in &shapes {

@@ -74,7 +74,7 @@ pub struct BenchArgs {
     /// Worker threads (default: every core).
     #[arg(long)]
     threads: Option<usize>,
-    /// Only this backend: own-avx2, own-generic, gemm or matrixmultiply
+    /// Only this backend: own-avx512, own-avx2, own-generic, gemm or matrixmultiply
     /// (default: all this CPU runs for `bench gemm`, the default backend
     /// for `bench conv`).
     #[arg(long)]

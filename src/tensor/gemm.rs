@@ -12,6 +12,11 @@
 //! - [`Backend::OwnAvx2`]: ours (`sgemm.rs`, BLIS's loop nest on a 6 x 16
 //!   AVX2 + FMA micro-kernel). The default on AVX2 machines: measured
 //!   against OpenBLAS in BENCHMARKS.md 7.3.
+//! - [`Backend::OwnAvx512`]: the same loop nest on a 12 x 32 AVX-512
+//!   micro-kernel (24 zmm sums, as the direct conv kernel). Not the default:
+//!   on Zen 5 it measured 0.90-1.03x OpenBLAS where the `gemm` crate
+//!   measured 0.95-1.17x (BENCHMARKS.md 16); kept for `vgg16 bench gemm` and
+//!   as the start of a tuned one.
 //! - [`Backend::OwnGeneric`]: the same in plain Rust, for any target.
 //! - [`Backend::Gemm`]: the `gemm` crate (AVX-512 / AVX2 / NEON kernels with
 //!   runtime CPU detection). The default on AVX-512 (its 16-wide kernels),
@@ -33,6 +38,8 @@ use rayon::prelude::*;
 pub enum Backend {
     /// Ours, on the AVX2 + FMA micro-kernel.
     OwnAvx2,
+    /// Ours, on the AVX-512 12 x 32 micro-kernel.
+    OwnAvx512,
     /// Ours, on the plain-Rust micro-kernel.
     OwnGeneric,
     /// The `gemm` crate (runtime-dispatched AVX-512/AVX2 micro-kernels).
@@ -43,7 +50,8 @@ pub enum Backend {
 
 impl Backend {
     /// Every backend, in the order benches list them.
-    pub const ALL: [Backend; 4] = [
+    pub const ALL: [Backend; 5] = [
+        Backend::OwnAvx512,
         Backend::OwnAvx2,
         Backend::OwnGeneric,
         Backend::Gemm,
@@ -57,7 +65,11 @@ impl Backend {
 
     /// True when this CPU can run `self`.
     pub fn supported(self) -> bool {
-        self != Backend::OwnAvx2 || Isa::Avx2.supported()
+        match self {
+            Backend::OwnAvx2 => Isa::Avx2.supported(),
+            Backend::OwnAvx512 => Isa::Avx512.supported(),
+            Backend::OwnGeneric | Backend::Gemm | Backend::Matrixmultiply => true,
+        }
     }
 
     /// The backend used when none is named, for this process's dispatch
@@ -69,6 +81,7 @@ impl Backend {
     pub fn name(self) -> &'static str {
         match self {
             Backend::OwnAvx2 => "own-avx2",
+            Backend::OwnAvx512 => "own-avx512",
             Backend::OwnGeneric => "own-generic",
             Backend::Gemm => "gemm",
             Backend::Matrixmultiply => "matrixmultiply",
@@ -156,7 +169,7 @@ pub fn sgemm_with(
     let Some((m, k, n)) = check_and_trivial(&a, &b, &mut c, accumulate) else {
         return;
     };
-    if matches!(backend, Backend::OwnAvx2 | Backend::OwnGeneric) {
+    if matches!(backend, Backend::OwnAvx512 | Backend::OwnAvx2 | Backend::OwnGeneric) {
         // Ours threads itself (B packed once for all threads).
         let parallel = m.saturating_mul(k).saturating_mul(n) > SERIAL_MACS;
         own(backend, a, b, c, accumulate, parallel);
@@ -248,7 +261,7 @@ pub fn sgemm_serial(
     // longer than one.
     unsafe {
         match backend {
-            Backend::OwnAvx2 | Backend::OwnGeneric => own(backend, a, b, c, accumulate, false),
+            Backend::OwnAvx512 | Backend::OwnAvx2 | Backend::OwnGeneric => own(backend, a, b, c, accumulate, false),
             Backend::Matrixmultiply => matrixmultiply::sgemm(
                 m,
                 k,
@@ -301,10 +314,10 @@ fn own(
     accumulate: bool,
     parallel: bool,
 ) {
-    let isa = if backend == Backend::OwnAvx2 {
-        Isa::Avx2
-    } else {
-        Isa::Generic
+    let isa = match backend {
+        Backend::OwnAvx512 => Isa::Avx512,
+        Backend::OwnAvx2 => Isa::Avx2,
+        _ => Isa::Generic,
     };
     let mat = |v: &ArrayView2<f32>| Mat {
         ptr: v.as_ptr(),

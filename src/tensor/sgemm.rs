@@ -1,5 +1,8 @@
-//! Our own SGEMM: BLIS's blocking on a 6 x 16 micro-kernel, threaded over
-//! rayon.
+//! Our own SGEMM: BLIS's blocking on a 6 x 16 micro-kernel (AVX2 + FMA, or
+//! portable) or a 12 x 32 one (AVX-512: 24 zmm sums), threaded over rayon.
+//! The loop nest is generic over the kernel's MR x NR; below, MR = 6 and
+//! NR = 16 describe the AVX2 case (the AVX-512 one: 12 rows, 32 columns,
+//! K blocks of [`KC512`], row blocks of [`MC512`]).
 //!
 //! `C (m, n) (+)= A (m, k) x B (k, n)`, any strides. Packed layouts:
 //! - B in 16-column micro-panels, K block by K block ([`KC`] rows): `kc`
@@ -77,13 +80,13 @@ thread_local! {
 /// borrowed. Each keeps its largest size (at most 16 MiB) for later calls.
 static POOL: Mutex<Vec<Vec<f32>>> = Mutex::new(Vec::new());
 
-/// A 32-byte aligned slice of `len` floats inside `v` (grown as needed).
+/// A 64-byte aligned slice of `len` floats inside `v` (grown as needed).
 fn aligned(v: &mut Vec<f32>, len: usize) -> &mut [f32] {
-    if v.len() < len + 8 {
-        v.resize(len + 8, 0.0);
+    if v.len() < len + 16 {
+        v.resize(len + 16, 0.0);
     }
-    let off = v.as_ptr().align_offset(32);
-    assert!(off < 8, "cannot align a packing buffer");
+    let off = v.as_ptr().align_offset(64);
+    assert!(off < 16, "cannot align a packing buffer");
     &mut v[off..off + len]
 }
 
@@ -93,8 +96,8 @@ unsafe impl Send for Mat {}
 unsafe impl Sync for Mat {}
 
 /// `C (m, n) = A (m, k) x B (k, n)`, or `C += A x B` with `accumulate`, on
-/// `isa`'s micro-kernel (AVX2 for `Avx2` and `Avx512`, else the portable
-/// one), on rayon's pool with
+/// `isa`'s micro-kernel (12 x 32 for `Avx512`, 6 x 16 AVX2 for `Avx2`, the
+/// portable 6 x 16 for `Generic`), on rayon's pool with
 /// `parallel`, else on the calling thread (see the module's notes). With
 /// `accumulate == false` C is never read.
 ///
@@ -112,11 +115,79 @@ pub unsafe fn sgemm(isa: Isa, k: usize, a: Mat, b: Mat, mut c: ArrayViewMut2<f32
         }
         return;
     }
-    let avx2 = matches!(isa, Isa::Avx2 | Isa::Avx512);
-    assert!(
-        !avx2 || Isa::Avx2.supported(),
-        "sgemm: this CPU cannot run the AVX2 kernel"
-    );
+    assert!(isa.supported(), "sgemm: this CPU cannot run the {} kernel", isa.name());
+    match isa {
+        Isa::Avx512 => sgemm_on::<12, 32>(Geo::AVX512, k, a, b, c, accumulate, parallel),
+        Isa::Avx2 => sgemm_on::<MR, NR>(Geo::AVX2, k, a, b, c, accumulate, parallel),
+        Isa::Generic => sgemm_on::<MR, NR>(Geo::GENERIC, k, a, b, c, accumulate, parallel),
+    }
+}
+
+/// Which micro-kernel runs, with its blocking (its MR x NR are the const
+/// parameters of the functions below).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kern {
+    Avx2,
+    Avx512,
+    Generic,
+}
+
+impl Kern {
+    /// The kernel's block of C, MR x NR.
+    fn shape(self) -> (usize, usize) {
+        match self {
+            Kern::Avx512 => (12, 32),
+            Kern::Avx2 | Kern::Generic => (MR, NR),
+        }
+    }
+}
+
+/// A micro-kernel and its K block and row block.
+#[derive(Clone, Copy, Debug)]
+struct Geo {
+    kern: Kern,
+    kc: usize,
+    mc: usize,
+}
+
+impl Geo {
+    const AVX2: Geo = Geo {
+        kern: Kern::Avx2,
+        kc: KC,
+        mc: MC,
+    };
+    const GENERIC: Geo = Geo {
+        kern: Kern::Generic,
+        kc: KC,
+        mc: MC,
+    };
+    /// The 12 x 32 kernel: a B micro-panel of `KC512 * 32 * 4` bytes in a
+    /// 48 KiB L1d, the row block `MC512 * KC512 * 4` in L2.
+    const AVX512: Geo = Geo {
+        kern: Kern::Avx512,
+        kc: KC512,
+        mc: MC512,
+    };
+}
+
+/// K block of the AVX-512 kernel (a 32 KiB B micro-panel in the 48 KiB
+/// L1d of Zen 5). KC 128-384 x MC 192-768 measured inside the noise
+/// (2026-12-02, Zen 5, 2 threads: 290-400 GFLOP/s at VGG-16's shapes).
+pub const KC512: usize = 256;
+/// Row block of the AVX-512 kernel (384 KiB of packed A in a 1 MiB L2).
+pub const MC512: usize = 384;
+
+/// [`sgemm`] on the `MR` x `NR` micro-kernel `g`.
+unsafe fn sgemm_on<const MR: usize, const NR: usize>(
+    g: Geo,
+    k: usize,
+    a: Mat,
+    b: Mat,
+    mut c: ArrayViewMut2<f32>,
+    accumulate: bool,
+    parallel: bool,
+) {
+    let (m, n) = c.dim();
     let threads = if parallel {
         rayon::current_num_threads().max(1)
     } else {
@@ -130,9 +201,10 @@ pub unsafe fn sgemm(isa: Isa, k: usize, a: Mat, b: Mat, mut c: ArrayViewMut2<f32
             mc,
             row_blocks,
             col_groups,
-        } = items(m, panels, threads, MC);
+        } = items::<MR, NR>(m, panels, threads, g.mc);
         let per_group = panels.div_ceil(col_groups);
         let cut = Cut {
+            nr: NR,
             jc,
             mc,
             row_blocks,
@@ -142,9 +214,9 @@ pub unsafe fn sgemm(isa: Isa, k: usize, a: Mat, b: Mat, mut c: ArrayViewMut2<f32
         let cblock = c.slice_mut(s![.., jc..jc + nc]);
         // Pack the smaller operand up front (A whole, or B in runs).
         if m < nc && m * k <= SHARED_B_FLOATS {
-            shared_a(avx2, k, a, b, cut, cblock, accumulate, threads);
+            shared_a::<MR, NR>(g, k, a, b, cut, cblock, accumulate, threads);
         } else {
-            shared_b(avx2, k, a, b, cut, cblock, accumulate, threads);
+            shared_b::<MR, NR>(g, k, a, b, cut, cblock, accumulate, threads);
         }
     }
 }
@@ -154,6 +226,8 @@ pub unsafe fn sgemm(isa: Isa, k: usize, a: Mat, b: Mat, mut c: ArrayViewMut2<f32
 /// `per_group`; `jc` the block's first column in B.
 #[derive(Clone, Copy)]
 struct Cut {
+    /// Columns of a micro-panel.
+    nr: usize,
     jc: usize,
     mc: usize,
     row_blocks: usize,
@@ -166,7 +240,7 @@ impl Cut {
     /// block `t / col_groups`, column group `t % col_groups`) at index `t`:
     /// each item owns its tile, so workers never share a writable view.
     fn tiles<'a>(&self, c: ArrayViewMut2<'a, f32>) -> Vec<(usize, usize, ArrayViewMut2<'a, f32>)> {
-        let tiles = split_tiles(c, self.mc, self.per_group * NR);
+        let tiles = split_tiles(c, self.mc, self.per_group * self.nr);
         debug_assert_eq!(tiles.len(), self.row_blocks * self.col_groups);
         tiles
     }
@@ -199,8 +273,8 @@ const SHARED_B_FLOATS: usize = 4 << 20;
 /// # Safety
 /// As [`sgemm`]; `c` is the block of columns `cut.jc..` of C.
 #[allow(clippy::too_many_arguments)]
-unsafe fn shared_b(
-    avx2: bool,
+unsafe fn shared_b<const MR: usize, const NR: usize>(
+    g: Geo,
     k: usize,
     a: Mat,
     b: Mat,
@@ -214,22 +288,22 @@ unsafe fn shared_b(
     let panels = nc.div_ceil(NR);
     // Packed K block q of the run at q * block_len, its panel jr at
     // jr * NR * kc within.
-    let block_len = KC.min(k) * panels * NR;
-    let run_blocks = (SHARED_B_FLOATS / block_len).max(1).min(k.div_ceil(KC));
+    let block_len = g.kc.min(k) * panels * NR;
+    let run_blocks = (SHARED_B_FLOATS / block_len).max(1).min(k.div_ceil(g.kc));
     let mut bbuf = POOL.lock().map(|mut p| p.pop()).unwrap_or_default().unwrap_or_default();
     let bp = aligned(&mut bbuf, block_len * run_blocks);
     // LOOP 2: K in runs of K blocks.
-    for p0 in (0..k).step_by(KC * run_blocks) {
-        let blocks = (k - p0).div_ceil(KC).min(run_blocks);
+    for p0 in (0..k).step_by(g.kc * run_blocks) {
+        let blocks = (k - p0).div_ceil(g.kc).min(run_blocks);
         // Pack the run: one task per K block, in groups of 8 panels.
         const PACK_PANELS: usize = 8;
         let pack = |(q, blk): (usize, &mut [f32])| {
-            let pc = p0 + q * KC;
-            let kc = KC.min(k - pc);
+            let pc = p0 + q * g.kc;
+            let kc = g.kc.min(k - pc);
             let blk = &mut blk[..panels * NR * kc];
             for (g, dst) in blk.chunks_mut(PACK_PANELS * NR * kc).enumerate() {
                 let j0 = g * PACK_PANELS * NR;
-                pack_b(b, pc, kc, jc + j0, nc.min(j0 + PACK_PANELS * NR) - j0, dst);
+                pack_b::<NR>(b, pc, kc, jc + j0, nc.min(j0 + PACK_PANELS * NR) - j0, dst);
             }
         };
         let bp = &mut bp[..block_len * blocks];
@@ -245,18 +319,18 @@ unsafe fn shared_b(
             let jr0 = j0 / NR;
             ITEM_BUF.with(|abuf| {
                 let abuf = &mut *abuf.borrow_mut();
-                let ap = aligned(abuf, a_panel_len(KC.min(k)) * rows_here.div_ceil(MR));
+                let ap = aligned(abuf, a_panel_len::<MR>(g.kc.min(k)) * rows_here.div_ceil(MR));
                 // LOOP 4: the run's K blocks.
                 for q in 0..blocks {
-                    let pc = p0 + q * KC;
-                    let kc = KC.min(k - pc);
+                    let pc = p0 + q * g.kc;
+                    let kc = g.kc.min(k - pc);
                     let beta = accumulate || pc > 0;
-                    pack_a(a, ic, rows_here, pc, kc, ap);
-                    let kn = KC.min(k.saturating_sub(pc + kc));
+                    pack_a::<MR>(a, ic, rows_here, pc, kc, ap);
+                    let kn = g.kc.min(k.saturating_sub(pc + kc));
                     let calls = ncols.div_ceil(NR) * rows_here.div_ceil(MR);
                     let mut ahead = Ahead::new(a, (ic, pc + kc), rows_here, kn, calls);
                     let bq = &bp[q * block_len..];
-                    micro_panels(avx2, kc, ap, &bq[jr0 * NR * kc..], tile.view_mut(), beta, &mut ahead);
+                    micro_panels::<MR, NR>(g, kc, ap, &bq[jr0 * NR * kc..], tile.view_mut(), beta, &mut ahead);
                 }
             });
         });
@@ -278,8 +352,8 @@ unsafe fn shared_b(
 /// # Safety
 /// As [`sgemm`]; `c` is the block of columns `cut.jc..` of C.
 #[allow(clippy::too_many_arguments)]
-unsafe fn shared_a(
-    avx2: bool,
+unsafe fn shared_a<const MR: usize, const NR: usize>(
+    g: Geo,
     k: usize,
     a: Mat,
     b: Mat,
@@ -291,15 +365,15 @@ unsafe fn shared_a(
     let parallel = threads > 1;
     let m = c.nrows();
     let mp = m.div_ceil(MR);
-    // K block q starts at q * KC; its packed rows at q * block_len, row
-    // panel i at i * a_panel_len(kc) within.
-    let block_len = a_panel_len(KC.min(k)) * mp;
-    let blocks = k.div_ceil(KC);
+    // K block q starts at q * g.kc; its packed rows at q * block_len, row
+    // panel i at i * a_panel_len::<MR>(kc) within.
+    let block_len = a_panel_len::<MR>(g.kc.min(k)) * mp;
+    let blocks = k.div_ceil(g.kc);
     let mut abuf = POOL.lock().map(|mut p| p.pop()).unwrap_or_default().unwrap_or_default();
     let ap = aligned(&mut abuf, block_len * blocks);
     let pack = |(q, dst): (usize, &mut [f32])| {
-        let pc = q * KC;
-        pack_a(a, 0, m, pc, KC.min(k - pc), dst)
+        let pc = q * g.kc;
+        pack_a::<MR>(a, 0, m, pc, g.kc.min(k - pc), dst)
     };
     if parallel {
         ap.par_chunks_mut(block_len).enumerate().for_each(pack);
@@ -313,18 +387,18 @@ unsafe fn shared_a(
         let jp = ncols.div_ceil(NR);
         ITEM_BUF.with(|bbuf| {
             let bbuf = &mut *bbuf.borrow_mut();
-            let bp = aligned(bbuf, KC.min(k) * jp * NR);
+            let bp = aligned(bbuf, g.kc.min(k) * jp * NR);
             // LOOP 4: every K block.
             for q in 0..blocks {
-                let pc = q * KC;
-                let kc = KC.min(k - pc);
+                let pc = q * g.kc;
+                let kc = g.kc.min(k - pc);
                 let beta = accumulate || pc > 0;
-                pack_b(b, pc, kc, cut.jc + j0, ncols, bp);
-                let kn = KC.min(k.saturating_sub(pc + kc));
+                pack_b::<NR>(b, pc, kc, cut.jc + j0, ncols, bp);
+                let kn = g.kc.min(k.saturating_sub(pc + kc));
                 let calls = jp * rows_here.div_ceil(MR);
                 let mut ahead = Ahead::new(b, (pc + kc, cut.jc + j0), kn, ncols, calls);
-                let aq = &ap[q * block_len + (ic / MR) * a_panel_len(kc)..];
-                micro_panels(avx2, kc, aq, bp, tile.view_mut(), beta, &mut ahead);
+                let aq = &ap[q * block_len + (ic / MR) * a_panel_len::<MR>(kc)..];
+                micro_panels::<MR, NR>(g, kc, aq, bp, tile.view_mut(), beta, &mut ahead);
             }
         });
     });
@@ -335,10 +409,10 @@ unsafe fn shared_a(
 
 /// LOOPs 5 and 6: every (B micro-panel, A micro-panel) pair of a tile of C
 /// through the micro-kernel, `ahead` stepped after each call. `ap` holds
-/// the tile's rows packed (panels `a_panel_len(kc)` apart), `bp` its
+/// the tile's rows packed (panels `a_panel_len::<MR>(kc)` apart), `bp` its
 /// columns (panels `NR * kc` apart), both over one K block of `kc`.
-unsafe fn micro_panels(
-    avx2: bool,
+unsafe fn micro_panels<const MR: usize, const NR: usize>(
+    g: Geo,
     kc: usize,
     ap: &[f32],
     bp: &[f32],
@@ -353,10 +427,10 @@ unsafe fn micro_panels(
         let bpanel = bp[jr * NR * kc..].as_ptr();
         let ccols = NR.min(cols - jr * NR);
         for ir in 0..rows.div_ceil(MR) {
-            let apanel = ap[ir * a_panel_len(kc)..].as_ptr();
+            let apanel = ap[ir * a_panel_len::<MR>(kc)..].as_ptr();
             let crows = MR.min(rows - ir * MR);
             let cblk = c0.offset((ir * MR) as isize * rsc + (jr * NR) as isize * csc);
-            block(avx2, kc, apanel, bpanel, cblk, rsc, csc, crows, ccols, beta);
+            block::<MR, NR>(g.kern, kc, apanel, bpanel, cblk, rsc, csc, crows, ccols, beta);
             ahead.step();
         }
     }
@@ -378,7 +452,7 @@ struct Items {
 /// several threads there must be at least two items a thread (work
 /// stealing evens out a slowed core) and whole rounds of them. Rows per
 /// block at most `mc_max` (the packed block stays in L2).
-fn items(m: usize, panels: usize, threads: usize, mc_max: usize) -> Items {
+fn items<const MR: usize, const NR: usize>(m: usize, panels: usize, threads: usize, mc_max: usize) -> Items {
     let mut best: Option<(f64, Items)> = None;
     for col_groups in 1..=panels.min(16) {
         let cols = panels.div_ceil(col_groups) * NR;
@@ -415,8 +489,8 @@ fn items(m: usize, panels: usize, threads: usize, mc_max: usize) -> Items {
 /// micro-panels.
 #[allow(clippy::too_many_arguments)]
 #[inline]
-unsafe fn block(
-    avx2: bool,
+unsafe fn block<const MR: usize, const NR: usize>(
+    kern: Kern,
     kc: usize,
     apanel: *const f32,
     bpanel: *const f32,
@@ -427,13 +501,15 @@ unsafe fn block(
     cols: usize,
     beta: bool,
 ) {
+    debug_assert_eq!(kern.shape(), (MR, NR), "{kern:?} is not a {MR} x {NR} kernel");
     if rows == MR && cols == NR && csc == 1 {
-        kernel(avx2, kc, apanel, bpanel, cblk, rsc, beta);
+        kernel(kern, kc, apanel, bpanel, cblk, rsc, beta);
     } else {
         // Edge: the whole block into a buffer, then the valid part into C
         // (the same sums).
-        let mut tmp = Aligned([0.0f32; MR * NR]);
-        kernel(avx2, kc, apanel, bpanel, tmp.0.as_mut_ptr(), NR as isize, false);
+        let mut tmp = Aligned([0.0f32; 12 * 32]);
+        assert!(MR * NR <= tmp.0.len(), "a {MR} x {NR} kernel");
+        kernel(kern, kc, apanel, bpanel, tmp.0.as_mut_ptr(), NR as isize, false);
         for r in 0..rows {
             for j in 0..cols {
                 let p = cblk.offset(r as isize * rsc + j as isize * csc);
@@ -444,22 +520,23 @@ unsafe fn block(
     }
 }
 
-#[repr(align(32))]
-struct Aligned([f32; MR * NR]);
+#[repr(align(64))]
+struct Aligned([f32; 12 * 32]);
 
 #[inline]
-unsafe fn kernel(avx2: bool, kc: usize, a: *const f32, b: *const f32, c: *mut f32, rsc: isize, beta: bool) {
+unsafe fn kernel(kern: Kern, kc: usize, a: *const f32, b: *const f32, c: *mut f32, rsc: isize, beta: bool) {
     #[cfg(target_arch = "x86_64")]
-    if avx2 {
-        return kernel_avx2(kc, a, b, c, rsc, beta);
+    match kern {
+        Kern::Avx512 => return kernel_avx512(kc, a, b, c, rsc, beta),
+        Kern::Avx2 => return kernel_avx2(kc, a, b, c, rsc, beta),
+        Kern::Generic => {}
     }
-    let _ = avx2;
     kernel_generic(kc, a, b, c, rsc, beta)
 }
 
 /// B rows `pc..pc+kc`, columns `jc..jc+nc` into micro-panels of [`NR`]
 /// columns: panel `j` at `j * NR * kc`, row `p` of it at `p * NR`.
-unsafe fn pack_b(b: Mat, pc: usize, kc: usize, jc: usize, nc: usize, dst: &mut [f32]) {
+unsafe fn pack_b<const NR: usize>(b: Mat, pc: usize, kc: usize, jc: usize, nc: usize, dst: &mut [f32]) {
     let full = nc / NR;
     if b.cs == 1 {
         // Row-major B: each row read once, left to right, its 16-float runs
@@ -592,16 +669,16 @@ fn prefetch_l2(p: *const f32) {
 
 /// Floats of one packed A micro-panel over `kc` (K rounded up to whole
 /// groups of 8).
-fn a_panel_len(kc: usize) -> usize {
+fn a_panel_len<const MR: usize>(kc: usize) -> usize {
     kc.div_ceil(8) * 8 * MR
 }
 
 /// A rows `ic..ic+mc`, columns `pc..pc+kc` into micro-panels of [`MR`]
-/// rows: panel `i` at `i * a_panel_len(kc)`, element (r, p) of it at
+/// rows: panel `i` at `i * a_panel_len::<MR>(kc)`, element (r, p) of it at
 /// `(p / 8) * 48 + r * 8 + p % 8`. Rows past `mc` and the tail group's
 /// unused lanes are zero.
-unsafe fn pack_a(a: Mat, ic: usize, mc: usize, pc: usize, kc: usize, dst: &mut [f32]) {
-    let len = a_panel_len(kc);
+unsafe fn pack_a<const MR: usize>(a: Mat, ic: usize, mc: usize, pc: usize, kc: usize, dst: &mut [f32]) {
+    let len = a_panel_len::<MR>(kc);
     for (ir, panel) in dst[..mc.div_ceil(MR) * len].chunks_exact_mut(len).enumerate() {
         let i0 = ic + ir * MR;
         let rows = MR.min(ic + mc - i0);
@@ -782,12 +859,160 @@ unsafe fn kernel_avx2(kc: usize, a: *const f32, b: *const f32, c: *mut f32, rsc:
     }
 }
 
+/// One step `u` of a group of the 12 x 32 kernel: two B loads, twelve
+/// broadcasts (A's element (r, u) of the group at r * 8 + u), 24 FMAs into
+/// zmm0-11 (columns 0-15) and zmm12-23 (16-31).
+#[cfg(target_arch = "x86_64")]
+macro_rules! fma_step512 {
+    ($u:literal) => {
+        concat!(
+            "vmovups zmm24, [{b} + ",
+            $u,
+            " * 128]\n",
+            "vmovups zmm25, [{b} + ",
+            $u,
+            " * 128 + 64]\n",
+            "vbroadcastss zmm26, [{a} + ",
+            $u,
+            " * 4]\n",
+            "vfmadd231ps zmm0, zmm24, zmm26\n",
+            "vfmadd231ps zmm12, zmm25, zmm26\n",
+            "vbroadcastss zmm27, [{a} + ",
+            $u,
+            " * 4 + 32]\n",
+            "vfmadd231ps zmm1, zmm24, zmm27\n",
+            "vfmadd231ps zmm13, zmm25, zmm27\n",
+            "vbroadcastss zmm26, [{a} + ",
+            $u,
+            " * 4 + 64]\n",
+            "vfmadd231ps zmm2, zmm24, zmm26\n",
+            "vfmadd231ps zmm14, zmm25, zmm26\n",
+            "vbroadcastss zmm27, [{a} + ",
+            $u,
+            " * 4 + 96]\n",
+            "vfmadd231ps zmm3, zmm24, zmm27\n",
+            "vfmadd231ps zmm15, zmm25, zmm27\n",
+            "vbroadcastss zmm26, [{a} + ",
+            $u,
+            " * 4 + 128]\n",
+            "vfmadd231ps zmm4, zmm24, zmm26\n",
+            "vfmadd231ps zmm16, zmm25, zmm26\n",
+            "vbroadcastss zmm27, [{a} + ",
+            $u,
+            " * 4 + 160]\n",
+            "vfmadd231ps zmm5, zmm24, zmm27\n",
+            "vfmadd231ps zmm17, zmm25, zmm27\n",
+            "vbroadcastss zmm26, [{a} + ",
+            $u,
+            " * 4 + 192]\n",
+            "vfmadd231ps zmm6, zmm24, zmm26\n",
+            "vfmadd231ps zmm18, zmm25, zmm26\n",
+            "vbroadcastss zmm27, [{a} + ",
+            $u,
+            " * 4 + 224]\n",
+            "vfmadd231ps zmm7, zmm24, zmm27\n",
+            "vfmadd231ps zmm19, zmm25, zmm27\n",
+            "vbroadcastss zmm26, [{a} + ",
+            $u,
+            " * 4 + 256]\n",
+            "vfmadd231ps zmm8, zmm24, zmm26\n",
+            "vfmadd231ps zmm20, zmm25, zmm26\n",
+            "vbroadcastss zmm27, [{a} + ",
+            $u,
+            " * 4 + 288]\n",
+            "vfmadd231ps zmm9, zmm24, zmm27\n",
+            "vfmadd231ps zmm21, zmm25, zmm27\n",
+            "vbroadcastss zmm26, [{a} + ",
+            $u,
+            " * 4 + 320]\n",
+            "vfmadd231ps zmm10, zmm24, zmm26\n",
+            "vfmadd231ps zmm22, zmm25, zmm26\n",
+            "vbroadcastss zmm27, [{a} + ",
+            $u,
+            " * 4 + 352]\n",
+            "vfmadd231ps zmm11, zmm24, zmm27\n",
+            "vfmadd231ps zmm23, zmm25, zmm27",
+        )
+    };
+}
+
+/// The 12 x 32 block `c` (rows `rsc` apart, contiguous columns) `=` (or
+/// `+=` with `beta`) the packed micro-panels' product over `kc`: A in
+/// 12-row micro-panels (a group of 8 steps 96 floats), B in 32-float rows.
+/// The groups in assembly (24 sums in zmm0-23 throughout, as
+/// [`fma_groups`] for AVX2; prefetching A's next groups from L2 measured
+/// no faster).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn kernel_avx512(kc: usize, a: *const f32, b: *const f32, c: *mut f32, rsc: isize, beta: bool) {
+    use std::arch::x86_64::*;
+    const R: usize = 12;
+    const W: usize = 32;
+    let mut s0 = [_mm512_setzero_ps(); R];
+    let mut s1 = [_mm512_setzero_ps(); R];
+    for r in 0..R {
+        _mm_prefetch::<_MM_HINT_T0>(c.offset(r as isize * rsc) as *const i8);
+        _mm_prefetch::<_MM_HINT_T0>(c.offset(r as isize * rsc + 31) as *const i8);
+    }
+    let (mut ap, mut bp) = (a, b);
+    let groups = kc / 8;
+    if groups > 0 {
+        std::arch::asm!(
+            "2:",
+            fma_step512!("0"),
+            fma_step512!("1"),
+            fma_step512!("2"),
+            fma_step512!("3"),
+            fma_step512!("4"),
+            fma_step512!("5"),
+            fma_step512!("6"),
+            fma_step512!("7"),
+            "add {a}, 384",
+            "add {b}, 1024",
+            "dec {g}",
+            "jnz 2b",
+            a = inout(reg) ap,
+            b = inout(reg) bp,
+            g = inout(reg) groups => _,
+            inout("zmm0") s0[0], inout("zmm1") s0[1], inout("zmm2") s0[2],
+            inout("zmm3") s0[3], inout("zmm4") s0[4], inout("zmm5") s0[5],
+            inout("zmm6") s0[6], inout("zmm7") s0[7], inout("zmm8") s0[8],
+            inout("zmm9") s0[9], inout("zmm10") s0[10], inout("zmm11") s0[11],
+            inout("zmm12") s1[0], inout("zmm13") s1[1], inout("zmm14") s1[2],
+            inout("zmm15") s1[3], inout("zmm16") s1[4], inout("zmm17") s1[5],
+            inout("zmm18") s1[6], inout("zmm19") s1[7], inout("zmm20") s1[8],
+            inout("zmm21") s1[9], inout("zmm22") s1[10], inout("zmm23") s1[11],
+            out("zmm24") _, out("zmm25") _, out("zmm26") _, out("zmm27") _,
+            options(nostack, readonly),
+        );
+    }
+    for u in 0..kc % 8 {
+        let b0 = _mm512_loadu_ps(bp.add(u * W));
+        let b1 = _mm512_loadu_ps(bp.add(u * W + 16));
+        for r in 0..R {
+            let av = _mm512_set1_ps(*ap.add(r * 8 + u));
+            s0[r] = _mm512_fmadd_ps(av, b0, s0[r]);
+            s1[r] = _mm512_fmadd_ps(av, b1, s1[r]);
+        }
+    }
+    for r in 0..R {
+        let p = c.offset(r as isize * rsc);
+        if beta {
+            _mm512_storeu_ps(p, _mm512_add_ps(_mm512_loadu_ps(p), s0[r]));
+            _mm512_storeu_ps(p.add(16), _mm512_add_ps(_mm512_loadu_ps(p.add(16)), s1[r]));
+        } else {
+            _mm512_storeu_ps(p, s0[r]);
+            _mm512_storeu_ps(p.add(16), s1[r]);
+        }
+    }
+}
+
 /// [`kernel_avx2`] in plain Rust: the same sums in the same order, with a
 /// separate multiply and add (`mul_add` would be a library call on targets
 /// without FMA), so it may differ from the AVX2 kernel in the last bits.
 unsafe fn kernel_generic(kc: usize, a: *const f32, b: *const f32, c: *mut f32, rsc: isize, beta: bool) {
     let mut s = [[0.0f32; NR]; MR];
-    let a = std::slice::from_raw_parts(a, a_panel_len(kc));
+    let a = std::slice::from_raw_parts(a, a_panel_len::<MR>(kc));
     let b = std::slice::from_raw_parts(b, kc * NR);
     for (p, bk) in b.chunks_exact(NR).enumerate() {
         let ak = &a[(p / 8) * 8 * MR + p % 8..];
@@ -819,7 +1044,7 @@ mod tests {
             (1, 300, 3),
             (3136, 16, 1),
         ] {
-            let it = items(m, panels, threads, MC);
+            let it = items::<MR, NR>(m, panels, threads, MC);
             assert!(it.mc.is_multiple_of(MR) && it.mc <= MC.max(MR), "{m} {panels}: {it:?}");
             assert!(
                 it.row_blocks * it.mc >= m && (it.row_blocks - 1) * it.mc < m,
@@ -832,7 +1057,7 @@ mod tests {
             );
         }
         // The block5 shape at 224 px: whole-height items over column groups.
-        assert_eq!(items(196, 32, 2, MC).row_blocks, 1);
-        assert_eq!(items(3136, 16, 1, MC).col_groups, 1);
+        assert_eq!(items::<MR, NR>(196, 32, 2, MC).row_blocks, 1);
+        assert_eq!(items::<MR, NR>(3136, 16, 1, MC).col_groups, 1);
     }
 }
