@@ -18,7 +18,18 @@ Efficiency against one node running the recipe (global batch 64, no
 exchange, T1): (G / T) / (N * 64 / T1). "Exchange" efficiency: the step's
 compute over the step (what the network costs, the per-node batch given).
 
-usage: scripts/mpi_model.py STEP.jsonl [--latency-us 30] [--global 64,256]
+Ceiling: the same against one node if a node's G/N images cost exactly
+G/(N*64) of the 64-image step (every phase and every gradient's moment
+scaled; no fixed cost per step), the exchange overlapped as above: what
+no work on small steps can beat, only a faster link or a larger G.
+
+Whole job (with --cache-img-s R, one node's cache-build rate): the cache
+build (--cache-images, 60,000 at the recipe) scales perfectly, stage 2
+(--stage2-images, 5 epochs x 50,000) at the overlapped efficiency E:
+(C/R + S/r) / (C/R + S/(r E)), r = 64 / T1.
+
+usage: scripts/mpi_model.py STEP.jsonl [--latency-us 30] [--global-batch 64,256]
+       [--cache-img-s R]
 """
 import argparse
 import json
@@ -29,6 +40,9 @@ p.add_argument("--latency-us", type=float, default=30.0)
 p.add_argument("--global-batch", default="64,256")
 p.add_argument("--nodes", default="2,4,16,64")
 p.add_argument("--gbits", default="10,100")
+p.add_argument("--cache-img-s", type=float, help="one node's cache-build rate (images/s): adds the whole job")
+p.add_argument("--cache-images", type=int, default=60000)
+p.add_argument("--stage2-images", type=int, default=250000)
 a = p.parse_args()
 
 steps = {}
@@ -39,8 +53,20 @@ size = next(iter(steps.values()))["image_size"]
 order = ["head", "block5_conv3", "block5_conv2", "block5_conv1"]
 
 
-def step_ms(b, n, gbit, overlap):
-    d = steps[b]
+def scaled(b):
+    """The 64-image step scaled to b images: no fixed cost per step."""
+    d = steps[64]
+    f = b / 64
+    return {
+        "backward_end_ms": d["backward_end_ms"] * f,
+        "update_ms": d["update_ms"] * f,
+        "gradient_floats": d["gradient_floats"],
+        "ready_ms": {k: v * f for k, v in d["ready_ms"].items()},
+    }
+
+
+def step_ms(b, n, gbit, overlap, ideal=False):
+    d = scaled(b) if ideal else steps[b]
     comp = d["backward_end_ms"] + d["update_ms"]
     if n == 1:
         return comp, comp
@@ -64,8 +90,9 @@ print(f"image size {size}, {steps[64]['threads']} threads a node, cpu {steps[64]
 for g in map(int, a.global_batch.split(",")):
     print(f"\nglobal batch {g}:\n")
     print("| nodes | images a node | link | step, exchange after backward (ms) | step, overlapped (ms) "
-          "| exchange efficiency, after / overlapped | efficiency against one node, after / overlapped |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+          "| exchange efficiency, after / overlapped | efficiency against one node, after / overlapped "
+          "| ceiling, overlapped |" + (" whole job, overlapped |" if a.cache_img_s else ""))
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if a.cache_img_s else ""))
     for n in map(int, a.nodes.split(",")):
         b = g // n
         if b not in steps or g % n:
@@ -76,4 +103,10 @@ for g in map(int, a.global_batch.split(",")):
             to, _ = step_ms(b, n, gbit, True)
             ea, eo = comp / ta, comp / to
             sa, so = (g / ta) / (n * 64 / t1), (g / to) / (n * 64 / t1)
-            print(f"| {n} | {b} | {gbit:g} Gbit/s | {ta:.0f} | {to:.0f} | {ea:.0%} / {eo:.0%} | {sa:.0%} / {so:.0%} |")
+            ti, _ = step_ms(b, n, gbit, True, ideal=True)
+            si = (g / ti) / (n * 64 / t1)
+            row = f"| {n} | {b} | {gbit:g} Gbit/s | {ta:.0f} | {to:.0f} | {ea:.0%} / {eo:.0%} | {sa:.0%} / {so:.0%} | {si:.0%} |"
+            if a.cache_img_s:
+                cache, stage2 = a.cache_images / a.cache_img_s, a.stage2_images / (64 / t1 * 1e3)
+                row += f" {(cache + stage2) / (cache + stage2 / so):.0%} |"
+            print(row)

@@ -308,14 +308,17 @@ pub fn load_weights(path: &Path) -> Result<Vgg16> {
 pub fn collective() -> Result<Box<dyn Collective>> {
     #[cfg(feature = "mpi")]
     if vgg16_cpu::train::mpi::Mpi::launched() {
-        let mpi = vgg16_cpu::train::mpi::Mpi::init()?;
-        // VGG16_OVERLAP=0: sum the gradients after backward, not during
-        // it (same results; for measuring what the overlap hides).
-        return Ok(match std::env::var("VGG16_OVERLAP").as_deref() {
-            Ok("0") => Box::new(vgg16_cpu::train::parallel::InTurn(mpi)),
-            Ok("1") | Err(_) => Box::new(mpi),
-            Ok(v) => bail!("VGG16_OVERLAP={v}: use 1 (overlap the gradient exchange with backward, the default) or 0"),
-        });
+        // VGG16_OVERLAP=0 / 1: sum the gradients after backward / during
+        // it (same results); unset: during it when a rank has 2+ threads.
+        let overlap = match std::env::var("VGG16_OVERLAP").as_deref() {
+            Ok("0") => Some(false),
+            Ok("1") => Some(true),
+            Err(_) => None,
+            Ok(v) => bail!(
+                "VGG16_OVERLAP={v}: use 1 (sum the gradients during backward), 0 (after it), or leave it unset (during it when a rank has 2 or more threads)"
+            ),
+        };
+        return Ok(Box::new(vgg16_cpu::train::mpi::Mpi::init()?.with_overlap(overlap)));
     }
     #[cfg(not(feature = "mpi"))]
     if ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE"].iter().any(|v| {
