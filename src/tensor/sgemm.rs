@@ -531,6 +531,8 @@ unsafe fn kernel(kern: Kern, kc: usize, a: *const f32, b: *const f32, c: *mut f3
         Kern::Avx2 => return kernel_avx2(kc, a, b, c, rsc, beta),
         Kern::Generic => {}
     }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = kern;
     kernel_generic(kc, a, b, c, rsc, beta)
 }
 
