@@ -197,11 +197,13 @@ unsafe fn sgemm_on<const MR: usize, const NR: usize>(
     for jc in (0..n).step_by(NC) {
         let nc = NC.min(n - jc);
         let panels = nc.div_ceil(NR);
+        // Pack the smaller operand up front (A whole, or B in runs).
+        let a_shared = m < nc && m * k <= SHARED_B_FLOATS;
         let Items {
             mc,
             row_blocks,
             col_groups,
-        } = items::<MR, NR>(m, panels, threads, g.mc);
+        } = items::<MR, NR>(m, panels, threads, if a_shared { g.mc * 3 / 2 } else { g.mc }, a_shared);
         let per_group = panels.div_ceil(col_groups);
         let cut = Cut {
             nr: NR,
@@ -212,8 +214,7 @@ unsafe fn sgemm_on<const MR: usize, const NR: usize>(
             col_groups,
         };
         let cblock = c.slice_mut(s![.., jc..jc + nc]);
-        // Pack the smaller operand up front (A whole, or B in runs).
-        if m < nc && m * k <= SHARED_B_FLOATS {
+        if a_shared {
             shared_a::<MR, NR>(g, k, a, b, cut, cblock, accumulate, threads);
         } else {
             shared_b::<MR, NR>(g, k, a, b, cut, cblock, accumulate, threads);
@@ -445,14 +446,25 @@ struct Items {
     col_groups: usize,
 }
 
-/// Picks the cut for `m` rows and `panels` panels of 16 columns on
-/// `threads` threads. An item packs its rows of A (re-packed once per
-/// column group) and streams its columns of B from L3 (re-read once per
-/// row block), so tall items over wide groups move the least; with
-/// several threads there must be at least two items a thread (work
-/// stealing evens out a slowed core) and whole rounds of them. Rows per
-/// block at most `mc_max` (the packed block stays in L2).
-fn items<const MR: usize, const NR: usize>(m: usize, panels: usize, threads: usize, mc_max: usize) -> Items {
+/// Picks the cut for `m` rows and `panels` panels of NR columns on
+/// `threads` threads. With B packed up front ([`shared_b`]) an item packs
+/// its rows of A (re-packed once per column group) and streams its
+/// columns of B from L3 (re-read once per row block), so tall items over
+/// wide groups move the least. With A packed up front ([`shared_a`],
+/// `a_shared`) the roles swap, and packing B (from memory, once per row
+/// block) weighs twice what streaming packed A from L3 does: whole-height
+/// items are preferred. With several threads there must be at least two
+/// items a thread (work stealing evens out a slowed core) and whole rounds
+/// of them. Rows per block at most `mc_max` (the packed block stays in L2;
+/// with A shared the caller allows half as many again: no item packs it).
+fn items<const MR: usize, const NR: usize>(
+    m: usize,
+    panels: usize,
+    threads: usize,
+    mc_max: usize,
+    a_shared: bool,
+) -> Items {
+    let row_weight = if a_shared { 2.0 } else { 1.0 };
     let mut best: Option<(f64, Items)> = None;
     for col_groups in 1..=panels.min(16) {
         let cols = panels.div_ceil(col_groups) * NR;
@@ -469,7 +481,7 @@ fn items<const MR: usize, const NR: usize>(m: usize, panels: usize, threads: usi
             let row_blocks = m.div_ceil(mc);
             let n_items = row_blocks * col_groups;
             let rounds = n_items.div_ceil(threads) as f64 * threads as f64 / n_items as f64;
-            let cost = rounds * (1.0 + 8.0 * (1.0 / mc.min(m) as f64 + 1.0 / cols as f64));
+            let cost = rounds * (1.0 + 8.0 * (row_weight / mc.min(m) as f64 + 1.0 / cols as f64));
             if best.as_ref().is_none_or(|(c, _)| cost < *c - 1e-9) {
                 best = Some((
                     cost,
@@ -1046,7 +1058,7 @@ mod tests {
             (1, 300, 3),
             (3136, 16, 1),
         ] {
-            let it = items::<MR, NR>(m, panels, threads, MC);
+            let it = items::<MR, NR>(m, panels, threads, MC, false);
             assert!(it.mc.is_multiple_of(MR) && it.mc <= MC.max(MR), "{m} {panels}: {it:?}");
             assert!(
                 it.row_blocks * it.mc >= m && (it.row_blocks - 1) * it.mc < m,
@@ -1059,7 +1071,9 @@ mod tests {
             );
         }
         // The block5 shape at 224 px: whole-height items over column groups.
-        assert_eq!(items::<MR, NR>(196, 32, 2, MC).row_blocks, 1);
-        assert_eq!(items::<MR, NR>(3136, 16, 1, MC).col_groups, 1);
+        assert_eq!(items::<MR, NR>(196, 32, 2, MC, true).row_blocks, 1);
+        // A shared (256 x 4608 x 512): whole-height items, B packed once.
+        assert_eq!(items::<MR, NR>(256, 32, 2, MC * 3 / 2, true).row_blocks, 1);
+        assert_eq!(items::<MR, NR>(3136, 16, 1, MC, false).col_groups, 1);
     }
 }
