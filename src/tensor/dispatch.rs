@@ -165,11 +165,12 @@ pub const WINOGRAD_MIN_TILES: usize = 32;
 /// 1.4-2x faster on Winograd than with the threshold out of reach).
 fn min_tiles() -> usize {
     static T: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *T.get_or_init(|| {
-        std::env::var("VGG16_WINOGRAD_MIN_TILES")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(WINOGRAD_MIN_TILES)
+    *T.get_or_init(|| match std::env::var("VGG16_WINOGRAD_MIN_TILES") {
+        Err(_) => WINOGRAD_MIN_TILES,
+        Ok(v) => v.trim().parse().unwrap_or_else(|_| {
+            eprintln!("warning: VGG16_WINOGRAD_MIN_TILES={v:?} is not a number of tiles; using {WINOGRAD_MIN_TILES}");
+            WINOGRAD_MIN_TILES
+        }),
     })
 }
 
