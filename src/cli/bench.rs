@@ -204,7 +204,16 @@ fn backends(name: &Option<String>) -> Result<Vec<Backend>> {
         None => Ok(Backend::available()),
         Some(n) => match Backend::from_name(n) {
             Some(b) if b.supported() => Ok(vec![b]),
-            Some(b) => bail!("--backend {}: this CPU cannot run it (no AVX2 + FMA)", b.name()),
+            Some(b) => bail!(
+                "--backend {}: this CPU cannot run it (no {}; it has: {})",
+                b.name(),
+                if b == Backend::OwnAvx512 {
+                    "AVX-512F"
+                } else {
+                    "AVX2 + FMA"
+                },
+                vgg16_cpu::tensor::dispatch::cpu_features()
+            ),
             None => {
                 let names: Vec<&str> = Backend::ALL.iter().map(|b| b.name()).collect();
                 bail!("unknown --backend '{n}' (expected one of: {})", names.join(", "))
