@@ -14,9 +14,9 @@
 //!   against OpenBLAS in BENCHMARKS.md 7.3.
 //! - [`Backend::OwnAvx512`]: the same loop nest on a 12 x 32 AVX-512
 //!   micro-kernel (24 zmm sums, as the direct conv kernel). Not the default:
-//!   on Zen 5 it measured 0.90-1.03x OpenBLAS where the `gemm` crate
-//!   measured 0.95-1.17x (BENCHMARKS.md 16); kept for `vgg16 bench gemm` and
-//!   as the start of a tuned one.
+//!   on Zen 5 it measured 0.90-1.14x OpenBLAS over two sittings where the
+//!   `gemm` crate measured 0.95-1.45x (BENCHMARKS.md 16.2, 16.5); kept for
+//!   `vgg16 bench gemm` and as the start of a tuned one.
 //! - [`Backend::OwnGeneric`]: the same in plain Rust, for any target.
 //! - [`Backend::Gemm`]: the `gemm` crate (AVX-512 / AVX2 / NEON kernels with
 //!   runtime CPU detection). The default on AVX-512 (its 16-wide kernels),

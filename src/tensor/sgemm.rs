@@ -203,7 +203,7 @@ unsafe fn sgemm_on<const MR: usize, const NR: usize>(
             mc,
             row_blocks,
             col_groups,
-        } = items::<MR, NR>(m, panels, threads, if a_shared { g.mc * 3 / 2 } else { g.mc }, a_shared);
+        } = items::<MR, NR>(m, panels, threads, g.mc, a_shared);
         let per_group = panels.div_ceil(col_groups);
         let cut = Cut {
             nr: NR,
@@ -455,8 +455,8 @@ struct Items {
 /// block) weighs twice what streaming packed A from L3 does: whole-height
 /// items are preferred. With several threads there must be at least two
 /// items a thread (work stealing evens out a slowed core) and whole rounds
-/// of them. Rows per block at most `mc_max` (the packed block stays in L2;
-/// with A shared the caller allows half as many again: no item packs it).
+/// of them. Rows per block at most `mc_max` (the packed block stays in L2),
+/// or half as many again with A shared (no item packs it).
 fn items<const MR: usize, const NR: usize>(
     m: usize,
     panels: usize,
@@ -464,7 +464,7 @@ fn items<const MR: usize, const NR: usize>(
     mc_max: usize,
     a_shared: bool,
 ) -> Items {
-    let row_weight = if a_shared { 2.0 } else { 1.0 };
+    let (row_weight, mc_max) = if a_shared { (2.0, mc_max * 3 / 2) } else { (1.0, mc_max) };
     let mut best: Option<(f64, Items)> = None;
     for col_groups in 1..=panels.min(16) {
         let cols = panels.div_ceil(col_groups) * NR;
@@ -1073,7 +1073,7 @@ mod tests {
         // The block5 shape at 224 px: whole-height items over column groups.
         assert_eq!(items::<MR, NR>(196, 32, 2, MC, true).row_blocks, 1);
         // A shared (256 x 4608 x 512): whole-height items, B packed once.
-        assert_eq!(items::<MR, NR>(256, 32, 2, MC * 3 / 2, true).row_blocks, 1);
+        assert_eq!(items::<MR, NR>(256, 32, 2, MC, true).row_blocks, 1);
         assert_eq!(items::<MR, NR>(3136, 16, 1, MC, false).col_groups, 1);
     }
 }
