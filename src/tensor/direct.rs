@@ -687,6 +687,111 @@ pub(crate) unsafe fn gemm_packed_a(
     }
 }
 
+/// The AVX2 kernels' end of a chunk: the sums back to `acc`, or (the last
+/// chunk, `out` given) plus the bias, ReLU when asked, masked stores of
+/// `rows` rows. A macro for the reason [`finish_avx512`] is one (as a
+/// function it stayed out of line, the 12 sums passed through memory).
+#[cfg(target_arch = "x86_64")]
+macro_rules! finish_avx2 {
+    ($s0:expr, $s1:expr, $acc:expr, $out:expr, $tail:expr) => {{
+        use std::arch::x86_64::*;
+        let (s0, s1, acc, tail): (&[__m256; 6], &[__m256; 6], *mut f32, &Tail) = (&$s0, &$s1, $acc, $tail);
+        if let Some((out, rows)) = $out {
+            let bias0 = _mm256_loadu_ps(tail.bias);
+            let bias1 = _mm256_loadu_ps(tail.bias.add(8));
+            let zero = _mm256_setzero_ps();
+            let cols = tail.cols;
+            // Lane i of a mask is stored when its sign bit is set.
+            let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+            let m0 = _mm256_cmpgt_epi32(_mm256_set1_epi32(cols.min(8) as i32), lane);
+            let m1 = _mm256_cmpgt_epi32(_mm256_set1_epi32(cols.saturating_sub(8).min(8) as i32), lane);
+            for r in 0..6 {
+                if r >= rows {
+                    break;
+                }
+                let mut v0 = _mm256_add_ps(s0[r], bias0);
+                let mut v1 = _mm256_add_ps(s1[r], bias1);
+                let o: *mut f32 = out.add(r * tail.ldo);
+                if tail.relu {
+                    // max(v, 0) with 0 second returns 0 for NaN, as f32::max does.
+                    v0 = _mm256_max_ps(v0, zero);
+                    v1 = _mm256_max_ps(v1, zero);
+                }
+                if cols >= 16 {
+                    _mm256_storeu_ps(o, v0);
+                    _mm256_storeu_ps(o.add(8), v1);
+                } else {
+                    _mm256_maskstore_ps(o, m0, v0);
+                    _mm256_maskstore_ps(o.add(8), m1, v1);
+                }
+            }
+        } else {
+            for r in 0..6 {
+                _mm256_store_ps(acc.add(r * 16), s0[r]);
+                _mm256_store_ps(acc.add(r * 16 + 8), s1[r]);
+            }
+        }
+    }};
+}
+
+/// The AVX-512 kernels' end of a chunk: the sums back to `acc`, or (the
+/// last chunk, `out` given) plus the bias, ReLU when asked, masked stores
+/// of `rows` rows. A macro, so that it always expands inside the kernel:
+/// as a function LLVM kept the 24 sums on the stack for its loop to `rows`
+/// (stored and reloaded on every block: with the RGB layer's 27-step
+/// blocks, about as much as the FMAs). Rows have constant indices here,
+/// those past `rows` skipped by a branch.
+#[cfg(target_arch = "x86_64")]
+macro_rules! finish_avx512 {
+    ($s0:expr, $s1:expr, $acc:expr, $out:expr, $tail:expr) => {{
+        use std::arch::x86_64::*;
+        let (s0, s1, acc, tail): (&[__m512; 12], &[__m512; 12], *mut f32, &Tail) = (&$s0, &$s1, $acc, $tail);
+        if let Some((out, rows)) = $out {
+            let bias0 = _mm512_loadu_ps(tail.bias);
+            let bias1 = _mm512_loadu_ps(tail.bias.add(16));
+            let zero = _mm512_setzero_ps();
+            let cols = tail.cols;
+            let m0: __mmask16 = if cols >= 16 {
+                0xffff
+            } else {
+                ((1u32 << cols) - 1) as u16
+            };
+            let m1: __mmask16 = if cols >= 32 {
+                0xffff
+            } else {
+                ((1u32 << cols.saturating_sub(16)) - 1) as u16
+            };
+            for r in 0..12 {
+                if r >= rows {
+                    break;
+                }
+                let mut v0 = _mm512_add_ps(s0[r], bias0);
+                let mut v1 = _mm512_add_ps(s1[r], bias1);
+                let o: *mut f32 = out.add(r * tail.ldo);
+                if tail.relu {
+                    // max(v, 0) returns 0 for NaN, as f32::max does.
+                    v0 = _mm512_max_ps(v0, zero);
+                    v1 = _mm512_max_ps(v1, zero);
+                }
+                if cols >= 32 {
+                    // Whole rows unmasked: a masked store, even with every
+                    // lane on, cost the RGB layer (1 ms in 16) on Zen 5.
+                    _mm512_storeu_ps(o, v0);
+                    _mm512_storeu_ps(o.add(16), v1);
+                } else {
+                    _mm512_mask_storeu_ps(o, m0, v0);
+                    _mm512_mask_storeu_ps(o.add(16), m1, v1);
+                }
+            }
+        } else {
+            for r in 0..12 {
+                _mm512_store_ps(acc.add(r * 32), s0[r]);
+                _mm512_store_ps(acc.add(r * 32 + 16), s1[r]);
+            }
+        }
+    }};
+}
+
 /// The AVX2 6 x 16 micro-kernel reading A from a micro-panel (see
 /// [`gemm_packed_a`]); `kc` a multiple of 8. Same sums, same order, as
 /// `kernel_avx2` with one tap.
@@ -707,7 +812,7 @@ unsafe fn kernel_avx2_pa(
     // assembly is both unrolled and clean).
     let (mut ap, mut bp) = (a, b);
     crate::tensor::sgemm::fma_groups(&mut ap, &mut bp, kc / 8, &mut s0, &mut s1);
-    finish_avx2(&s0, &s1, acc, out, tail);
+    finish_avx2!(s0, s1, acc, out, tail);
 }
 
 /// The AVX-512 12 x 32 micro-kernel reading A from a micro-panel (see
@@ -743,7 +848,7 @@ unsafe fn kernel_avx512_pa(
         ap = ap.add(8 * MR);
         bp = bp.add(8 * NR);
     }
-    finish_avx512(&s0, &s1, acc, out, tail);
+    finish_avx512!(s0, s1, acc, out, tail);
 }
 
 /// Scratch of [`gemm_packed`], kept by each worker across calls.
@@ -871,7 +976,7 @@ unsafe fn kernel_avx512(run: &Blocks, tail: &Tail) {
                 bp = bp.add(NR);
             }
         }
-        finish_avx512(&s0, &s1, c.acc, c.out, tail);
+        finish_avx512!(s0, s1, c.acc, c.out, tail);
     }
 }
 
@@ -894,57 +999,6 @@ unsafe fn load_avx512(
         }
     }
     (s0, s1)
-}
-
-/// The AVX-512 kernels' end of a chunk: the sums back to `acc`, or (the
-/// last chunk, `out` given) plus the bias, ReLU when asked, masked stores
-/// of `rows` rows.
-#[cfg(target_arch = "x86_64")]
-#[inline]
-#[target_feature(enable = "avx512f")]
-unsafe fn finish_avx512(
-    s0: &[std::arch::x86_64::__m512; 12],
-    s1: &[std::arch::x86_64::__m512; 12],
-    acc: *mut f32,
-    out: Option<(*mut f32, usize)>,
-    tail: &Tail,
-) {
-    use std::arch::x86_64::*;
-    const MR: usize = 12;
-    const NR: usize = 32;
-    let Some((out, rows)) = out else {
-        for r in 0..MR {
-            _mm512_store_ps(acc.add(r * NR), s0[r]);
-            _mm512_store_ps(acc.add(r * NR + 16), s1[r]);
-        }
-        return;
-    };
-    let bias0 = _mm512_loadu_ps(tail.bias);
-    let bias1 = _mm512_loadu_ps(tail.bias.add(16));
-    let zero = _mm512_setzero_ps();
-    let cols = tail.cols;
-    let m0: __mmask16 = if cols >= 16 {
-        0xffff
-    } else {
-        ((1u32 << cols) - 1) as u16
-    };
-    let m1: __mmask16 = if cols >= 32 {
-        0xffff
-    } else {
-        ((1u32 << cols.saturating_sub(16)) - 1) as u16
-    };
-    for r in 0..rows.min(MR) {
-        let mut v0 = _mm512_add_ps(s0[r], bias0);
-        let mut v1 = _mm512_add_ps(s1[r], bias1);
-        let o = out.add(r * tail.ldo);
-        if tail.relu {
-            // max(v, 0) returns 0 for NaN, as f32::max does.
-            v0 = _mm512_max_ps(v0, zero);
-            v1 = _mm512_max_ps(v1, zero);
-        }
-        _mm512_mask_storeu_ps(o, m0, v0);
-        _mm512_mask_storeu_ps(o.add(16), m1, v1);
-    }
 }
 
 /// AVX2 + FMA: 6 pixels x 16 channels, 12 ymm sums (16 ymm registers: 12
@@ -976,7 +1030,7 @@ unsafe fn kernel_avx2(run: &Blocks, tail: &Tail) {
                 bp = bp.add(NR);
             }
         }
-        finish_avx2(&s0, &s1, c.acc, c.out, tail);
+        finish_avx2!(s0, s1, c.acc, c.out, tail);
     }
 }
 
@@ -996,71 +1050,6 @@ unsafe fn load_avx2(acc: *const f32, first: bool) -> ([std::arch::x86_64::__m256
         }
     }
     (s0, s1)
-}
-
-/// The AVX2 kernels' end of a chunk: the sums back to `acc`, or (the last
-/// chunk, `out` given) out through [`store_avx2`].
-#[cfg(target_arch = "x86_64")]
-#[inline]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn finish_avx2(
-    s0: &[std::arch::x86_64::__m256; 6],
-    s1: &[std::arch::x86_64::__m256; 6],
-    acc: *mut f32,
-    out: Option<(*mut f32, usize)>,
-    tail: &Tail,
-) {
-    use std::arch::x86_64::*;
-    match out {
-        Some((out, rows)) => store_avx2(s0, s1, out, rows, tail),
-        None => {
-            for r in 0..6 {
-                _mm256_store_ps(acc.add(r * 16), s0[r]);
-                _mm256_store_ps(acc.add(r * 16 + 8), s1[r]);
-            }
-        }
-    }
-}
-
-/// The AVX2 kernels' last step: bias, ReLU, masked store of `rows` rows.
-#[cfg(target_arch = "x86_64")]
-#[inline]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn store_avx2(
-    s0: &[std::arch::x86_64::__m256; 6],
-    s1: &[std::arch::x86_64::__m256; 6],
-    out: *mut f32,
-    rows: usize,
-    tail: &Tail,
-) {
-    use std::arch::x86_64::*;
-    const MR: usize = 6;
-    const NR: usize = 16;
-    let bias0 = _mm256_loadu_ps(tail.bias);
-    let bias1 = _mm256_loadu_ps(tail.bias.add(8));
-    let zero = _mm256_setzero_ps();
-    let cols = tail.cols;
-    // Lane i of a mask is stored when its sign bit is set.
-    let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    let m0 = _mm256_cmpgt_epi32(_mm256_set1_epi32(cols.min(8) as i32), lane);
-    let m1 = _mm256_cmpgt_epi32(_mm256_set1_epi32(cols.saturating_sub(8).min(8) as i32), lane);
-    for r in 0..rows.min(MR) {
-        let mut v0 = _mm256_add_ps(s0[r], bias0);
-        let mut v1 = _mm256_add_ps(s1[r], bias1);
-        let o = out.add(r * tail.ldo);
-        if tail.relu {
-            // max(v, 0) with 0 second returns 0 for NaN, as f32::max does.
-            v0 = _mm256_max_ps(v0, zero);
-            v1 = _mm256_max_ps(v1, zero);
-        }
-        if cols >= NR {
-            _mm256_storeu_ps(o, v0);
-            _mm256_storeu_ps(o.add(8), v1);
-        } else {
-            _mm256_maskstore_ps(o, m0, v0);
-            _mm256_maskstore_ps(o.add(8), m1, v1);
-        }
-    }
 }
 
 /// Portable Rust, the AVX2 geometry (6 x 16) in plain arrays: runs on any
