@@ -232,7 +232,7 @@ impl Dispatch {
     /// where there are enough input channels, on AVX-512 or AVX2 (measured
     /// faster than the direct kernel at every VGG-16 layer from
     /// block1_conv2 on, on both: BENCHMARKS.md 7.2 and 11); the RGB layer on the direct kernel
-    /// with AVX-512, on im2col + GEMM with AVX2 (measured faster there);
+    /// (AVX-512 or AVX2);
     /// im2col + GEMM for everything on the portable ISA (the `gemm` crate
     /// has tuned kernels for more targets than ours).
     pub fn path(&self, algo: ConvAlgo, h: usize, w: usize, cin: usize) -> ConvPath {
@@ -257,11 +257,12 @@ impl Dispatch {
             ConvAlgo::Winograd => ConvPath::Direct(self.isa),
             ConvAlgo::Auto => match self.isa {
                 Isa::Avx512 | Isa::Avx2 if winograd_ok => ConvPath::Winograd(self.isa),
-                Isa::Avx512 => ConvPath::Direct(self.isa),
-                // The RGB layer: the 6x16 kernel on 27-long gathered rows
-                // measured 0.7x of im2col + GEMM (BENCHMARKS.md section 7);
-                // on rows of three pixels it is level with it (section 14.4).
-                Isa::Avx2 | Isa::Generic => ConvPath::Im2col,
+                // The RGB layer: the 6x16 AVX2 kernel on 27-long gathered
+                // rows measured 0.7x of im2col + GEMM (BENCHMARKS.md section
+                // 7), level on rows of three pixels (section 14.4), 1.75x
+                // with its epilogue inlined (section 17.1).
+                Isa::Avx512 | Isa::Avx2 => ConvPath::Direct(self.isa),
+                Isa::Generic => ConvPath::Im2col,
             },
         }
     }
@@ -457,8 +458,7 @@ mod tests {
             let (auto, rgb) = (d.path(ConvAlgo::Auto, 14, 14, 512), d.path(ConvAlgo::Auto, 224, 224, 3));
             match isa {
                 Isa::Generic => assert_eq!((auto, rgb), (ConvPath::Im2col, ConvPath::Im2col)),
-                Isa::Avx2 => assert_eq!((auto, rgb), (ConvPath::Winograd(isa), ConvPath::Im2col)),
-                Isa::Avx512 => assert_eq!((auto, rgb), (ConvPath::Winograd(isa), ConvPath::Direct(isa))),
+                Isa::Avx2 | Isa::Avx512 => assert_eq!((auto, rgb), (ConvPath::Winograd(isa), ConvPath::Direct(isa))),
             }
             // A call that transforms its own kernel: Winograd only with
             // enough tiles to pay for the transform; forced paths kept.
