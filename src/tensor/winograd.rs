@@ -609,6 +609,14 @@ trait Lanes: Copy {
     fn zero() -> Self;
     unsafe fn load(p: *const f32) -> Self;
     unsafe fn store(self, p: *mut f32);
+    /// Stores the lanes as groups of 8 channels, group g at `p + g *
+    /// group_stride` (Winograd's packed V keeps 8-channel groups apart; 8
+    /// when they are contiguous). At most 8 lanes: one plain store.
+    #[inline(always)]
+    unsafe fn store_groups(self, p: *mut f32, group_stride: usize) {
+        let _ = group_stride;
+        self.store(p)
+    }
     fn add(self, o: Self) -> Self;
     fn sub(self, o: Self) -> Self;
     fn scale(self, c: f32) -> Self;
@@ -679,6 +687,62 @@ impl Lanes for Ymm {
         use std::arch::x86_64::*;
         // max(v, 0) with 0 second returns 0 for NaN.
         Ymm(unsafe { _mm256_max_ps(self.0, _mm256_setzero_ps()) })
+    }
+}
+
+/// 16 channels (AVX-512F): the same operations as [`Ymm`] on twice the
+/// lanes, so the same results.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+struct Zmm(std::arch::x86_64::__m512);
+
+#[cfg(target_arch = "x86_64")]
+impl Lanes for Zmm {
+    const W: usize = 16;
+    #[inline(always)]
+    fn zero() -> Zmm {
+        // SAFETY: only reached from avx512f-enabled functions.
+        Zmm(unsafe { std::arch::x86_64::_mm512_setzero_ps() })
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Zmm {
+        Zmm(std::arch::x86_64::_mm512_loadu_ps(p))
+    }
+    #[inline(always)]
+    unsafe fn store(self, p: *mut f32) {
+        std::arch::x86_64::_mm512_storeu_ps(p, self.0)
+    }
+    #[inline(always)]
+    unsafe fn store_groups(self, p: *mut f32, group_stride: usize) {
+        use std::arch::x86_64::*;
+        if group_stride == 8 {
+            _mm512_storeu_ps(p, self.0)
+        } else {
+            _mm256_storeu_ps(p, _mm512_castps512_ps256(self.0));
+            _mm256_storeu_ps(
+                p.add(group_stride),
+                _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(self.0))),
+            );
+        }
+    }
+    #[inline(always)]
+    fn add(self, o: Zmm) -> Zmm {
+        Zmm(unsafe { std::arch::x86_64::_mm512_add_ps(self.0, o.0) })
+    }
+    #[inline(always)]
+    fn sub(self, o: Zmm) -> Zmm {
+        Zmm(unsafe { std::arch::x86_64::_mm512_sub_ps(self.0, o.0) })
+    }
+    #[inline(always)]
+    fn scale(self, c: f32) -> Zmm {
+        use std::arch::x86_64::*;
+        Zmm(unsafe { _mm512_mul_ps(self.0, _mm512_set1_ps(c)) })
+    }
+    #[inline(always)]
+    fn relu(self) -> Zmm {
+        use std::arch::x86_64::*;
+        // max(v, 0) with 0 second returns 0 for NaN.
+        Zmm(unsafe { _mm512_max_ps(self.0, _mm512_setzero_ps()) })
     }
 }
 
@@ -762,7 +826,7 @@ unsafe fn input_lanes<L: Lanes>(
     for c in 0..T {
         let o = bt(std::array::from_fn(|k| e[k][c]));
         for (r, v) in o.into_iter().enumerate() {
-            v.store(dst.add((r * T + c) * stride + c0 * cmul));
+            v.store_groups(dst.add((r * T + c) * stride + c0 * cmul), 8 * cmul);
         }
     }
 }
@@ -805,10 +869,10 @@ unsafe fn input_tile(
     let layout = (chunk * cin, cmul);
     // Whole vectors on x86 with AVX2, then single channels.
     #[cfg(target_arch = "x86_64")]
-    let c0 = if isa != Isa::Generic {
-        input_avx2(x.as_ptr(), &src, cin, dst, layout)
-    } else {
-        0
+    let c0 = match isa {
+        Isa::Avx512 => input_avx512(x.as_ptr(), &src, cin, dst, layout),
+        Isa::Avx2 => input_avx2(x.as_ptr(), &src, cin, dst, layout),
+        Isa::Generic => 0,
     };
     #[cfg(not(target_arch = "x86_64"))]
     let c0 = {
@@ -832,6 +896,28 @@ unsafe fn input_avx2(
     layout: (usize, usize),
 ) -> usize {
     let mut c0 = 0;
+    while c0 + Ymm::W <= cin {
+        input_lanes::<Ymm>(x, src, c0, dst, layout);
+        c0 += Ymm::W;
+    }
+    c0
+}
+
+/// [`input_avx2`] for AVX-512F: 16 channels at a time, then 8.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn input_avx512(
+    x: *const f32,
+    src: &[Option<usize>; XI],
+    cin: usize,
+    dst: *mut f32,
+    layout: (usize, usize),
+) -> usize {
+    let mut c0 = 0;
+    while c0 + Zmm::W <= cin {
+        input_lanes::<Zmm>(x, src, c0, dst, layout);
+        c0 += Zmm::W;
+    }
     while c0 + Ymm::W <= cin {
         input_lanes::<Ymm>(x, src, c0, dst, layout);
         c0 += Ymm::W;
@@ -897,10 +983,10 @@ unsafe fn output_tile(
     let stride = chunk * cout;
     // Whole vectors on x86 with AVX2, then single channels.
     #[cfg(target_arch = "x86_64")]
-    let c0 = if isa != Isa::Generic {
-        output_avx2(m, stride, bias.as_ptr(), relu, o, dims)
-    } else {
-        0
+    let c0 = match isa {
+        Isa::Avx512 => output_avx512(m, stride, bias.as_ptr(), relu, o, dims),
+        Isa::Avx2 => output_avx2(m, stride, bias.as_ptr(), relu, o, dims),
+        Isa::Generic => 0,
     };
     #[cfg(not(target_arch = "x86_64"))]
     let c0 = {
@@ -924,6 +1010,29 @@ unsafe fn output_avx2(
     dims: (usize, usize, usize, usize),
 ) -> usize {
     let mut c0 = 0;
+    while c0 + Ymm::W <= dims.0 {
+        output_lanes::<Ymm>(m, stride, c0, bias, relu, out, dims);
+        c0 += Ymm::W;
+    }
+    c0
+}
+
+/// [`output_avx2`] for AVX-512F: 16 channels at a time, then 8.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn output_avx512(
+    m: *const f32,
+    stride: usize,
+    bias: *const f32,
+    relu: bool,
+    out: *mut f32,
+    dims: (usize, usize, usize, usize),
+) -> usize {
+    let mut c0 = 0;
+    while c0 + Zmm::W <= dims.0 {
+        output_lanes::<Zmm>(m, stride, c0, bias, relu, out, dims);
+        c0 += Zmm::W;
+    }
     while c0 + Ymm::W <= dims.0 {
         output_lanes::<Ymm>(m, stride, c0, bias, relu, out, dims);
         c0 += Ymm::W;
@@ -1296,6 +1405,75 @@ mod tests {
             dw_output_transform(isa, &du, cin, cout, &mut got);
             let b = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert_eq!(b(&got), b(&want), "{}", isa.name());
+        }
+    }
+
+    /// The input transform (plain and packed V) and the output transform
+    /// give the same floats on every ISA: AVX-512's 16-lane build, AVX2's
+    /// 8-lane one and the portable one (channel counts that leave a 16-,
+    /// an 8- and a 1-lane tail; tiles cut by the image's edge).
+    #[test]
+    fn input_and_output_transform_builds_agree() {
+        let (n, h, w): (usize, usize, usize) = (4, 7, 9);
+        let (ty, tx) = (h.div_ceil(M), w.div_ceil(M));
+        let geom = (n, h, w, ty, tx);
+        let chunk = n * ty * tx; // 24: whole micro-panels of 6 and of 12
+        let val = |i: usize| ((i * 7919) % 1013) as f32 / 97.0 - 5.0;
+        let bitv = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        // V[xi][t][c] as plain rows, whatever layout `isa` wrote.
+        let input = |isa: Isa, cin: usize, packed: bool| -> Vec<f32> {
+            let x: Vec<f32> = (0..n * h * w * cin).map(val).collect();
+            let mut v = vec![f32::NAN; XI * chunk * cin];
+            for t in 0..chunk {
+                // SAFETY: v is (XI, chunk, cin); tile t writes row t only.
+                unsafe { input_tile(isa, &x, geom, cin, t, v.as_mut_ptr(), t, chunk, packed) };
+            }
+            let mr = Geometry::of(isa).mr;
+            let at = |xi: usize, t: usize, c: usize| match packed {
+                false => xi * chunk * cin + t * cin + c,
+                true => xi * chunk * cin + (t / mr) * mr * cin + (t % mr) * 8 + (c / 8) * 8 * mr + c % 8,
+            };
+            let mut plain = Vec::with_capacity(v.len());
+            for xi in 0..XI {
+                for t in 0..chunk {
+                    plain.extend((0..cin).map(|c| v[at(xi, t, c)]));
+                }
+            }
+            plain
+        };
+        let output = |isa: Isa, cout: usize| -> Vec<f32> {
+            let mm: Vec<f32> = (0..XI * chunk * cout).map(val).collect();
+            let bias: Vec<f32> = (0..cout).map(|i| val(3 * i + 1)).collect();
+            let mut out = vec![f32::NAN; n * h * w * cout];
+            for t in 0..chunk {
+                // SAFETY: mm is (XI, chunk, cout); out (n*h*w, cout), tile
+                // t's pixels written by this call alone.
+                unsafe { output_tile(isa, &mm, geom, cout, t, chunk, t, &bias, true, out.as_mut_ptr()) };
+            }
+            out
+        };
+        let isas: Vec<Isa> = Isa::ALL.into_iter().filter(|i| i.supported()).collect();
+        for cin in [45, 16, 3] {
+            let want = input(Isa::Generic, cin, false);
+            assert!(want.iter().all(|v| !v.is_nan()), "every float written");
+            for &isa in &isas {
+                assert_eq!(
+                    bitv(&input(isa, cin, false)),
+                    bitv(&want),
+                    "input, {} cin {cin}",
+                    isa.name()
+                );
+            }
+            let out = output(Isa::Generic, cin);
+            assert!(out.iter().all(|v| !v.is_nan()), "every output written");
+            for &isa in &isas {
+                assert_eq!(bitv(&output(isa, cin)), bitv(&out), "output, {} cout {cin}", isa.name());
+            }
+        }
+        // Packed V: whole 8-channel groups (40 = 16 + 16 + 8 on AVX-512).
+        let want = input(Isa::Generic, 40, false);
+        for &isa in isas.iter().filter(|i| **i != Isa::Generic) {
+            assert_eq!(bitv(&input(isa, 40, true)), bitv(&want), "packed input, {}", isa.name());
         }
     }
 }
