@@ -1056,17 +1056,20 @@ fn a6<L: Lanes>(y: [L; M]) -> [L; T] {
 #[inline(always)]
 unsafe fn grad_lanes<L: Lanes>(dz: *const f32, src: &[Option<usize>; M * M], c0: usize, dst: *mut f32, stride: usize) {
     // Rows: e[r][j] = sum_c dY[r][c] A[j][c], r < 4.
-    let mut e = [L::zero(); M * T];
+    // Built in place, never zero-filled first (see input_lanes).
+    let mut rows = std::mem::MaybeUninit::<[[L; T]; M]>::uninit();
+    let rp = rows.as_mut_ptr().cast::<[L; T]>();
     for r in 0..M {
-        let y: [L; M] = std::array::from_fn(|c| match src[r * M + c] {
+        rp.add(r).write(a6(std::array::from_fn(|c| match src[r * M + c] {
             Some(s) => L::load(dz.add(s + c0)),
             None => L::zero(),
-        });
-        e[r * T..r * T + T].copy_from_slice(&a6(y));
+        })));
     }
+    // SAFETY: all M rows were written just above.
+    let e = rows.assume_init_ref();
     // Columns: dM[i][j] = sum_r A[i][r] e[r][j].
     for j in 0..T {
-        let o = a6::<L>(std::array::from_fn(|r| e[r * T + j]));
+        let o = a6::<L>(std::array::from_fn(|r| e[r][j]));
         for (i, v) in o.into_iter().enumerate() {
             v.store(dst.add((i * T + j) * stride + c0));
         }
@@ -1100,10 +1103,10 @@ unsafe fn grad_tile(
     let stride = chunk * cout;
     // Whole vectors on x86 with AVX2, then single channels.
     #[cfg(target_arch = "x86_64")]
-    let c0 = if isa != Isa::Generic {
-        grad_avx2(dz.as_ptr(), &src, cout, dst, stride)
-    } else {
-        0
+    let c0 = match isa {
+        Isa::Avx512 => grad_avx512(dz.as_ptr(), &src, cout, dst, stride),
+        Isa::Avx2 => grad_avx2(dz.as_ptr(), &src, cout, dst, stride),
+        Isa::Generic => 0,
     };
     #[cfg(not(target_arch = "x86_64"))]
     let c0 = {
@@ -1120,6 +1123,28 @@ unsafe fn grad_tile(
 #[target_feature(enable = "avx2,fma")]
 unsafe fn grad_avx2(dz: *const f32, src: &[Option<usize>; M * M], cout: usize, dst: *mut f32, stride: usize) -> usize {
     let mut c0 = 0;
+    while c0 + Ymm::W <= cout {
+        grad_lanes::<Ymm>(dz, src, c0, dst, stride);
+        c0 += Ymm::W;
+    }
+    c0
+}
+
+/// [`grad_avx2`] for AVX-512F: 16 channels at a time, then 8.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn grad_avx512(
+    dz: *const f32,
+    src: &[Option<usize>; M * M],
+    cout: usize,
+    dst: *mut f32,
+    stride: usize,
+) -> usize {
+    let mut c0 = 0;
+    while c0 + Zmm::W <= cout {
+        grad_lanes::<Zmm>(dz, src, c0, dst, stride);
+        c0 += Zmm::W;
+    }
     while c0 + Ymm::W <= cout {
         grad_lanes::<Ymm>(dz, src, c0, dst, stride);
         c0 += Ymm::W;
@@ -1408,8 +1433,8 @@ mod tests {
         }
     }
 
-    /// The input transform (plain and packed V) and the output transform
-    /// give the same floats on every ISA: AVX-512's 16-lane build, AVX2's
+    /// The input transform (plain and packed V), the output transform and
+    /// the output gradient's transform give the same floats on every ISA: AVX-512's 16-lane build, AVX2's
     /// 8-lane one and the portable one (channel counts that leave a 16-,
     /// an 8- and a 1-lane tail; tiles cut by the image's edge).
     #[test]
@@ -1452,6 +1477,15 @@ mod tests {
             }
             out
         };
+        let grad = |isa: Isa, cout: usize| -> Vec<f32> {
+            let dz: Vec<f32> = (0..n * h * w * cout).map(val).collect();
+            let mut dm = vec![f32::NAN; XI * chunk * cout];
+            for t in 0..chunk {
+                // SAFETY: dm is (XI, chunk, cout); tile t writes row t only.
+                unsafe { grad_tile(isa, &dz, geom, cout, t, dm.as_mut_ptr(), t, chunk) };
+            }
+            dm
+        };
         let isas: Vec<Isa> = Isa::ALL.into_iter().filter(|i| i.supported()).collect();
         for cin in [45, 16, 3] {
             let want = input(Isa::Generic, cin, false);
@@ -1461,6 +1495,16 @@ mod tests {
                     bitv(&input(isa, cin, false)),
                     bitv(&want),
                     "input, {} cin {cin}",
+                    isa.name()
+                );
+            }
+            let dm = grad(Isa::Generic, cin);
+            assert!(dm.iter().all(|v| !v.is_nan()), "every dM float written");
+            for &isa in &isas {
+                assert_eq!(
+                    bitv(&grad(isa, cin)),
+                    bitv(&dm),
+                    "output gradient, {} cout {cin}",
                     isa.name()
                 );
             }
