@@ -808,26 +808,36 @@ unsafe fn input_lanes<L: Lanes>(
     (stride, cmul): (usize, usize),
 ) {
     // Rows: e[r][c] = (d B)[r][c] = sum_k B^T[c][k] d[r][k]. Built row by
-    // row, never zero-filled first (as a zeroed array then filled, it was
-    // a 1152-byte memset call per 8 channels per tile: 7% of the 224 px
-    // pass).
-    // (Built in place: from an array::from_fn LLVM made a memcpy call.)
+    // row in place, never zero-filled first (as a zeroed array then filled
+    // it was a 1152-byte memset call per 8 channels per tile: 7% of the 224
+    // px pass), and with no `array::from_fn` closures: those are functions
+    // of their own without the caller's target features, and left out of
+    // line they made every intrinsic in them a call (the AVX2 pass spent a
+    // third of its time in `_mm256_add_ps` and friends).
     let mut rows = std::mem::MaybeUninit::<[[L; T]; T]>::uninit();
     let rp = rows.as_mut_ptr().cast::<[L; T]>();
     for r in 0..T {
-        rp.add(r).write(bt(std::array::from_fn(|k| match src[r * T + k] {
-            Some(s) => L::load(x.add(s + c0)),
-            None => L::zero(),
-        })));
+        let s = &src[r * T..r * T + T];
+        let d = |k: usize| load_or_zero::<L>(x, s[k], c0);
+        rp.add(r).write(bt([d(0), d(1), d(2), d(3), d(4), d(5)]));
     }
     // SAFETY: all T rows were written just above.
     let e = rows.assume_init_ref();
     // Columns: V[r][c] = sum_k B^T[r][k] e[k][c].
     for c in 0..T {
-        let o = bt(std::array::from_fn(|k| e[k][c]));
+        let o = bt([e[0][c], e[1][c], e[2][c], e[3][c], e[4][c], e[5][c]]);
         for (r, v) in o.into_iter().enumerate() {
             v.store_groups(dst.add((r * T + c) * stride + c0 * cmul), 8 * cmul);
         }
+    }
+}
+
+/// `x[s + c0..]` as lanes, zeros where the offset is None (off the image).
+#[inline(always)]
+unsafe fn load_or_zero<L: Lanes>(x: *const f32, s: Option<usize>, c0: usize) -> L {
+    match s {
+        Some(s) => L::load(x.add(s + c0)),
+        None => L::zero(),
     }
 }
 
@@ -939,15 +949,20 @@ unsafe fn output_lanes<L: Lanes>(
     out: *mut f32,
     (cout, ldo, rows, cols): (usize, usize, usize, usize),
 ) {
-    // Rows: e[r][c] = sum_k A^T[r][k] m[k][c], r < 4.
-    // Column by column (e[c][r] here), never zero-filled first (see
-    // input_lanes).
-    let e: [[L; M]; T] =
-        std::array::from_fn(|c| at::<L>(std::array::from_fn(|k| L::load(m.add((k * T + c) * stride + c0)))));
+    // Rows: e[r][c] = sum_k A^T[r][k] m[k][c], r < 4. Column by column
+    // (e[c][r] here), in place, no `array::from_fn` (see input_lanes).
+    let mut cols_e = std::mem::MaybeUninit::<[[L; M]; T]>::uninit();
+    let ep = cols_e.as_mut_ptr().cast::<[L; M]>();
+    for c in 0..T {
+        let mk = |k: usize| L::load(m.add((k * T + c) * stride + c0));
+        ep.add(c).write(at::<L>([mk(0), mk(1), mk(2), mk(3), mk(4), mk(5)]));
+    }
+    // SAFETY: all T columns were written just above.
+    let e = cols_e.assume_init_ref();
     // Columns: Y[r][c] = sum_k A^T[c][k] e[r][k].
     let b = L::load(bias.add(c0));
     for r in 0..rows {
-        let y = at::<L>(std::array::from_fn(|k| e[k][r]));
+        let y = at::<L>([e[0][r], e[1][r], e[2][r], e[3][r], e[4][r], e[5][r]]);
         for (c, v) in y.into_iter().enumerate().take(cols) {
             let v = v.add(b);
             let v = if relu { v.relu() } else { v };
@@ -1060,16 +1075,15 @@ unsafe fn grad_lanes<L: Lanes>(dz: *const f32, src: &[Option<usize>; M * M], c0:
     let mut rows = std::mem::MaybeUninit::<[[L; T]; M]>::uninit();
     let rp = rows.as_mut_ptr().cast::<[L; T]>();
     for r in 0..M {
-        rp.add(r).write(a6(std::array::from_fn(|c| match src[r * M + c] {
-            Some(s) => L::load(dz.add(s + c0)),
-            None => L::zero(),
-        })));
+        let s = &src[r * M..r * M + M];
+        let d = |c: usize| load_or_zero::<L>(dz, s[c], c0);
+        rp.add(r).write(a6([d(0), d(1), d(2), d(3)]));
     }
     // SAFETY: all M rows were written just above.
     let e = rows.assume_init_ref();
     // Columns: dM[i][j] = sum_r A[i][r] e[r][j].
     for j in 0..T {
-        let o = a6::<L>(std::array::from_fn(|r| e[r][j]));
+        let o = a6::<L>([e[0][j], e[1][j], e[2][j], e[3][j]]);
         for (i, v) in o.into_iter().enumerate() {
             v.store(dst.add((i * T + j) * stride + c0));
         }
