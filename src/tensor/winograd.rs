@@ -799,6 +799,8 @@ fn tile_origin(tile: usize, ty: usize, tx: usize) -> (usize, usize, usize) {
 
 /// V[xi][t][c0..c0+W] = B^T d B for channels c0.. of one tile; `src` holds
 /// the 36 input offsets (None off the image).
+// Columns of row-major temporaries: the loops index across rows.
+#[allow(clippy::needless_range_loop)]
 #[inline(always)]
 unsafe fn input_lanes<L: Lanes>(
     x: *const f32,
@@ -939,6 +941,8 @@ unsafe fn input_avx512(
 /// M[0][t][0] (position stride `stride`), `out` at the tile's first output
 /// pixel (row stride `ldo` pixels of `cout`), `rows` x `cols` kept.
 #[allow(clippy::too_many_arguments)]
+// Columns of row-major temporaries: the loops index across rows.
+#[allow(clippy::needless_range_loop)]
 #[inline(always)]
 unsafe fn output_lanes<L: Lanes>(
     m: *const f32,
@@ -1068,6 +1072,8 @@ fn a6<L: Lanes>(y: [L; M]) -> [L; T] {
 /// dM[xi][t][c0..c0+W] = (A dY A^T)[xi] for channels c0.. of one tile of
 /// the output gradient; `src` holds the 16 pixel offsets (None off the
 /// image: zero gradient there).
+// Columns of row-major temporaries: the loops index across rows.
+#[allow(clippy::needless_range_loop)]
 #[inline(always)]
 unsafe fn grad_lanes<L: Lanes>(dz: *const f32, src: &[Option<usize>; M * M], c0: usize, dst: *mut f32, stride: usize) {
     // Rows: e[r][j] = sum_c dY[r][c] A[j][c], r < 4.
