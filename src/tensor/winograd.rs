@@ -649,102 +649,85 @@ impl Lanes for f32 {
     }
 }
 
+/// A SIMD vector type implementing [`Lanes`] with the given intrinsics
+/// (only reached from functions compiled with their target feature);
+/// `extra` adds or overrides methods.
 #[cfg(target_arch = "x86_64")]
-#[derive(Clone, Copy)]
-struct Ymm(std::arch::x86_64::__m256);
+macro_rules! simd_lanes {
+    ($(#[$doc:meta])* $name:ident($vec:ident), $w:literal, $setzero:ident, $loadu:ident, $storeu:ident,
+     $add:ident, $sub:ident, $mul:ident, $set1:ident, $max:ident $(, { $($extra:tt)* })?) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy)]
+        struct $name(std::arch::x86_64::$vec);
 
-#[cfg(target_arch = "x86_64")]
-impl Lanes for Ymm {
-    const W: usize = 8;
-    #[inline(always)]
-    fn zero() -> Ymm {
-        // SAFETY: only reached from avx2-enabled functions.
-        Ymm(unsafe { std::arch::x86_64::_mm256_setzero_ps() })
-    }
-    #[inline(always)]
-    unsafe fn load(p: *const f32) -> Ymm {
-        Ymm(std::arch::x86_64::_mm256_loadu_ps(p))
-    }
-    #[inline(always)]
-    unsafe fn store(self, p: *mut f32) {
-        std::arch::x86_64::_mm256_storeu_ps(p, self.0)
-    }
-    #[inline(always)]
-    fn add(self, o: Ymm) -> Ymm {
-        Ymm(unsafe { std::arch::x86_64::_mm256_add_ps(self.0, o.0) })
-    }
-    #[inline(always)]
-    fn sub(self, o: Ymm) -> Ymm {
-        Ymm(unsafe { std::arch::x86_64::_mm256_sub_ps(self.0, o.0) })
-    }
-    #[inline(always)]
-    fn scale(self, c: f32) -> Ymm {
-        use std::arch::x86_64::*;
-        Ymm(unsafe { _mm256_mul_ps(self.0, _mm256_set1_ps(c)) })
-    }
-    #[inline(always)]
-    fn relu(self) -> Ymm {
-        use std::arch::x86_64::*;
-        // max(v, 0) with 0 second returns 0 for NaN.
-        Ymm(unsafe { _mm256_max_ps(self.0, _mm256_setzero_ps()) })
-    }
+        impl Lanes for $name {
+            const W: usize = $w;
+            #[inline(always)]
+            fn zero() -> $name {
+                // SAFETY: only reached from functions with the feature.
+                $name(unsafe { std::arch::x86_64::$setzero() })
+            }
+            #[inline(always)]
+            unsafe fn load(p: *const f32) -> $name {
+                $name(std::arch::x86_64::$loadu(p))
+            }
+            #[inline(always)]
+            unsafe fn store(self, p: *mut f32) {
+                std::arch::x86_64::$storeu(p, self.0)
+            }
+            #[inline(always)]
+            fn add(self, o: $name) -> $name {
+                $name(unsafe { std::arch::x86_64::$add(self.0, o.0) })
+            }
+            #[inline(always)]
+            fn sub(self, o: $name) -> $name {
+                $name(unsafe { std::arch::x86_64::$sub(self.0, o.0) })
+            }
+            #[inline(always)]
+            fn scale(self, c: f32) -> $name {
+                use std::arch::x86_64::*;
+                $name(unsafe { $mul(self.0, $set1(c)) })
+            }
+            #[inline(always)]
+            fn relu(self) -> $name {
+                use std::arch::x86_64::*;
+                // max(v, 0) with 0 second returns 0 for NaN.
+                $name(unsafe { $max(self.0, $setzero()) })
+            }
+            $($($extra)*)?
+        }
+    };
 }
 
-/// 16 channels (AVX-512F): the same operations as [`Ymm`] on twice the
-/// lanes, so the same results.
 #[cfg(target_arch = "x86_64")]
-#[derive(Clone, Copy)]
-struct Zmm(std::arch::x86_64::__m512);
+simd_lanes!(
+    /// 8 channels (AVX2).
+    Ymm(__m256), 8, _mm256_setzero_ps, _mm256_loadu_ps, _mm256_storeu_ps,
+    _mm256_add_ps, _mm256_sub_ps, _mm256_mul_ps, _mm256_set1_ps, _mm256_max_ps
+);
 
 #[cfg(target_arch = "x86_64")]
-impl Lanes for Zmm {
-    const W: usize = 16;
-    #[inline(always)]
-    fn zero() -> Zmm {
-        // SAFETY: only reached from avx512f-enabled functions.
-        Zmm(unsafe { std::arch::x86_64::_mm512_setzero_ps() })
-    }
-    #[inline(always)]
-    unsafe fn load(p: *const f32) -> Zmm {
-        Zmm(std::arch::x86_64::_mm512_loadu_ps(p))
-    }
-    #[inline(always)]
-    unsafe fn store(self, p: *mut f32) {
-        std::arch::x86_64::_mm512_storeu_ps(p, self.0)
-    }
-    #[inline(always)]
-    unsafe fn store_groups(self, p: *mut f32, group_stride: usize) {
-        use std::arch::x86_64::*;
-        if group_stride == 8 {
-            _mm512_storeu_ps(p, self.0)
-        } else {
-            _mm256_storeu_ps(p, _mm512_castps512_ps256(self.0));
-            _mm256_storeu_ps(
-                p.add(group_stride),
-                _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(self.0))),
-            );
+simd_lanes!(
+    /// 16 channels (AVX-512F): the same operations as [`Ymm`] on twice the
+    /// lanes, so the same results.
+    Zmm(__m512), 16, _mm512_setzero_ps, _mm512_loadu_ps, _mm512_storeu_ps,
+    _mm512_add_ps, _mm512_sub_ps, _mm512_mul_ps, _mm512_set1_ps, _mm512_max_ps,
+    {
+        #[inline(always)]
+        unsafe fn store_groups(self, p: *mut f32, group_stride: usize) {
+            use std::arch::x86_64::*;
+            if group_stride == 8 {
+                _mm512_storeu_ps(p, self.0)
+            } else {
+                _mm256_storeu_ps(p, _mm512_castps512_ps256(self.0));
+                _mm256_storeu_ps(
+                    p.add(group_stride),
+                    _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(self.0))),
+                );
+            }
         }
     }
-    #[inline(always)]
-    fn add(self, o: Zmm) -> Zmm {
-        Zmm(unsafe { std::arch::x86_64::_mm512_add_ps(self.0, o.0) })
-    }
-    #[inline(always)]
-    fn sub(self, o: Zmm) -> Zmm {
-        Zmm(unsafe { std::arch::x86_64::_mm512_sub_ps(self.0, o.0) })
-    }
-    #[inline(always)]
-    fn scale(self, c: f32) -> Zmm {
-        use std::arch::x86_64::*;
-        Zmm(unsafe { _mm512_mul_ps(self.0, _mm512_set1_ps(c)) })
-    }
-    #[inline(always)]
-    fn relu(self) -> Zmm {
-        use std::arch::x86_64::*;
-        // max(v, 0) with 0 second returns 0 for NaN.
-        Zmm(unsafe { _mm512_max_ps(self.0, _mm512_setzero_ps()) })
-    }
-}
+);
 
 /// B^T (6x6) applied to six vectors d0..d5:
 /// ```text
