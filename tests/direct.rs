@@ -11,7 +11,7 @@ use ndarray::Array4;
 use rand::Rng;
 use vgg16_cpu::model::vgg::{Kind, BLOCK5_START, LAYERS};
 use vgg16_cpu::tensor::conv::{conv3x3_forward, conv3x3_forward_path, ConvPath};
-use vgg16_cpu::tensor::direct::{DirectPlan, Geometry};
+use vgg16_cpu::tensor::direct::{conv3x3_direct, streams_output, DirectPlan, Geometry, PackedKernel};
 use vgg16_cpu::tensor::dispatch::Isa;
 use vgg16_cpu::tensor::ops::{gap_forward, maxpool2x2_forward, maxpool2x2_infer};
 
@@ -63,7 +63,8 @@ fn edge_shapes(isa: Isa) {
         (2, 14, 14, 64, 512), // block5-like: few pixels, many channels (split)
         (1, 3, 3, 64, 5),     // 9 pixels: a single partial block
         (4, 8, 8, 96, 128),
-        // Rows of 14-56 (14-pixel blocks on AVX-512, one row segment each):
+        // Rows of 14 and 28 (14-pixel blocks on AVX-512, one row segment
+        // each), and of 42 and 56 beside them (12-pixel blocks):
         (1, 3, 14, 130, 33), // chunks split in a tap, 1-column tail panel
         (2, 5, 28, 20, 64),  // top/bottom rows' dead taps skipped per block
         (1, 1, 42, 16, 40),  // one row: only the middle taps live
@@ -73,6 +74,86 @@ fn edge_shapes(isa: Isa) {
     .enumerate()
     {
         check(isa, 500 + i as u64, shape, i % 2 == 0);
+    }
+}
+
+/// The RGB layer's streaming stores (an output past 128 MB, rows on 64
+/// bytes) write what plain stores write, bit for bit: the same output
+/// written once from a 64-byte boundary (streamed) and once 4 bytes past
+/// it (plain stores), and both against the nested-loop reference on a
+/// sample of pixels, edges included.
+#[test]
+fn rgb_layer_streamed_equals_plain_stores() {
+    let isas: Vec<Isa> = isas_or_skip("rgb_layer_streamed_equals_plain_stores")
+        .into_iter()
+        .filter(|&i| i != Isa::Generic)
+        .collect();
+    if isas.is_empty() {
+        eprintln!("SKIPPED rgb_layer_streamed_equals_plain_stores: no SIMD kernel on this CPU");
+    }
+    let (n, h, w, cin, cout) = (3, 480, 480, 3, 64);
+    let mut r = rng(54);
+    let x = rand4(&mut r, (n, h, w, cin), -1.0, 1.0);
+    let k = rand4(&mut r, (3, 3, cin, cout), -0.5, 0.5);
+    let b = rand1(&mut r, cout, -0.5, 0.5);
+    let len = n * h * w * cout;
+    for isa in isas {
+        let packed = PackedKernel::from_keras(isa, k.view());
+        let mut buf = vec![std::mem::MaybeUninit::<f32>::new(f32::NAN); len + 32];
+        let at = buf.as_ptr().align_offset(64);
+        // The output at `off` in `buf`, and whether it was streamed.
+        let mut run = |off: usize| -> (bool, Vec<f32>) {
+            let out = &mut buf[off..off + len];
+            out.fill(std::mem::MaybeUninit::new(f32::NAN));
+            let streamed = streams_output(isa, cin, cout, out);
+            conv3x3_direct(
+                x.as_slice().unwrap(),
+                (n, h, w, cin),
+                &packed,
+                Some(b.as_slice().unwrap()),
+                true,
+                out,
+            );
+            // SAFETY: initialised by the fill (and conv3x3_direct's writes).
+            (streamed, out.iter().map(|e| unsafe { e.assume_init() }).collect())
+        };
+        let (s1, streamed) = run(at);
+        let (s2, plain) = run(at + 1);
+        assert!(s1 && !s2, "{isa:?}: only the aligned output should stream ({s1}, {s2})");
+        assert!(streamed.iter().all(|v| v.is_finite()), "{isa:?}: unwritten output");
+        assert!(
+            streamed.iter().zip(&plain).all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{isa:?}: streamed and plain stores differ"
+        );
+        // Pixels on every edge and inside, against the reference.
+        for &(img, y, xx) in &[
+            (0, 0, 0),
+            (0, 0, 479),
+            (1, 479, 0),
+            (2, 479, 479),
+            (1, 240, 17),
+            (2, 1, 478),
+        ] {
+            for co in [0, 31, 63] {
+                let mut want = b[co] as f64;
+                for ky in 0..3 {
+                    for kx in 0..3 {
+                        let (iy, ix) = (y + ky, xx + kx);
+                        if iy < 1 || iy > h || ix < 1 || ix > w {
+                            continue;
+                        }
+                        for c in 0..cin {
+                            want += x[[img, iy - 1, ix - 1, c]] as f64 * k[[ky, kx, c, co]] as f64;
+                        }
+                    }
+                }
+                let got = streamed[((img * h + y) * w + xx) * cout + co] as f64;
+                assert!(
+                    (got - want.max(0.0)).abs() <= 1e-4,
+                    "{isa:?} ({img}, {y}, {xx}, {co}): {got} vs {want}"
+                );
+            }
+        }
     }
 }
 

@@ -271,24 +271,38 @@ impl Prepared<'_> {
             },
             false => x.iter().copied().collect(),
         };
+        // Where the current activation starts in `cur`: pool buffers are
+        // used from their first 64-byte boundary (whole-line rows for the
+        // streaming stores of `conv3x3_direct`).
+        let mut at = 0;
         for i in range {
             let (n, h, w, c) = dim;
-            let xv = ArrayView4::from_shape(dim, &cur[..n * h * w * c]).expect("sized");
+            let xv = ArrayView4::from_shape(dim, &cur[at..at + n * h * w * c]).expect("sized");
             let conv = matches!(LAYERS[i].kind, Kind::Conv { .. }).then(|| conv_index(i));
             let out_dim = match conv {
                 Some(ci) => (n, h, w, self.model.convs[ci].w.dim().3),
                 None => (n, h / 2, w / 2, c),
             };
             let len = out_dim.0 * out_dim.1 * out_dim.2 * out_dim.3;
-            let mut y = if i == last { vec![0.0; len] } else { self.pool.take(len) };
-            let out = &mut y[..len];
+            const PAD: usize = 64 / std::mem::size_of::<f32>();
+            let mut y = if i == last {
+                vec![0.0; len]
+            } else {
+                self.pool.take(len + PAD)
+            };
+            let y_at = if i == last {
+                0
+            } else {
+                y.as_ptr().align_offset(64).min(PAD)
+            };
+            let out = &mut y[y_at..y_at + len];
             match conv {
                 Some(ci) => self.conv(ci, xv, out),
                 None => maxpool2x2_infer_into(xv, out),
             }
             self.pool.give(std::mem::replace(&mut cur, y));
-            dim = out_dim;
-            tap(i, ArrayView4::from_shape(dim, &cur[..len]).expect("sized"));
+            (dim, at) = (out_dim, y_at);
+            tap(i, ArrayView4::from_shape(dim, &cur[at..at + len]).expect("sized"));
         }
         Array4::from_shape_vec(dim, cur).expect("the last output is a buffer of its own size")
     }
