@@ -63,10 +63,11 @@ fn edge_shapes(isa: Isa) {
         (2, 14, 14, 64, 512), // block5-like: few pixels, many channels (split)
         (1, 3, 3, 64, 5),     // 9 pixels: a single partial block
         (4, 8, 8, 96, 128),
-        // Rows of 14 and 28 (14-pixel blocks on AVX-512, one row segment
-        // each), and of 42 and 56 beside them (12-pixel blocks):
+        // Rows of 14 (14-pixel blocks on AVX-512, one image row each), and
+        // of 28-56 beside them (12-pixel blocks):
         (1, 3, 14, 130, 33), // chunks split in a tap, 1-column tail panel
-        (2, 5, 28, 20, 64),  // top/bottom rows' dead taps skipped per block
+        (2, 5, 14, 20, 64),  // top/bottom rows' dead taps skipped per block
+        (2, 5, 28, 20, 64),
         (1, 1, 42, 16, 40),  // one row: only the middle taps live
         (3, 4, 56, 17, 32),
     ]

@@ -22,7 +22,7 @@
 //!
 //! Register blocking ([`Geometry`]): AVX-512 has 32 zmm registers, so 12
 //! pixels x 32 channels = 24 sums + 2 kernel vectors + 1 broadcast (14
-//! pixels, one row segment, on rows of 14 or 28: [`Geometry::direct`]);
+//! pixels, one image row, on rows of 14: [`Geometry::direct`]);
 //! AVX2 has
 //! 16 ymm registers, so 6 x 16 = 12 sums + 2 kernel vectors + 1 broadcast
 //! (per step: 2 kernel loads and 6 broadcasts for 12 FMAs, so the two FMA
@@ -74,21 +74,20 @@ impl Geometry {
     }
 
     /// The direct convolution's geometry for images `w` pixels wide: as
-    /// [`Geometry::of`], except that on AVX-512 rows of 14 or 28 pixels
-    /// (block5 and block4 at 224 px) take blocks of 14 pixels (28 zmm sums,
-    /// 2 kernel vectors and 1 broadcast: 31 of the 32 registers). Such a
-    /// block never straddles two rows, so the top or bottom image row
-    /// skips its three dead taps outright (at 14 x 14 a block of 12
-    /// straddled rows and multiplied 4-5% of its taps by the padding), and
-    /// each kernel vector load feeds 14 FMAs instead of 12. Measured 4-6%
-    /// faster at 14 px rows, level to 3% faster at 28; at 56 and wider the
-    /// dead taps are a small fraction, the two row pointers the 14-pixel
-    /// loop reloads from the stack cost as much, and 12 stays (level at 56,
-    /// 1-3% slower at 224).
+    /// [`Geometry::of`], except that on AVX-512 rows of 14 pixels (block5
+    /// at 224 px) take blocks of 14 pixels (28 zmm sums, 2 kernel vectors
+    /// and 1 broadcast: 31 of the 32 registers). Such a block is one image
+    /// row, so the top and bottom rows skip their three dead taps outright
+    /// (a block of 12 straddled rows and multiplied 4-5% of its taps by the
+    /// padding), and each kernel vector load feeds 14 FMAs instead of 12:
+    /// 3-6% faster at 14 x 14 x 512. On wider rows (blocks of 14 along a
+    /// row) the dead taps are a smaller fraction and the two row pointers
+    /// the 14-pixel loop reloads from the stack cost as much: level to 4%
+    /// slower at 28, 56 and 224, so they keep 12.
     pub const fn direct(isa: Isa, w: usize) -> Geometry {
         let g = Geometry::of(isa);
         match isa {
-            Isa::Avx512 if w == 14 || w == 28 => Geometry { mr: 14, ..g },
+            Isa::Avx512 if w == 14 => Geometry { mr: 14, ..g },
             _ => g,
         }
     }
