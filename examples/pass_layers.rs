@@ -2,7 +2,10 @@
 //! cost a layer has in `vgg16 extract`, fresh outputs and all, rather than
 //! alone in a loop as `vgg16 bench conv` times it):
 //! `cargo run --release --example pass_layers -- WEIGHTS SIZE BATCH BATCHES`
-//! Prints, per layer, the median over the batches after the first (ms).
+//! Prints, per layer, the median over the batches after the first (ms). A
+//! conv fused with the max-pool after it (as `vgg16 extract` and the cache
+//! build run it) shows as "fused", its time in the pool's line; `UNFUSED=1`
+//! keeps every output.
 use ndarray::Array4;
 use std::time::Instant;
 use vgg16_cpu::model::vgg::{Vgg16, LAYERS};
@@ -19,13 +22,14 @@ fn main() {
     let net = model.prepare();
     let mut times = vec![Vec::new(); LAYERS.len()];
     let mut totals = Vec::new();
+    let unfused = std::env::var_os("UNFUSED").is_some_and(|v| v == "1");
     for b in 0..batches {
         let x = Array4::from_shape_fn((n, s, s, 3), |(i, j, k, l)| {
             ((i + 3 * j + 5 * k + 7 * l + b) % 251) as f32 - 125.0
         });
         let start = Instant::now();
         let mut t = start;
-        let y = net.forward_range(x, 0..LAYERS.len(), &mut |i, _| {
+        let y = net.forward_layers(x, 0..LAYERS.len(), &|_| unfused, &mut |i, _| {
             let now = Instant::now();
             if b > 0 {
                 times[i].push((now - t).as_secs_f64() * 1e3);
@@ -42,7 +46,10 @@ fn main() {
         v[v.len() / 2]
     };
     for (i, l) in LAYERS.iter().enumerate() {
-        println!("{:14} {:8.1} ms", l.name, median(&mut times[i]));
+        match times[i].is_empty() {
+            true => println!("{:14} {:>8}", l.name, "fused"),
+            false => println!("{:14} {:8.1} ms", l.name, median(&mut times[i])),
+        }
     }
     let total = median(&mut totals);
     println!(

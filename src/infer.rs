@@ -150,6 +150,7 @@ impl PredictJob<'_> {
                 ok.len(),
                 |r| Ok(x.slice(ndarray::s![r, .., .., ..]).to_owned()),
                 0..BLOCK5_START,
+                &|_| false,
                 |_, _, _| Ok(()),
                 |r, x4| {
                     let g = b5.features(model.block5(), x4.view());

@@ -11,8 +11,11 @@ use ndarray::Array4;
 use rand::Rng;
 use vgg16_cpu::model::vgg::{Kind, BLOCK5_START, LAYERS};
 use vgg16_cpu::tensor::conv::{conv3x3_forward, conv3x3_forward_path, ConvPath};
-use vgg16_cpu::tensor::direct::{conv3x3_direct, streams_output, DirectPlan, Geometry, PackedKernel};
+use vgg16_cpu::tensor::direct::{
+    conv3x3_direct, conv3x3_direct_pool2, streams_output, DirectPlan, Geometry, PackedKernel,
+};
 use vgg16_cpu::tensor::dispatch::Isa;
+use vgg16_cpu::tensor::dispatch::{ConvAlgo, Dispatch};
 use vgg16_cpu::tensor::ops::{gap_forward, maxpool2x2_forward, maxpool2x2_infer};
 
 fn run(path: ConvPath, x: &Array4<f32>, k: &Array4<f32>, b: &ndarray::Array1<f32>, relu: bool) -> Array4<f32> {
@@ -68,13 +71,135 @@ fn edge_shapes(isa: Isa) {
         (1, 3, 14, 130, 33), // chunks split in a tap, 1-column tail panel
         (2, 5, 14, 20, 64),  // top/bottom rows' dead taps skipped per block
         (2, 5, 28, 20, 64),
-        (1, 1, 42, 16, 40),  // one row: only the middle taps live
+        (1, 1, 42, 16, 40), // one row: only the middle taps live
         (3, 4, 56, 17, 32),
     ]
     .iter()
     .enumerate()
     {
         check(isa, 500 + i as u64, shape, i % 2 == 0);
+    }
+}
+
+/// The conv fused with the 2x2 max-pool after it gives bit for bit the
+/// conv's output pooled, on every ISA, and writes every output: one row
+/// pair, odd pooled widths, tail panels, split panel plans (few pixels),
+/// several reduction chunks, the RGB layer's channel count, 14-pixel rows.
+#[test]
+fn direct_pool2_equals_conv_then_pool() {
+    for isa in isas_or_skip("direct_pool2_equals_conv_then_pool") {
+        for (i, &(n, h, w, cin, cout)) in [
+            (1, 2, 2, 3, 5),
+            (2, 4, 6, 16, 33),
+            (1, 6, 10, 20, 64),
+            (2, 14, 14, 64, 512),
+            (3, 8, 8, 130, 70),
+            (2, 28, 28, 20, 64),
+            (1, 10, 12, 3, 64),
+            (4, 2, 30, 17, 31),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let mut r = rng(700 + i as u64);
+            let x = rand4(&mut r, (n, h, w, cin), -1.0, 1.0);
+            let k = rand4(&mut r, (3, 3, cin, cout), -0.5, 0.5);
+            let b = rand1(&mut r, cout, -0.5, 0.5);
+            let full = run(ConvPath::Direct(isa), &x, &k, &b, true);
+            let want = maxpool2x2_infer(full.view());
+            let packed = PackedKernel::from_keras(isa, k.view());
+            let mut out = vec![std::mem::MaybeUninit::new(f32::NAN); n * h / 2 * w / 2 * cout];
+            conv3x3_direct_pool2(
+                x.as_slice().unwrap(),
+                (n, h, w, cin),
+                &packed,
+                b.as_slice(),
+                true,
+                &mut out,
+            );
+            // SAFETY: initialised with NaN, then written.
+            let got: Vec<f32> = out.iter().map(|v| unsafe { v.assume_init() }).collect();
+            assert!(
+                got.iter().all(|v| v.is_finite()),
+                "{isa:?} {:?}: unwritten output",
+                (n, h, w, cin, cout)
+            );
+            let same = got.iter().zip(want.iter()).all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(
+                same,
+                "{isa:?} {:?}: fused conv + pool differs (plan {:?})",
+                (n, h, w, cin, cout),
+                DirectPlan::pooled(isa, n * h * w, w, cin, cout)
+            );
+        }
+    }
+}
+
+/// Pooled plans cut whole row pairs: every job starts on an even row.
+#[test]
+fn pooled_plans_cover_row_pairs() {
+    for isa in Isa::ALL {
+        for &(m, w) in &[
+            (16 * 224 * 224, 224),
+            (16 * 28 * 28, 28),
+            (16 * 14 * 14, 14),
+            (4, 2),
+            (64 * 4, 2),
+            (6 * 30, 30),
+        ] {
+            let p = DirectPlan::pooled(isa, m, w, 64, 64);
+            assert!(
+                p.pixels > 0 && p.pixels.is_multiple_of(2 * w),
+                "{isa:?} m={m} w={w}: {p:?}"
+            );
+        }
+    }
+}
+
+/// The whole base on the direct kernel, every ISA: a pass that fuses each
+/// conv with the pool after it (`features`, `forward_layers` keeping
+/// nothing) gives bit for bit the pass that keeps every layer's output,
+/// and taps the fused convs' outputs not at all.
+#[test]
+fn fused_pass_matches_unfused() {
+    let model = fake_vgg(56);
+    let mut r = rng(57);
+    for isa in isas_or_skip("fused_pass_matches_unfused") {
+        let net = model.prepare_with(Dispatch {
+            isa,
+            conv: ConvAlgo::Direct,
+        });
+        for &(n, s) in &[(2usize, 64usize), (1, 32), (2, 28)] {
+            let x = rand4(&mut r, (n, s, s, 3), -100.0, 100.0);
+            let mut all = Vec::new();
+            let want = net.forward_range(x.clone(), 0..LAYERS.len(), &mut |i, a| all.push((i, a.to_owned())));
+            let mut seen = Vec::new();
+            let got = net.forward_layers(x.clone(), 0..LAYERS.len(), &|_| false, &mut |i, a| {
+                seen.push((i, a.to_owned()))
+            });
+            assert_eq!(got.dim(), want.dim());
+            assert!(
+                got.iter().zip(want.iter()).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{isa:?} {s} px"
+            );
+            for (i, a) in &seen {
+                let (_, w) = &all[*i];
+                assert!(
+                    a.iter().zip(w.iter()).all(|(p, q)| p.to_bits() == q.to_bits()),
+                    "{isa:?} {s} px layer {i}"
+                );
+            }
+            // At least block1 and block2 fuse at every size here (at 28 px
+            // block3 sees 7 x 7, odd, and runs unfused).
+            let fused = LAYERS.len() - seen.len();
+            assert!(fused >= 2, "{isa:?} {s} px: only {fused} layers fused");
+            let feats = net.features(x);
+            let gap = gap_forward(want.view());
+            assert!(
+                feats.iter().zip(gap.iter()).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{isa:?} {s} px features"
+            );
+        }
     }
 }
 

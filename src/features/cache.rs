@@ -409,6 +409,7 @@ impl<'a> Writer<'a> {
                     .input(&(c0 + r.start..c0 + r.end).collect::<Vec<_>>(), key.image_size)
             },
             0..LAYERS.len(),
+            &|_| false,
             |r, i, a| -> Result<()> {
                 if i != b4_idx {
                     return Ok(());

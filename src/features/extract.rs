@@ -133,10 +133,13 @@ pub fn extract(
     let start = std::time::Instant::now();
     let mut labels = Vec::with_capacity(count);
     let forward = BatchedForward::new(model, size, batch);
+    // Conv outputs not asked for may be fused with the pool after them.
+    let keep = |i: usize| layers.iter().any(|n| n.as_str() == LAYERS[i].name);
     forward.run(
         count,
         |r| data.input(&(offset + r.start..offset + r.end).collect::<Vec<_>>(), size),
         0..last + 1,
+        &keep,
         |_, i, y| -> Result<()> {
             for m in members.iter_mut() {
                 let hit = if m.name == GAP {

@@ -44,13 +44,16 @@ impl<'m> BatchedForward<'m> {
     /// Runs `LAYERS[layers]` on records `0..n`, a batch at a time;
     /// `input(records)` gives a batch's (B, S, S, 3) network input (see
     /// [`Dataset::input`]). After each layer of a batch, `tap(records,
-    /// layer, output)` sees its output; after the batch, `done(records,
+    /// layer, output)` sees its output, except a conv layer's that `keep`
+    /// does not ask for when it runs fused with the pool after it
+    /// ([`Prepared::forward_layers`]); after the batch, `done(records,
     /// last output)`. The first error stops the loop.
     pub fn run<E>(
         &self,
         n: usize,
         input: impl Fn(Range<usize>) -> std::result::Result<Array4<f32>, E>,
         layers: Range<usize>,
+        keep: &dyn Fn(usize) -> bool,
         mut tap: impl FnMut(Range<usize>, usize, ArrayView4<f32>) -> std::result::Result<(), E>,
         mut done: impl FnMut(Range<usize>, Array4<f32>) -> std::result::Result<(), E>,
     ) -> std::result::Result<(), E> {
@@ -58,7 +61,7 @@ impl<'m> BatchedForward<'m> {
             let end = (start + self.batch).min(n);
             let x = input(start..end)?;
             let mut err = None;
-            let y = self.net.forward_range(x, layers.clone(), &mut |i, a| {
+            let y = self.net.forward_layers(x, layers.clone(), keep, &mut |i, a| {
                 if err.is_none() {
                     err = tap(start..end, i, a).err();
                 }
@@ -78,6 +81,7 @@ impl<'m> BatchedForward<'m> {
             idx.len(),
             |r| data.input(&idx[r], self.size),
             layers,
+            &|_| false,
             |_, _, _| Ok(()),
             |_, y| {
                 parts.push(y);

@@ -5,6 +5,7 @@
 pub use crate::model::params::{ConvParams, WeightsError};
 use crate::model::params::{NpzIn, NpzOut};
 use crate::tensor::conv::{conv3x3_forward_path, conv3x3_forward_prepared_into, PreparedKernel};
+use crate::tensor::direct::conv3x3_direct_pool2;
 use crate::tensor::dispatch::{ConvAlgo, ConvPath, Dispatch};
 use crate::tensor::ops::{gap_forward, maxpool2x2_infer_into};
 use crate::tensor::pool::BufferPool;
@@ -258,6 +259,22 @@ impl Prepared<'_> {
         range: std::ops::Range<usize>,
         tap: &mut dyn FnMut(usize, ArrayView4<f32>),
     ) -> Array4<f32> {
+        self.forward_layers(x, range, &|_| true, tap)
+    }
+
+    /// As [`Prepared::forward_range`], except that a conv layer whose
+    /// output `keep(layer)` does not ask for and whose next layer (in
+    /// `range`) is a max-pool runs fused with it when its path is the
+    /// direct kernel ([`conv3x3_direct_pool2`]: the full-size output never
+    /// reaches memory); `tap` then sees the pool's output only. Same
+    /// values, bit for bit.
+    pub fn forward_layers(
+        &self,
+        x: Array4<f32>,
+        range: std::ops::Range<usize>,
+        keep: &dyn Fn(usize) -> bool,
+        tap: &mut dyn FnMut(usize, ArrayView4<f32>),
+    ) -> Array4<f32> {
         let Some(last) = range.end.checked_sub(1).filter(|&l| l >= range.start) else {
             return x;
         };
@@ -275,14 +292,30 @@ impl Prepared<'_> {
         // used from their first 64-byte boundary (whole-line rows for the
         // streaming stores of `conv3x3_direct`).
         let mut at = 0;
-        for i in range {
+        let mut layers = range.clone();
+        while let Some(mut i) = layers.next() {
             let (n, h, w, c) = dim;
             let xv = ArrayView4::from_shape(dim, &cur[at..at + n * h * w * c]).expect("sized");
             let conv = matches!(LAYERS[i].kind, Kind::Conv { .. }).then(|| conv_index(i));
+            // This conv and the max-pool after it in one step.
+            let fused = conv.is_some() && {
+                i + 1 < range.end
+                    && LAYERS[i + 1].kind == Kind::Pool
+                    && !keep(i)
+                    && h % 2 == 0
+                    && w % 2 == 0
+                    && matches!(self.path(h, w, c), ConvPath::Direct(_))
+            };
             let out_dim = match conv {
+                Some(ci) if fused => (n, h / 2, w / 2, self.model.convs[ci].w.dim().3),
                 Some(ci) => (n, h, w, self.model.convs[ci].w.dim().3),
                 None => (n, h / 2, w / 2, c),
             };
+            if fused {
+                // The pool's index: its output is this step's.
+                layers.next();
+                i += 1;
+            }
             let len = out_dim.0 * out_dim.1 * out_dim.2 * out_dim.3;
             const PAD: usize = 64 / std::mem::size_of::<f32>();
             let mut y = if i == last {
@@ -297,6 +330,7 @@ impl Prepared<'_> {
             };
             let out = &mut y[y_at..y_at + len];
             match conv {
+                Some(ci) if fused => self.conv_pool(ci, xv, out),
                 Some(ci) => self.conv(ci, xv, out),
                 None => maxpool2x2_infer_into(xv, out),
             }
@@ -307,11 +341,36 @@ impl Prepared<'_> {
         Array4::from_shape_vec(dim, cur).expect("the last output is a buffer of its own size")
     }
 
+    /// The path a conv layer takes on an (h, w, cin) input.
+    fn path(&self, h: usize, w: usize, cin: usize) -> ConvPath {
+        self.dispatch.path(ConvAlgo::Auto, h, w, cin)
+    }
+
+    /// Conv layer `ci` (of the 13) of `x`, + bias, ReLU, then the 2x2
+    /// max-pool, into `out`, on the direct kernel (the caller checked its
+    /// path).
+    fn conv_pool(&self, ci: usize, x: ArrayView4<f32>, out: &mut [f32]) {
+        let p = &self.model.convs[ci];
+        let dims = x.dim();
+        let path = self.path(dims.1, dims.2, dims.3);
+        let k = self.packed[ci]
+            .0
+            .get_or_init(|| PreparedKernel::new(path, p.w.view()).expect("has a prepared form"));
+        let PreparedKernel::Direct(k) = k else {
+            unreachable!("conv_pool on the {} path", path.name())
+        };
+        let x = x.as_standard_layout();
+        // SAFETY: the kernel only writes initialised f32 values through it.
+        let o = unsafe { &mut *(out as *mut [f32] as *mut [std::mem::MaybeUninit<f32>]) };
+        let bias = p.b.as_slice().expect("a plain bias vector");
+        conv3x3_direct_pool2(x.as_slice().expect("standard layout"), dims, k, Some(bias), true, o);
+    }
+
     /// Conv layer `ci` (of the 13) of `x`, + bias, ReLU, into `out`.
     fn conv(&self, ci: usize, x: ArrayView4<f32>, out: &mut [f32]) {
         let p = &self.model.convs[ci];
         let (n, h, w, cin) = x.dim();
-        let path = self.dispatch.path(ConvAlgo::Auto, h, w, cin);
+        let path = self.path(h, w, cin);
         let slot = match path {
             ConvPath::Direct(_) => Some(&self.packed[ci].0),
             ConvPath::Winograd(_) => Some(&self.packed[ci].1),
@@ -331,7 +390,7 @@ impl Prepared<'_> {
 
     /// As [`Vgg16::features`].
     pub fn features(&self, x: Array4<f32>) -> Array2<f32> {
-        let y = self.forward_range(x, 0..LAYERS.len(), &mut |_, _| {});
+        let y = self.forward_layers(x, 0..LAYERS.len(), &|_| false, &mut |_, _| {});
         gap_forward(y.view())
     }
 }

@@ -336,6 +336,29 @@ impl DirectPlan {
             panels: total.div_ceil(parts),
         }
     }
+
+    /// As [`DirectPlan::new`] for [`conv3x3_direct_pool2`]: `pixels` a
+    /// multiple of two image rows (2*w; of the blocks' `mr` too where both
+    /// fit in a job), so that every job pools whole row pairs.
+    pub fn pooled(isa: Isa, m: usize, w: usize, cin: usize, cout: usize) -> DirectPlan {
+        let plan = DirectPlan::new(isa, m, w, cin, cout);
+        let pair = 2 * w.max(1);
+        let mr = Geometry::direct(isa, w).mr;
+        let both = pair / gcd(pair, mr) * mr;
+        let unit = if both <= plan.pixels { both } else { pair };
+        DirectPlan {
+            pixels: (plan.pixels / unit).max(1) * unit,
+            ..plan
+        }
+    }
+}
+
+const fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
 }
 
 /// Whether [`conv3x3_direct`] writes `out` with streaming stores. The
@@ -353,6 +376,35 @@ pub fn streams_output<T>(isa: Isa, cin: usize, cout: usize, out: &[T]) -> bool {
         && std::mem::size_of_val(out) >= STREAM_BYTES
         && cout.is_multiple_of(16)
         && (out.as_ptr() as usize).is_multiple_of(64)
+}
+
+/// The 2x2 max-pool of one panel's output for a job: `full` holds rows of
+/// `ld` floats for pixels p0.. (whole row pairs of `w`-pixel images, p0
+/// on an even row), the first `cols` valid; output pixel `(p0 + ...) / 4`
+/// goes to `out` (rows of `cout` floats, already at the panel's first
+/// column). Max in `maxpool2x2`'s order.
+///
+/// # Safety
+/// `out` addresses the pooled pixels' `cols` columns, written by no one
+/// else meanwhile.
+unsafe fn pool_panel(full: &[f32], ld: usize, cols: usize, w: usize, p0: usize, cout: usize, out: *mut f32) {
+    let wo = w / 2;
+    for (q, pair) in full.chunks_exact(2 * w * ld).enumerate() {
+        let (top, bottom) = pair.split_at(w * ld);
+        let orow = (p0 / (2 * w) + q) * wo;
+        for ox in 0..wo {
+            let (a, b) = (&top[2 * ox * ld..][..cols], &top[(2 * ox + 1) * ld..][..cols]);
+            let (d0, d1) = (&bottom[2 * ox * ld..][..cols], &bottom[(2 * ox + 1) * ld..][..cols]);
+            let o = std::slice::from_raw_parts_mut(out.add((orow + ox) * cout), cols);
+            for i in 0..cols {
+                let mut v = a[i];
+                for u in [b[i], d0[i], d1[i]] {
+                    v = if u > v { u } else { v };
+                }
+                o[i] = v;
+            }
+        }
+    }
 }
 
 /// A pointer that parallel jobs share to write disjoint parts of one
@@ -376,10 +428,40 @@ impl SendPtr {
 /// dispatch never asks for one it cannot).
 pub fn conv3x3_direct(
     x: &[f32],
+    dims: (usize, usize, usize, usize),
+    kernel: &PackedKernel,
+    bias: Option<&[f32]>,
+    relu: bool,
+    out: &mut [std::mem::MaybeUninit<f32>],
+) {
+    direct(x, dims, kernel, bias, relu, false, out);
+}
+
+/// [`conv3x3_direct`] followed by a 2x2 max-pool (stride 2), fused: `out`
+/// is (N, H/2, W/2, Cout), H and W even, bit for bit what
+/// `maxpool2x2` of the unpooled output gives. Each job covers whole pairs
+/// of image rows; it writes its full-resolution block into a scratch of
+/// its own (a few hundred KB, in L2) and only the pooled quarter reaches
+/// `out`, so the full output (205 MB at 224 px, batch 16) is never
+/// written to memory nor read back by a separate pooling pass.
+pub fn conv3x3_direct_pool2(
+    x: &[f32],
+    dims: (usize, usize, usize, usize),
+    kernel: &PackedKernel,
+    bias: Option<&[f32]>,
+    relu: bool,
+    out: &mut [std::mem::MaybeUninit<f32>],
+) {
+    direct(x, dims, kernel, bias, relu, true, out);
+}
+
+fn direct(
+    x: &[f32],
     (n, h, w, cin): (usize, usize, usize, usize),
     kernel: &PackedKernel,
     bias: Option<&[f32]>,
     relu: bool,
+    pool: bool,
     out: &mut [std::mem::MaybeUninit<f32>],
 ) {
     let isa = kernel.isa;
@@ -399,7 +481,19 @@ pub fn conv3x3_direct(
         kernel.k,
         9 * cin
     );
-    assert_eq!(out.len(), m * cout, "conv3x3_direct: output is not (n*h*w, cout)");
+    if pool {
+        assert!(
+            h.is_multiple_of(2) && w.is_multiple_of(2),
+            "conv3x3_direct_pool2: {h}x{w} is not an even size"
+        );
+        assert_eq!(
+            out.len(),
+            m / 4 * cout,
+            "conv3x3_direct_pool2: output is not (n, h/2, w/2, cout)"
+        );
+    } else {
+        assert_eq!(out.len(), m * cout, "conv3x3_direct: output is not (n*h*w, cout)");
+    }
     if let Some(b) = bias {
         assert_eq!(
             b.len(),
@@ -418,7 +512,10 @@ pub fn conv3x3_direct(
     }
     // Long enough for a tap of either kind below (cin or 3*cin floats).
     let zeros = vec![0.0f32; 3 * cin];
-    let plan = DirectPlan::new(isa, m, w, cin, cout);
+    let plan = match pool {
+        true => DirectPlan::pooled(isa, m, w, cin, cout),
+        false => DirectPlan::new(isa, m, w, cin, cout),
+    };
     let pixel_jobs = m.div_ceil(plan.pixels);
     let panel_jobs = kernel.panels().div_ceil(plan.panels);
     let out_ptr = SendPtr(out.as_mut_ptr().cast::<f32>());
@@ -430,13 +527,20 @@ pub fn conv3x3_direct(
     // their three taps, with the zeros of the padding, into `col`.
     let row_taps = cin < MIN_CIN;
     debug_assert!(!row_taps || cin <= kc_max);
-    let stream = streams_output(isa, cin, cout, out);
+    let stream = !pool && streams_output(isa, cin, cout, out);
     let (taps, tap_len) = if row_taps { (3, 3 * cin) } else { (9, cin) };
     // Tap t of an inside pixel, in floats from its top-left tap.
     let tap_offsets: [usize; 9] = std::array::from_fn(|t| ((t / 3) * w + t % 3) * cin);
     (0..pixel_jobs * panel_jobs).into_par_iter().for_each_init(
-        || (Vec::<*const f32>::new(), Vec::<f32>::new(), Vec::<f32>::new()),
-        |(ptrs, acc, col), job| {
+        || {
+            (
+                Vec::<*const f32>::new(),
+                Vec::<f32>::new(),
+                Vec::<f32>::new(),
+                Vec::<f32>::new(),
+            )
+        },
+        |(ptrs, acc, col, full), job| {
             let (pj, cj) = (job / panel_jobs, job % panel_jobs);
             let p0 = pj * plan.pixels;
             let p1 = (p0 + plan.pixels).min(m);
@@ -511,6 +615,11 @@ pub fn conv3x3_direct(
             }
             let j0 = cj * plan.panels;
             let j1 = (j0 + plan.panels).min(kernel.panels());
+            // Pooled: one panel's unpooled output for the job's pixels
+            // (pooled as soon as the panel is done, while it is in L1).
+            if pool && full.len() < (p1 - p0) * nr {
+                full.resize((p1 - p0) * nr, 0.0);
+            }
             // Scratch reused across jobs: every block's first chunk
             // overwrites its sums, so stale values are never read.
             if acc.len() < blocks * mr * nr + 16 {
@@ -524,7 +633,7 @@ pub fn conv3x3_direct(
                 let tail = Tail {
                     bias: bias_pad[j * nr..].as_ptr(),
                     relu,
-                    ldo: cout,
+                    ldo: if pool { nr } else { cout },
                     cols: nr.min(cout - j * nr),
                     stream,
                 };
@@ -547,7 +656,10 @@ pub fn conv3x3_direct(
                         acc: accs.as_mut_ptr(),
                         first,
                         // SAFETY (of the add): p0 < m, j*nr < cout.
-                        out: last.then(|| unsafe { out_ptr.get().add(p0 * cout + j * nr) }),
+                        out: last.then(|| match pool {
+                            true => full.as_mut_ptr(),
+                            false => unsafe { out_ptr.get().add(p0 * cout + j * nr) },
+                        }),
                         rows: p1 - p0,
                     };
                     // SAFETY: the ISA was checked above; each pointer
@@ -560,6 +672,21 @@ pub fn conv3x3_direct(
                     // j*nr..j*nr+cols of `out`, which only this job writes.
                     unsafe { run_blocks(isa, mr, &run, &tail) };
                     c0 += kc;
+                }
+                if pool {
+                    // SAFETY: the panel's columns of the job's pooled
+                    // pixels, which only this job writes.
+                    unsafe {
+                        pool_panel(
+                            &full[..(p1 - p0) * nr],
+                            nr,
+                            tail.cols,
+                            w,
+                            p0,
+                            cout,
+                            out_ptr.get().add(j * nr),
+                        )
+                    };
                 }
             }
             // Streaming stores are weakly ordered: drain them before the
