@@ -1,7 +1,8 @@
 //! Times one conv layer on one path, for profiling:
 //! `cargo run --release --example conv_layer -- PATH SIZE BATCH CIN COUT [REPS]`
 //! with PATH one of direct, winograd, im2col, tap_classes (on this CPU's best ISA).
-//! `VGG16_ISA` forces the instruction set; `PREALLOC=1` reuses one output buffer.
+//! `VGG16_ISA` forces the instruction set; `PREALLOC=1` reuses one output buffer;
+//! `POOL=1` times the direct kernel fused with a 2x2 max-pool.
 use ndarray::{Array1, Array2, Array4};
 use std::time::Instant;
 use vgg16_cpu::tensor::conv::{
@@ -44,10 +45,23 @@ fn main() {
     // instead of a fresh one per rep as the program's forward pass does (a
     // fresh output of more than 32 MB is fresh pages from the OS each time).
     let prealloc = std::env::var_os("PREALLOC").is_some_and(|v| v == "1");
+    // POOL=1 (direct only): the layer fused with a 2x2 max-pool, into one
+    // preallocated quarter-size output.
+    let pool = std::env::var_os("POOL").is_some_and(|v| v == "1");
+    let mut pooled = vec![std::mem::MaybeUninit::new(0.0f32); n * s * s * cout / 4];
     let mut best = f64::MAX;
     for _ in 0..reps {
         let t = Instant::now();
         match &prepared {
+            Some(PreparedKernel::Direct(k)) if pool => vgg16_cpu::tensor::direct::conv3x3_direct_pool2(
+                x.as_slice().expect("standard"),
+                (n, s, s, cin),
+                k,
+                b.as_slice(),
+                true,
+                &mut pooled,
+            ),
+            _ if pool => panic!("POOL=1 needs the direct path"),
             Some(k) if !prealloc => drop(conv3x3_forward_prepared(x.view(), k, Some(b.view()), true)),
             // The kernel packed again each rep (0.4-7 ms), into `out`.
             _ => conv3x3_forward_path(path, x.view(), w.view(), Some(b.view()), true, out.view_mut()),

@@ -1078,7 +1078,9 @@ struct Tail {
     relu: bool,
     ldo: usize,
     cols: usize,
-    /// Whole rows as streaming stores (their starts 64-byte aligned).
+    /// Whole rows as streaming stores (their starts 64-byte aligned; x86
+    /// kernels only).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     stream: bool,
 }
 
@@ -1127,6 +1129,8 @@ unsafe fn block_call(run: &Blocks, i: usize, mr: usize, nr: usize, ldo: usize) -
 /// The CPU supports `isa`, and for every block of `run` the pointers are
 /// valid as [`Call`] describes for that ISA's [`Geometry`].
 unsafe fn run_blocks(isa: Isa, mr: usize, run: &Blocks, tail: &Tail) {
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = mr;
     match isa {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 if mr == 14 => kernel_avx512::<14>(run, tail),
