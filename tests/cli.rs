@@ -65,7 +65,18 @@ fn extract_writes_requested_layers_and_labels() {
         "--out",
         out.to_str().unwrap(),
     ]);
-    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(r.status.success(), "{err}");
+    // Three batches: the whole rate, and the rate after the first batch
+    // (what scripts/extract_vs_ort.sh sets beside ONNX Runtime's).
+    let done = err
+        .lines()
+        .find(|l| l.starts_with("done: 10 images in "))
+        .expect("a done line");
+    assert!(
+        done.contains(" img/s, ") && done.contains(" img/s after the first batch) -> "),
+        "{done}"
+    );
     let mut npz = NpzReader::new(std::fs::File::open(&out).unwrap()).unwrap();
     let mut names = npz.names().unwrap();
     names.sort();

@@ -70,8 +70,29 @@ pub struct Range {
     pub batch: usize,
 }
 
+/// How long an extraction took.
+#[derive(Clone, Copy, Debug)]
+pub struct Timing {
+    /// From preparing the kernels to the last batch's output written.
+    pub secs: f64,
+    /// Records after the first batch, and their seconds: the steady rate,
+    /// without the one-off costs the first batch carries (kernels packed,
+    /// every activation buffer fresh pages from the OS). `None` with a
+    /// single batch.
+    pub after_first: Option<(usize, f64)>,
+}
+
+impl Timing {
+    /// Records a second after the first batch, when there was more than one.
+    pub fn steady_rate(&self) -> Option<f64> {
+        self.after_first
+            .filter(|&(n, secs)| n > 0 && secs > 0.0)
+            .map(|(n, secs)| n as f64 / secs)
+    }
+}
+
 /// Runs records `offset .. offset+count` of `data` through the base and
-/// writes the requested layers to `out`. Returns the seconds it took.
+/// writes the requested layers to `out`. Returns how long it took.
 pub fn extract(
     model: &Vgg16,
     data: &Dataset,
@@ -79,7 +100,7 @@ pub fn extract(
     layers: &[String],
     out: &Path,
     obs: &mut dyn Observer,
-) -> Result<f64> {
+) -> Result<Timing> {
     let Range {
         offset,
         count,
@@ -132,6 +153,7 @@ pub fn extract(
     obs.begin("extract", count as u64, "img");
     let start = std::time::Instant::now();
     let mut labels = Vec::with_capacity(count);
+    let mut first_done = None;
     let forward = BatchedForward::new(model, size, batch);
     // Conv outputs not asked for may be fused with the pool after them.
     let keep = |i: usize| layers.iter().any(|n| n.as_str() == LAYERS[i].name);
@@ -160,13 +182,21 @@ pub fn extract(
             Ok(())
         },
         |r, _| {
+            if r.start == 0 {
+                first_done = Some((r.end, std::time::Instant::now()));
+            }
             labels.extend_from_slice(&data.labels[offset + r.start..offset + r.end]);
             obs.advance(r.len() as u64, "");
             Ok(())
         },
     )?;
     obs.end();
-    let secs = start.elapsed().as_secs_f64();
+    let timing = Timing {
+        secs: start.elapsed().as_secs_f64(),
+        after_first: first_done
+            .filter(|&(n, _)| n < count)
+            .map(|(n, t)| (count - n, t.elapsed().as_secs_f64())),
+    };
     // Assemble the .npz: every array, then `label`.
     let label_path = tmp.path().join("label.npy");
     (|| {
@@ -206,5 +236,5 @@ pub fn extract(
         inner.flush()
     })
     .at("cannot write", out)?;
-    Ok(secs)
+    Ok(timing)
 }
