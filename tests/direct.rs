@@ -156,19 +156,19 @@ fn pooled_plans_cover_row_pairs() {
     }
 }
 
-/// The whole base on the direct kernel, every ISA: a pass that fuses each
-/// conv with the pool after it (`features`, `forward_layers` keeping
-/// nothing) gives bit for bit the pass that keeps every layer's output,
-/// and taps the fused convs' outputs not at all.
+/// The whole base on the direct kernel and on Winograd, every ISA: a pass
+/// that fuses each conv with the pool after it (`features`,
+/// `forward_layers` keeping nothing) gives bit for bit the pass that keeps
+/// every layer's output, and taps the fused convs' outputs not at all.
 #[test]
 fn fused_pass_matches_unfused() {
     let model = fake_vgg(56);
     let mut r = rng(57);
-    for isa in isas_or_skip("fused_pass_matches_unfused") {
-        let net = model.prepare_with(Dispatch {
-            isa,
-            conv: ConvAlgo::Direct,
-        });
+    for (isa, conv) in isas_or_skip("fused_pass_matches_unfused")
+        .into_iter()
+        .flat_map(|isa| [(isa, ConvAlgo::Direct), (isa, ConvAlgo::Winograd)])
+    {
+        let net = model.prepare_with(Dispatch { isa, conv });
         for &(n, s) in &[(2usize, 64usize), (1, 32), (2, 28)] {
             let x = rand4(&mut r, (n, s, s, 3), -100.0, 100.0);
             let mut all = Vec::new();
@@ -180,24 +180,24 @@ fn fused_pass_matches_unfused() {
             assert_eq!(got.dim(), want.dim());
             assert!(
                 got.iter().zip(want.iter()).all(|(a, b)| a.to_bits() == b.to_bits()),
-                "{isa:?} {s} px"
+                "{isa:?} {conv:?} {s} px"
             );
             for (i, a) in &seen {
                 let (_, w) = &all[*i];
                 assert!(
                     a.iter().zip(w.iter()).all(|(p, q)| p.to_bits() == q.to_bits()),
-                    "{isa:?} {s} px layer {i}"
+                    "{isa:?} {conv:?} {s} px layer {i}"
                 );
             }
             // At least block1 and block2 fuse at every size here (at 28 px
             // block3 sees 7 x 7, odd, and runs unfused).
             let fused = LAYERS.len() - seen.len();
-            assert!(fused >= 2, "{isa:?} {s} px: only {fused} layers fused");
+            assert!(fused >= 2, "{isa:?} {conv:?} {s} px: only {fused} layers fused");
             let feats = net.features(x);
             let gap = gap_forward(want.view());
             assert!(
                 feats.iter().zip(gap.iter()).all(|(a, b)| a.to_bits() == b.to_bits()),
-                "{isa:?} {s} px features"
+                "{isa:?} {conv:?} {s} px features"
             );
         }
     }

@@ -13,6 +13,7 @@ use ndarray::{Array1, Array2};
 use rand::Rng;
 use vgg16_cpu::tensor::conv::{conv3x3_forward_path, conv3x3_forward_prepared, ConvPath, PreparedKernel};
 use vgg16_cpu::tensor::dispatch::Isa;
+use vgg16_cpu::tensor::ops::maxpool2x2_infer;
 use vgg16_cpu::tensor::winograd::{
     chunk_tiles, conv3x3_winograd_dw, conv3x3_winograd_scheduled, WinogradKernel, WinogradSchedule, CHUNK_BYTES,
 };
@@ -152,6 +153,7 @@ fn winograd_fused_and_chunked_schedules_agree() {
                     relu,
                     &mut out,
                     schedule,
+                    false,
                 );
                 // SAFETY: f32 from MaybeUninit<f32> initialised above.
                 out.into_iter()
@@ -166,6 +168,74 @@ fn winograd_fused_and_chunked_schedules_agree() {
                 "{} shape {i}: fused and chunked differ",
                 isa.name()
             );
+        }
+    }
+}
+
+/// The conv fused with the 2x2 max-pool after it
+/// (`conv3x3_winograd_pool2`) gives bit for bit the unfused conv's output
+/// pooled by `maxpool2x2_infer`, on every ISA and both schedules, and
+/// writes every pooled pixel: partial tiles (sides 2 or 6 mod 4), one tile,
+/// odd pooled widths, a channel tail (Cout not a multiple of 8), Cin not a
+/// multiple of 8 (the row-pointer GEMM), several chunks, with and without
+/// ReLU (the pool then sees negative values).
+#[test]
+fn winograd_pool2_equals_conv_then_pool() {
+    for isa in isas_or_skip("winograd_pool2_equals_conv_then_pool") {
+        for (i, &(n, h, w, cin, cout)) in [
+            (1, 2, 2, 16, 16),
+            (2, 6, 10, 16, 33),
+            (1, 14, 14, 64, 64),
+            (3, 8, 12, 20, 40),
+            (2, 22, 18, 64, 70),
+            (1, 4, 30, 24, 7),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let mut r = rng(1300 + i as u64);
+            let x = rand4(&mut r, (n, h, w, cin), -1.0, 1.0);
+            let k = rand4(&mut r, (3, 3, cin, cout), -0.5, 0.5);
+            let b = rand1(&mut r, cout, -0.5, 0.5);
+            let relu = i % 2 == 0;
+            let kernel = WinogradKernel::from_keras(isa, k.view());
+            for schedule in [WinogradSchedule::Fused, WinogradSchedule::Chunked] {
+                let run = |pool: bool| {
+                    let len = if pool {
+                        n * h / 2 * w / 2 * cout
+                    } else {
+                        n * h * w * cout
+                    };
+                    let mut out = vec![std::mem::MaybeUninit::new(f32::NAN); len];
+                    conv3x3_winograd_scheduled(
+                        x.as_slice().unwrap(),
+                        (n, h, w, cin),
+                        &kernel,
+                        Some(b.as_slice().unwrap()),
+                        relu,
+                        &mut out,
+                        schedule,
+                        pool,
+                    );
+                    // SAFETY: initialised with NaN above, then written.
+                    out.into_iter()
+                        .map(|v| unsafe { v.assume_init() })
+                        .collect::<Vec<f32>>()
+                };
+                let full = ndarray::Array4::from_shape_vec((n, h, w, cout), run(false)).unwrap();
+                let want = maxpool2x2_infer(full.view());
+                let got = run(true);
+                assert!(
+                    got.iter().all(|v| v.is_finite()),
+                    "{} {schedule:?} shape {i}: unwritten pooled output",
+                    isa.name()
+                );
+                assert!(
+                    got.iter().zip(want.iter()).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{} {schedule:?} shape {i}: fused conv + pool differs",
+                    isa.name()
+                );
+            }
         }
     }
 }

@@ -5,7 +5,6 @@
 pub use crate::model::params::{ConvParams, WeightsError};
 use crate::model::params::{NpzIn, NpzOut};
 use crate::tensor::conv::{conv3x3_forward_path, conv3x3_forward_prepared_into, PreparedKernel};
-use crate::tensor::direct::conv3x3_direct_pool2;
 use crate::tensor::dispatch::{ConvAlgo, ConvPath, Dispatch};
 use crate::tensor::ops::{gap_forward, maxpool2x2_infer_into};
 use crate::tensor::pool::BufferPool;
@@ -265,9 +264,9 @@ impl Prepared<'_> {
     /// As [`Prepared::forward_range`], except that a conv layer whose
     /// output `keep(layer)` does not ask for and whose next layer (in
     /// `range`) is a max-pool runs fused with it when its path is the
-    /// direct kernel ([`conv3x3_direct_pool2`]: the full-size output never
-    /// reaches memory); `tap` then sees the pool's output only. Same
-    /// values, bit for bit.
+    /// direct kernel or Winograd ([`PreparedKernel::run_pool2`]: the
+    /// full-size output never reaches memory); `tap` then sees the pool's
+    /// output only. Same values, bit for bit.
     pub fn forward_layers(
         &self,
         x: Array4<f32>,
@@ -304,7 +303,7 @@ impl Prepared<'_> {
                     && !keep(i)
                     && h % 2 == 0
                     && w % 2 == 0
-                    && matches!(self.path(h, w, c), ConvPath::Direct(_))
+                    && matches!(self.path(h, w, c), ConvPath::Direct(_) | ConvPath::Winograd(_))
             };
             let out_dim = match conv {
                 Some(ci) if fused => (n, h / 2, w / 2, self.model.convs[ci].w.dim().3),
@@ -347,23 +346,23 @@ impl Prepared<'_> {
     }
 
     /// Conv layer `ci` (of the 13) of `x`, + bias, ReLU, then the 2x2
-    /// max-pool, into `out`, on the direct kernel (the caller checked its
-    /// path).
+    /// max-pool, into `out`, on the direct kernel or Winograd (the caller
+    /// checked its path).
     fn conv_pool(&self, ci: usize, x: ArrayView4<f32>, out: &mut [f32]) {
         let p = &self.model.convs[ci];
         let dims = x.dim();
         let path = self.path(dims.1, dims.2, dims.3);
-        let k = self.packed[ci]
-            .0
-            .get_or_init(|| PreparedKernel::new(path, p.w.view()).expect("has a prepared form"));
-        let PreparedKernel::Direct(k) = k else {
-            unreachable!("conv_pool on the {} path", path.name())
+        let slot = match path {
+            ConvPath::Direct(_) => &self.packed[ci].0,
+            ConvPath::Winograd(_) => &self.packed[ci].1,
+            ConvPath::Im2col | ConvPath::TapClasses => unreachable!("conv_pool on the {} path", path.name()),
         };
+        let k = slot.get_or_init(|| PreparedKernel::new(path, p.w.view()).expect("has a prepared form"));
         let x = x.as_standard_layout();
-        // SAFETY: the kernel only writes initialised f32 values through it.
+        // SAFETY: the kernels only write initialised f32 values through it.
         let o = unsafe { &mut *(out as *mut [f32] as *mut [std::mem::MaybeUninit<f32>]) };
         let bias = p.b.as_slice().expect("a plain bias vector");
-        conv3x3_direct_pool2(x.as_slice().expect("standard layout"), dims, k, Some(bias), true, o);
+        k.run_pool2(x.as_slice().expect("standard layout"), dims, Some(bias), true, o);
     }
 
     /// Conv layer `ci` (of the 13) of `x`, + bias, ReLU, into `out`.

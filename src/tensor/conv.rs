@@ -32,12 +32,12 @@
 //!   conv with the kernel flipped and its channel axes swapped, so dX reuses
 //!   the bounded, tiled forward path instead of a col2im scatter.
 
-use crate::tensor::direct::{conv3x3_direct, PackedKernel};
+use crate::tensor::direct::{conv3x3_direct, conv3x3_direct_pool2, PackedKernel};
 use crate::tensor::dispatch::Dispatch;
 pub use crate::tensor::dispatch::{ConvAlgo, ConvPath, SMALL_SIDE};
 use crate::tensor::gemm::{sgemm, sgemm_serial, split_tiles, Backend};
 pub use crate::tensor::im2col::im2col;
-use crate::tensor::winograd::{conv3x3_winograd, conv3x3_winograd_dw, WinogradKernel};
+use crate::tensor::winograd::{conv3x3_winograd, conv3x3_winograd_dw, conv3x3_winograd_pool2, WinogradKernel};
 use ndarray::{s, Array1, Array2, Array4, ArrayView1, ArrayView2, ArrayView4, ArrayViewMut2, Axis};
 use rayon::prelude::*;
 
@@ -192,6 +192,24 @@ impl PreparedKernel {
         match self {
             PreparedKernel::Direct(k) => conv3x3_direct(x, dims, k, bias, relu, out),
             PreparedKernel::Winograd(k) => conv3x3_winograd(x, dims, k, bias, relu, out),
+        }
+    }
+
+    /// [`PreparedKernel::run`] followed by a 2x2 max-pool, fused
+    /// ([`conv3x3_direct_pool2`], [`conv3x3_winograd_pool2`]): `out` is
+    /// (N*H/2*W/2, Cout), H and W even; the same bits as the conv then
+    /// `maxpool2x2`.
+    pub fn run_pool2(
+        &self,
+        x: &[f32],
+        dims: (usize, usize, usize, usize),
+        bias: Option<&[f32]>,
+        relu: bool,
+        out: &mut [std::mem::MaybeUninit<f32>],
+    ) {
+        match self {
+            PreparedKernel::Direct(k) => conv3x3_direct_pool2(x, dims, k, bias, relu, out),
+            PreparedKernel::Winograd(k) => conv3x3_winograd_pool2(x, dims, k, bias, relu, out),
         }
     }
 

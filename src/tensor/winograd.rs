@@ -431,11 +431,30 @@ pub fn conv3x3_winograd(
     out: &mut [std::mem::MaybeUninit<f32>],
 ) {
     let schedule = WinogradSchedule::of(kernel.cin, kernel.cout);
-    conv3x3_winograd_scheduled(x, dims, kernel, bias, relu, out, schedule);
+    conv3x3_winograd_scheduled(x, dims, kernel, bias, relu, out, schedule, false);
 }
 
-/// [`conv3x3_winograd`] on a given schedule; both give the same bits (each
-/// output's sums run in the same order), which the tests check.
+/// [`conv3x3_winograd`] followed by a 2x2 max-pool (stride 2), fused: the
+/// output transform pools each 4x4 tile (bias and ReLU applied) into 2x2
+/// pooled pixels as it goes, so the full-size output is never written.
+/// `out` is (N*H/2*W/2, Cout); H and W must be even. The same values as
+/// the conv then `maxpool2x2`, bit for bit.
+pub fn conv3x3_winograd_pool2(
+    x: &[f32],
+    dims: (usize, usize, usize, usize),
+    kernel: &WinogradKernel,
+    bias: Option<&[f32]>,
+    relu: bool,
+    out: &mut [std::mem::MaybeUninit<f32>],
+) {
+    let schedule = WinogradSchedule::of(kernel.cin, kernel.cout);
+    conv3x3_winograd_scheduled(x, dims, kernel, bias, relu, out, schedule, true);
+}
+
+/// [`conv3x3_winograd`] (or, with `pool`, [`conv3x3_winograd_pool2`]) on a
+/// given schedule; both schedules give the same bits (each output's sums
+/// run in the same order), which the tests check.
+#[allow(clippy::too_many_arguments)]
 pub fn conv3x3_winograd_scheduled(
     x: &[f32],
     (n, h, w, cin): (usize, usize, usize, usize),
@@ -444,6 +463,7 @@ pub fn conv3x3_winograd_scheduled(
     relu: bool,
     out: &mut [std::mem::MaybeUninit<f32>],
     schedule: WinogradSchedule,
+    pool: bool,
 ) {
     let isa = kernel.isa;
     assert!(
@@ -462,11 +482,23 @@ pub fn conv3x3_winograd_scheduled(
         n * h * w * cin,
         "conv3x3_winograd: input is not (n, h, w, cin)"
     );
-    assert_eq!(
-        out.len(),
-        n * h * w * cout,
-        "conv3x3_winograd: output is not (n*h*w, cout)"
-    );
+    if pool {
+        assert!(
+            h % 2 == 0 && w % 2 == 0,
+            "conv3x3_winograd_pool2: {h} x {w} is not even on both sides"
+        );
+        assert_eq!(
+            out.len(),
+            n * (h / 2) * (w / 2) * cout,
+            "conv3x3_winograd_pool2: output is not (n*h/2*w/2, cout)"
+        );
+    } else {
+        assert_eq!(
+            out.len(),
+            n * h * w * cout,
+            "conv3x3_winograd: output is not (n*h*w, cout)"
+        );
+    }
     if let Some(b) = bias {
         assert_eq!(
             b.len(),
@@ -524,7 +556,7 @@ pub fn conv3x3_winograd_scheduled(
                 }
                 for t in 0..nt {
                     // SAFETY: tile t0+t writes its own output pixels only.
-                    unsafe { output_tile(isa, mm, geom, cout, t, bt, t0 + t, bias, relu, out.get()) };
+                    unsafe { output_tile(isa, mm, geom, cout, t, bt, t0 + t, bias, relu, pool, out.get()) };
                 }
             });
         return;
@@ -594,7 +626,7 @@ pub fn conv3x3_winograd_scheduled(
             (0..nt.div_ceil(16)).into_par_iter().for_each(|b| {
                 for t in b * 16..((b + 1) * 16).min(nt) {
                     // SAFETY: tile t0+t writes its own output pixels only.
-                    unsafe { output_tile(isa, mm, geom, cout, t, chunk, t0 + t, bias, relu, out_ptr.get()) };
+                    unsafe { output_tile(isa, mm, geom, cout, t, chunk, t0 + t, bias, relu, pool, out_ptr.get()) };
                 }
             });
         }
@@ -622,6 +654,9 @@ trait Lanes: Copy {
     fn scale(self, c: f32) -> Self;
     /// max(self, 0), 0 for NaN as f32::max.
     fn relu(self) -> Self;
+    /// `if u > self { u } else { self }` per lane: `maxpool2x2`'s step
+    /// (so NaN handling and signed zeros match it bit for bit).
+    fn pool_max(self, u: Self) -> Self;
 }
 
 impl Lanes for f32 {
@@ -646,6 +681,13 @@ impl Lanes for f32 {
     }
     fn relu(self) -> f32 {
         self.max(0.0)
+    }
+    fn pool_max(self, u: f32) -> f32 {
+        if u > self {
+            u
+        } else {
+            self
+        }
     }
 }
 
@@ -693,6 +735,11 @@ macro_rules! simd_lanes {
                 use std::arch::x86_64::*;
                 // max(v, 0) with 0 second returns 0 for NaN.
                 $name(unsafe { $max(self.0, $setzero()) })
+            }
+            #[inline(always)]
+            fn pool_max(self, u: $name) -> $name {
+                // max(u, v) returns u where u > v, else v (NaN included).
+                $name(unsafe { std::arch::x86_64::$max(u.0, self.0) })
             }
             $($($extra)*)?
         }
@@ -922,7 +969,10 @@ unsafe fn input_avx512(
 
 /// Y = A^T M A + bias, ReLU, for channels c0.. of one tile: `m` points at
 /// M[0][t][0] (position stride `stride`), `out` at the tile's first output
-/// pixel (row stride `ldo` pixels of `cout`), `rows` x `cols` kept.
+/// pixel (row stride `ldo` pixels of `cout`), `rows` x `cols` kept. With
+/// `pool` (rows and cols even), each 2x2 of those pixels max-pooled in
+/// `maxpool2x2`'s order into one pixel: `out` and `ldo` are then the
+/// pooled image's.
 #[allow(clippy::too_many_arguments)]
 // Columns of row-major temporaries: the loops index across rows.
 #[allow(clippy::needless_range_loop)]
@@ -935,6 +985,7 @@ unsafe fn output_lanes<L: Lanes>(
     relu: bool,
     out: *mut f32,
     (cout, ldo, rows, cols): (usize, usize, usize, usize),
+    pool: bool,
 ) {
     // Rows: e[r][c] = sum_k A^T[r][k] m[k][c], r < 4. Column by column
     // (e[c][r] here), in place, no `array::from_fn` (see input_lanes).
@@ -948,22 +999,48 @@ unsafe fn output_lanes<L: Lanes>(
     let e = cols_e.assume_init_ref();
     // Columns: Y[r][c] = sum_k A^T[c][k] e[r][k].
     let b = L::load(bias.add(c0));
+    if pool {
+        // rows, cols even; `out` and `ldo` are the pooled image's.
+        for r in (0..rows).step_by(2) {
+            let (top, bottom) = (out_row(e, r, b, relu), out_row(e, r + 1, b, relu));
+            for c in (0..cols).step_by(2) {
+                let v = top[c].pool_max(top[c + 1]).pool_max(bottom[c]).pool_max(bottom[c + 1]);
+                v.store(out.add((r / 2 * ldo + c / 2) * cout + c0));
+            }
+        }
+        return;
+    }
     for r in 0..rows {
-        let y = at::<L>([e[0][r], e[1][r], e[2][r], e[3][r], e[4][r], e[5][r]]);
-        for (c, v) in y.into_iter().enumerate().take(cols) {
-            let v = v.add(b);
-            let v = if relu { v.relu() } else { v };
+        for (c, v) in out_row(e, r, b, relu).into_iter().enumerate().take(cols) {
             v.store(out.add((r * ldo + c) * cout + c0));
         }
     }
 }
 
+/// Row `r` of Y = A^T M A (columns: A^T applied to `e`'s row r), plus the
+/// bias `b`, ReLU when `relu`. A function, not a closure: closures do not
+/// take their caller's target features, so the intrinsics inside would be
+/// calls.
+#[inline(always)]
+fn out_row<L: Lanes>(e: &[[L; M]; T], r: usize, b: L, relu: bool) -> [L; M] {
+    let mut y = at::<L>([e[0][r], e[1][r], e[2][r], e[3][r], e[4][r], e[5][r]]);
+    for v in y.iter_mut() {
+        *v = v.add(b);
+        if relu {
+            *v = v.relu();
+        }
+    }
+    y
+}
+
 /// Y = A^T M A for tile `t` of the chunk (global index `tile`), plus bias,
-/// ReLU, into the output pixels inside the image.
+/// ReLU, into the output pixels inside the image; with `pool`, each 2x2
+/// of those pixels max-pooled into one pixel of the (N*H/2*W/2, Cout)
+/// output instead.
 ///
 /// # Safety
-/// `out` points at the (N*H*W, Cout) output; tile `tile`'s pixels are this
-/// call's alone.
+/// `out` points at the (N*H*W, Cout) output (pooled: (N*H/2*W/2, Cout), H
+/// and W even); tile `tile`'s pixels are this call's alone.
 #[allow(clippy::too_many_arguments)]
 unsafe fn output_tile(
     isa: Isa,
@@ -975,19 +1052,31 @@ unsafe fn output_tile(
     tile: usize,
     bias: &[f32],
     relu: bool,
+    pool: bool,
     out: *mut f32,
 ) {
     let (_n, h, w, ty, tx) = geom;
     let (img, oy, ox) = tile_origin(tile, ty, tx);
-    let dims = (cout, w, M.min(h - oy), M.min(w - ox));
     let m = mm.as_ptr().add(t * cout);
-    let o = out.add(((img * h + oy) * w + ox) * cout);
+    // Pooled: tile origins are even (multiples of 4), as are h and w.
+    let (dims, o) = if pool {
+        let (hp, wp) = (h / 2, w / 2);
+        (
+            (cout, wp, M.min(h - oy), M.min(w - ox)),
+            out.add(((img * hp + oy / 2) * wp + ox / 2) * cout),
+        )
+    } else {
+        (
+            (cout, w, M.min(h - oy), M.min(w - ox)),
+            out.add(((img * h + oy) * w + ox) * cout),
+        )
+    };
     let stride = chunk * cout;
     // Whole vectors on x86 with AVX2, then single channels.
     #[cfg(target_arch = "x86_64")]
     let c0 = match isa {
-        Isa::Avx512 => output_avx512(m, stride, bias.as_ptr(), relu, o, dims),
-        Isa::Avx2 => output_avx2(m, stride, bias.as_ptr(), relu, o, dims),
+        Isa::Avx512 => output_avx512(m, stride, bias.as_ptr(), relu, o, dims, pool),
+        Isa::Avx2 => output_avx2(m, stride, bias.as_ptr(), relu, o, dims, pool),
         Isa::Generic => 0,
     };
     #[cfg(not(target_arch = "x86_64"))]
@@ -996,7 +1085,7 @@ unsafe fn output_tile(
         0
     };
     for c in (c0..cout).step_by(f32::W) {
-        output_lanes::<f32>(m, stride, c, bias.as_ptr(), relu, o, dims);
+        output_lanes::<f32>(m, stride, c, bias.as_ptr(), relu, o, dims, pool);
     }
 }
 
@@ -1010,10 +1099,11 @@ unsafe fn output_avx2(
     relu: bool,
     out: *mut f32,
     dims: (usize, usize, usize, usize),
+    pool: bool,
 ) -> usize {
     let mut c0 = 0;
     while c0 + Ymm::W <= dims.0 {
-        output_lanes::<Ymm>(m, stride, c0, bias, relu, out, dims);
+        output_lanes::<Ymm>(m, stride, c0, bias, relu, out, dims, pool);
         c0 += Ymm::W;
     }
     c0
@@ -1029,14 +1119,15 @@ unsafe fn output_avx512(
     relu: bool,
     out: *mut f32,
     dims: (usize, usize, usize, usize),
+    pool: bool,
 ) -> usize {
     let mut c0 = 0;
     while c0 + Zmm::W <= dims.0 {
-        output_lanes::<Zmm>(m, stride, c0, bias, relu, out, dims);
+        output_lanes::<Zmm>(m, stride, c0, bias, relu, out, dims, pool);
         c0 += Zmm::W;
     }
     while c0 + Ymm::W <= dims.0 {
-        output_lanes::<Ymm>(m, stride, c0, bias, relu, out, dims);
+        output_lanes::<Ymm>(m, stride, c0, bias, relu, out, dims, pool);
         c0 += Ymm::W;
     }
     c0
@@ -1476,7 +1567,7 @@ mod tests {
             for t in 0..chunk {
                 // SAFETY: mm is (XI, chunk, cout); out (n*h*w, cout), tile
                 // t's pixels written by this call alone.
-                unsafe { output_tile(isa, &mm, geom, cout, t, chunk, t, &bias, true, out.as_mut_ptr()) };
+                unsafe { output_tile(isa, &mm, geom, cout, t, chunk, t, &bias, true, false, out.as_mut_ptr()) };
             }
             out
         };
