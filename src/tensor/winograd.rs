@@ -26,7 +26,10 @@
 //! 1. input transform: tile -> V[xi][tile][c], vectorised over channels;
 //! 2. 36 GEMMs, jobs = (xi, run of tiles, run of panels);
 //! 3. output transform: M -> Y, plus the bias, ReLU, clipped at the image
-//!    edge (a side that is not a multiple of 4 computes a padded tile).
+//!    edge (a side that is not a multiple of 4 computes a padded tile); or,
+//!    fused with the 2x2 max-pool after the conv ([`conv3x3_winograd_pool2`]),
+//!    each tile pooled as it is written (its origin is even, so every
+//!    pooling window lies inside one tile).
 //!
 //! Chunks of tiles are sized so V and M of a chunk stay in the last-level
 //! cache ([`CHUNK_BYTES`]), whatever the batch and image size, unless the
