@@ -143,23 +143,7 @@ fn winograd_fused_and_chunked_schedules_agree() {
             let relu = i % 2 == 0;
             let want = ref_conv(&to64_4(x.view()), &to64_4(k.view()), Some(&b.mapv(|v| v as f64)), relu);
             let kernel = WinogradKernel::from_keras(isa, k.view());
-            let run = |schedule| {
-                let mut out = vec![std::mem::MaybeUninit::new(f32::NAN); n * h * w * cout];
-                conv3x3_winograd_scheduled(
-                    x.as_slice().unwrap(),
-                    (n, h, w, cin),
-                    &kernel,
-                    Some(b.as_slice().unwrap()),
-                    relu,
-                    &mut out,
-                    schedule,
-                    false,
-                );
-                // SAFETY: f32 from MaybeUninit<f32> initialised above.
-                out.into_iter()
-                    .map(|v| unsafe { v.assume_init() })
-                    .collect::<Vec<f32>>()
-            };
+            let run = |schedule| run_scheduled(&x, &kernel, &b, relu, schedule, false);
             let (fused, chunked) = (run(WinogradSchedule::Fused), run(WinogradSchedule::Chunked));
             let e = rel_err(fused.iter(), want.iter());
             assert!(e <= tol::WINOGRAD_FORWARD, "{} fused {i}: error {e}", isa.name());
@@ -170,6 +154,34 @@ fn winograd_fused_and_chunked_schedules_agree() {
             );
         }
     }
+}
+
+/// `conv3x3_winograd_scheduled` of `x` (n, h, w, cin) into an output
+/// pre-filled with NaN (so an unwritten element shows): (n*h*w, cout), or
+/// with `pool` (n*h/2*w/2, cout).
+fn run_scheduled(
+    x: &ndarray::Array4<f32>,
+    kernel: &WinogradKernel,
+    b: &Array1<f32>,
+    relu: bool,
+    schedule: WinogradSchedule,
+    pool: bool,
+) -> Vec<f32> {
+    let (n, h, w, cin) = x.dim();
+    let side = if pool { (h / 2) * (w / 2) } else { h * w };
+    let mut out = vec![std::mem::MaybeUninit::new(f32::NAN); n * side * kernel.cout];
+    conv3x3_winograd_scheduled(
+        x.as_slice().unwrap(),
+        (n, h, w, cin),
+        kernel,
+        Some(b.as_slice().unwrap()),
+        relu,
+        &mut out,
+        schedule,
+        pool,
+    );
+    // SAFETY: f32 from MaybeUninit<f32> initialised above.
+    out.into_iter().map(|v| unsafe { v.assume_init() }).collect()
 }
 
 /// The conv fused with the 2x2 max-pool after it
@@ -200,28 +212,7 @@ fn winograd_pool2_equals_conv_then_pool() {
             let relu = i % 2 == 0;
             let kernel = WinogradKernel::from_keras(isa, k.view());
             for schedule in [WinogradSchedule::Fused, WinogradSchedule::Chunked] {
-                let run = |pool: bool| {
-                    let len = if pool {
-                        n * h / 2 * w / 2 * cout
-                    } else {
-                        n * h * w * cout
-                    };
-                    let mut out = vec![std::mem::MaybeUninit::new(f32::NAN); len];
-                    conv3x3_winograd_scheduled(
-                        x.as_slice().unwrap(),
-                        (n, h, w, cin),
-                        &kernel,
-                        Some(b.as_slice().unwrap()),
-                        relu,
-                        &mut out,
-                        schedule,
-                        pool,
-                    );
-                    // SAFETY: initialised with NaN above, then written.
-                    out.into_iter()
-                        .map(|v| unsafe { v.assume_init() })
-                        .collect::<Vec<f32>>()
-                };
+                let run = |pool| run_scheduled(&x, &kernel, &b, relu, schedule, pool);
                 let full = ndarray::Array4::from_shape_vec((n, h, w, cout), run(false)).unwrap();
                 let want = maxpool2x2_infer(full.view());
                 let got = run(true);

@@ -485,23 +485,17 @@ pub fn conv3x3_winograd_scheduled(
         n * h * w * cin,
         "conv3x3_winograd: input is not (n, h, w, cin)"
     );
-    if pool {
-        assert!(
-            h % 2 == 0 && w % 2 == 0,
-            "conv3x3_winograd_pool2: {h} x {w} is not even on both sides"
-        );
-        assert_eq!(
-            out.len(),
-            n * (h / 2) * (w / 2) * cout,
-            "conv3x3_winograd_pool2: output is not (n*h/2*w/2, cout)"
-        );
-    } else {
-        assert_eq!(
-            out.len(),
-            n * h * w * cout,
-            "conv3x3_winograd: output is not (n*h*w, cout)"
-        );
-    }
+    assert!(
+        !pool || (h % 2 == 0 && w % 2 == 0),
+        "conv3x3_winograd_pool2: {h} x {w} is not even on both sides"
+    );
+    // The output's sides: pooled, half the input's.
+    let (oh, ow) = if pool { (h / 2, w / 2) } else { (h, w) };
+    assert_eq!(
+        out.len(),
+        n * oh * ow * cout,
+        "conv3x3_winograd: output is not (n*{oh}*{ow}, cout)"
+    );
     if let Some(b) = bias {
         assert_eq!(
             b.len(),
@@ -1061,19 +1055,12 @@ unsafe fn output_tile(
     let (_n, h, w, ty, tx) = geom;
     let (img, oy, ox) = tile_origin(tile, ty, tx);
     let m = mm.as_ptr().add(t * cout);
-    // Pooled: tile origins are even (multiples of 4), as are h and w.
-    let (dims, o) = if pool {
-        let (hp, wp) = (h / 2, w / 2);
-        (
-            (cout, wp, M.min(h - oy), M.min(w - ox)),
-            out.add(((img * hp + oy / 2) * wp + ox / 2) * cout),
-        )
-    } else {
-        (
-            (cout, w, M.min(h - oy), M.min(w - ox)),
-            out.add(((img * h + oy) * w + ox) * cout),
-        )
-    };
+    // Pooled, the output image is (h/2, w/2) and the tile starts at
+    // (oy/2, ox/2): tile origins are multiples of 4, and h, w even.
+    let f = if pool { 2 } else { 1 };
+    let (oh, ow) = (h / f, w / f);
+    let o = out.add(((img * oh + oy / f) * ow + ox / f) * cout);
+    let dims = (cout, ow, M.min(h - oy), M.min(w - ox));
     let stride = chunk * cout;
     // Whole vectors on x86 with AVX2, then single channels.
     #[cfg(target_arch = "x86_64")]
