@@ -331,7 +331,7 @@ unsafe fn shared_b<const MR: usize, const NR: usize>(
                     let calls = ncols.div_ceil(NR) * rows_here.div_ceil(MR);
                     let mut ahead = Ahead::new(a, (ic, pc + kc), rows_here, kn, calls);
                     let bq = &bp[q * block_len..];
-                    micro_panels::<MR, NR>(g, kc, ap, &bq[jr0 * NR * kc..], tile.view_mut(), beta, &mut ahead);
+                    micro_panels::<MR, NR, true>(g, kc, ap, &bq[jr0 * NR * kc..], tile.view_mut(), beta, &mut ahead);
                 }
             });
         });
@@ -399,7 +399,7 @@ unsafe fn shared_a<const MR: usize, const NR: usize>(
                 let calls = jp * rows_here.div_ceil(MR);
                 let mut ahead = Ahead::new(b, (pc + kc, cut.jc + j0), kn, ncols, calls);
                 let aq = &ap[q * block_len + (ic / MR) * a_panel_len::<MR>(kc)..];
-                micro_panels::<MR, NR>(g, kc, aq, bp, tile.view_mut(), beta, &mut ahead);
+                micro_panels::<MR, NR, false>(g, kc, aq, bp, tile.view_mut(), beta, &mut ahead);
             }
         });
     });
@@ -412,7 +412,7 @@ unsafe fn shared_a<const MR: usize, const NR: usize>(
 /// through the micro-kernel, `ahead` stepped after each call. `ap` holds
 /// the tile's rows packed (panels `a_panel_len::<MR>(kc)` apart), `bp` its
 /// columns (panels `NR * kc` apart), both over one K block of `kc`.
-unsafe fn micro_panels<const MR: usize, const NR: usize>(
+unsafe fn micro_panels<const MR: usize, const NR: usize, const B_FROM_L3: bool>(
     g: Geo,
     kc: usize,
     ap: &[f32],
@@ -424,10 +424,24 @@ unsafe fn micro_panels<const MR: usize, const NR: usize>(
     let (rows, cols) = tile.dim();
     let (rsc, csc) = (tile.strides()[0], tile.strides()[1]);
     let c0 = tile.as_mut_ptr();
-    for jr in 0..cols.div_ceil(NR) {
+    let (jp, ip) = (cols.div_ceil(NR), rows.div_ceil(MR));
+    // With `B_FROM_L3` (B packed whole by [`shared_b`]) the next B
+    // micro-panel's cache lines, a share before each call: its first pass
+    // stalled the kernel for want of it (~5% at 784 x 4608 x 512 on AVX2).
+    // [`shared_a`]'s B was just packed into L2: asking for it there was
+    // slower (0.90 against 1.0 of OpenBLAS at 256 x 4608 x 512).
+    let panel_lines = (NR * kc).div_ceil(16);
+    let per_call = panel_lines.div_ceil(ip);
+    for jr in 0..jp {
         let bpanel = bp[jr * NR * kc..].as_ptr();
+        let next = (jr + 1 < jp).then(|| bpanel.wrapping_add(NR * kc));
         let ccols = NR.min(cols - jr * NR);
-        for ir in 0..rows.div_ceil(MR) {
+        for ir in 0..ip {
+            if let Some(nb) = next.filter(|_| B_FROM_L3) {
+                for l in ir * per_call..((ir + 1) * per_call).min(panel_lines) {
+                    prefetch(nb.wrapping_add(l * 16));
+                }
+            }
             let apanel = ap[ir * a_panel_len::<MR>(kc)..].as_ptr();
             let crows = MR.min(rows - ir * MR);
             let cblk = c0.offset((ir * MR) as isize * rsc + (jr * NR) as isize * csc);
@@ -602,7 +616,7 @@ unsafe fn pack_b<const NR: usize>(b: Mat, pc: usize, kc: usize, jc: usize, nc: u
 
 /// Asks for the cache line at `p` (a hint; no effect off x86-64).
 #[inline(always)]
-fn prefetch(p: *const f32) {
+pub(crate) fn prefetch(p: *const f32) {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: a prefetch never faults, whatever the address.
     unsafe {

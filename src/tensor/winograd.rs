@@ -548,6 +548,7 @@ pub fn conv3x3_winograd_scheduled(
                             mm.as_mut_ptr().add(xi * bt * cout),
                             cout,
                             gemm_scratch,
+                            false,
                         )
                     };
                 }
@@ -610,7 +611,7 @@ pub fn conv3x3_winograd_scheduled(
                         #[cfg(target_arch = "x86_64")]
                         if packed {
                             let a = &v[(xi * chunk + r0) * cin..(xi * chunk + r0 + rows.div_ceil(g.mr) * g.mr) * cin];
-                            gemm_packed_a(a, rows, &kernel.u[xi], p0..p1, o, cout, scratch);
+                            gemm_packed_a(a, rows, &kernel.u[xi], p0..p1, o, cout, scratch, true);
                             return;
                         }
                         gemm_packed(a, cin, rows, &kernel.u[xi], p0..p1, o, cout, scratch);
