@@ -798,7 +798,9 @@ pub(crate) unsafe fn gemm_packed(
 /// `b_from_memory`: B is too large to stay in L2 between calls (U in
 /// Winograd's chunked schedule), so its next chunk is prefetched while the
 /// current one runs (blocks 3-5 at 224 px 5-10% faster on AVX2); with B in
-/// L2 (the fused schedule) the prefetches only cost (~5% there).
+/// L2 (the fused schedule) the prefetches only cost (~5% there), and on
+/// AVX-512 (calls twice as long, chunks twice as large) block4-5 measured
+/// slower with them, so Winograd asks for it on AVX2 only.
 ///
 /// # Safety
 /// As [`gemm_packed`]; `a` holds `m.div_ceil(mr) * mr * k` floats.

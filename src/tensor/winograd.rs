@@ -611,7 +611,9 @@ pub fn conv3x3_winograd_scheduled(
                         #[cfg(target_arch = "x86_64")]
                         if packed {
                             let a = &v[(xi * chunk + r0) * cin..(xi * chunk + r0 + rows.div_ceil(g.mr) * g.mr) * cin];
-                            gemm_packed_a(a, rows, &kernel.u[xi], p0..p1, o, cout, scratch, true);
+                            // U comes from memory here: its next chunk is prefetched
+                            // on AVX2 (see `gemm_packed_a`).
+                            gemm_packed_a(a, rows, &kernel.u[xi], p0..p1, o, cout, scratch, isa == Isa::Avx2);
                             return;
                         }
                         gemm_packed(a, cin, rows, &kernel.u[xi], p0..p1, o, cout, scratch);
