@@ -805,6 +805,7 @@ pub(crate) unsafe fn gemm_packed(
 /// # Safety
 /// As [`gemm_packed`]; `a` holds `m.div_ceil(mr) * mr * k` floats.
 #[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn gemm_packed_a(
     a: &[f32],
     m: usize,
