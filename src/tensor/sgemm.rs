@@ -429,7 +429,9 @@ unsafe fn micro_panels<const MR: usize, const NR: usize, const B_FROM_L3: bool>(
     // micro-panel's cache lines, a share before each call: its first pass
     // stalled the kernel for want of it (~5% at 784 x 4608 x 512 on AVX2).
     // [`shared_a`]'s B was just packed into L2: asking for it there was
-    // slower (0.90 against 1.0 of OpenBLAS at 256 x 4608 x 512).
+    // slower (0.88-0.93 of OpenBLAS at 256 x 4608 x 512, 0.97-1.05
+    // without). The 12 x 32 AVX-512 kernel measured level with it
+    // (0.98-1.02, one thread).
     let panel_lines = (NR * kc).div_ceil(16);
     let per_call = panel_lines.div_ceil(ip);
     for jr in 0..jp {
