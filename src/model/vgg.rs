@@ -264,7 +264,7 @@ impl Prepared<'_> {
     /// As [`Prepared::forward_range`], except that a conv layer whose
     /// output `keep(layer)` does not ask for and whose next layer (in
     /// `range`) is a max-pool runs fused with it when its path is the
-    /// direct kernel or Winograd ([`PreparedKernel::run_pool2`]: the
+    /// direct kernel or Winograd ([`PreparedKernel::run`] with `pool`: the
     /// full-size output never reaches memory); `tap` then sees the pool's
     /// output only. Same values, bit for bit.
     pub fn forward_layers(
@@ -362,7 +362,7 @@ impl Prepared<'_> {
         // SAFETY: the kernels only write initialised f32 values through it.
         let o = unsafe { &mut *(out as *mut [f32] as *mut [std::mem::MaybeUninit<f32>]) };
         let bias = p.b.as_slice().expect("a plain bias vector");
-        k.run_pool2(x.as_slice().expect("standard layout"), dims, Some(bias), true, o);
+        k.run(x.as_slice().expect("standard layout"), dims, Some(bias), true, true, o);
     }
 
     /// Conv layer `ci` (of the 13) of `x`, + bias, ReLU, into `out`.

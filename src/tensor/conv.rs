@@ -180,36 +180,24 @@ impl PreparedKernel {
     }
 
     /// `out` (N*H*W, Cout) = conv3x3(x) + bias, ReLU when `relu`; every
-    /// element written once, none read.
-    fn run(
+    /// element written once, none read. With `pool`, followed by a 2x2
+    /// max-pool, fused ([`conv3x3_direct_pool2`], [`conv3x3_winograd_pool2`]):
+    /// `out` is then (N*H/2*W/2, Cout), H and W even; the same bits as the
+    /// conv then `maxpool2x2`.
+    pub fn run(
         &self,
         x: &[f32],
         dims: (usize, usize, usize, usize),
         bias: Option<&[f32]>,
         relu: bool,
+        pool: bool,
         out: &mut [std::mem::MaybeUninit<f32>],
     ) {
-        match self {
-            PreparedKernel::Direct(k) => conv3x3_direct(x, dims, k, bias, relu, out),
-            PreparedKernel::Winograd(k) => conv3x3_winograd(x, dims, k, bias, relu, out),
-        }
-    }
-
-    /// [`PreparedKernel::run`] followed by a 2x2 max-pool, fused
-    /// ([`conv3x3_direct_pool2`], [`conv3x3_winograd_pool2`]): `out` is
-    /// (N*H/2*W/2, Cout), H and W even; the same bits as the conv then
-    /// `maxpool2x2`.
-    pub fn run_pool2(
-        &self,
-        x: &[f32],
-        dims: (usize, usize, usize, usize),
-        bias: Option<&[f32]>,
-        relu: bool,
-        out: &mut [std::mem::MaybeUninit<f32>],
-    ) {
-        match self {
-            PreparedKernel::Direct(k) => conv3x3_direct_pool2(x, dims, k, bias, relu, out),
-            PreparedKernel::Winograd(k) => conv3x3_winograd_pool2(x, dims, k, bias, relu, out),
+        match (self, pool) {
+            (PreparedKernel::Direct(k), false) => conv3x3_direct(x, dims, k, bias, relu, out),
+            (PreparedKernel::Direct(k), true) => conv3x3_direct_pool2(x, dims, k, bias, relu, out),
+            (PreparedKernel::Winograd(k), false) => conv3x3_winograd(x, dims, k, bias, relu, out),
+            (PreparedKernel::Winograd(k), true) => conv3x3_winograd_pool2(x, dims, k, bias, relu, out),
         }
     }
 
@@ -323,7 +311,7 @@ fn run_prepared(
     let x = x.as_standard_layout();
     let bias = bias.map(|b| b.to_vec());
     let xs = x.as_slice().expect("standard layout");
-    kernel.run(xs, (n, h, wd, cin), bias.as_deref(), relu, out);
+    kernel.run(xs, (n, h, wd, cin), bias.as_deref(), relu, false, out);
 }
 
 /// [`conv3x3_forward`] into a caller's (N*H*W, Cout) matrix, which is
@@ -365,7 +353,7 @@ pub fn conv3x3_forward_path(
                 let o = out.as_slice_mut().expect("standard layout");
                 // SAFETY: the kernels only write initialised f32 values through it.
                 let o = unsafe { &mut *(o as *mut [f32] as *mut [std::mem::MaybeUninit<f32>]) };
-                k.run(xs, (n, h, wd, cin), b, relu, o);
+                k.run(xs, (n, h, wd, cin), b, relu, false, o);
             } else {
                 let y = conv3x3_forward_prepared(x.view(), &k, bias.as_ref().map(|b| b.view()), relu);
                 out.assign(

@@ -865,13 +865,11 @@ pub(crate) unsafe fn gemm_packed_a(
             // chunk waited for it.
             let next =
                 (b_from_memory && (!last || j < last_panel)).then(|| panel.as_ptr().wrapping_add((c0 + kc) * nr));
-            let next_lines = (kc_max.min(k - (c0 + kc) % k) * nr).div_ceil(16);
-            let per_call = next_lines.div_ceil(blocks);
+            let next_c0 = if last { 0 } else { c0 + kc };
+            let next_len = kc_max.min(k - next_c0) * nr;
             for blk in 0..blocks {
                 if let Some(nb) = next {
-                    for l in blk * per_call..((blk + 1) * per_call).min(next_lines) {
-                        crate::tensor::sgemm::prefetch(nb.wrapping_add(l * 16));
-                    }
+                    crate::tensor::sgemm::prefetch_share(nb, next_len, blk, blocks);
                 }
                 let g0 = blk * mr;
                 let (ap, bp) = (a[blk * mr * k + c0 * mr..].as_ptr(), panel[c0 * nr..].as_ptr());

@@ -432,17 +432,13 @@ unsafe fn micro_panels<const MR: usize, const NR: usize, const B_FROM_L3: bool>(
     // slower (0.88-0.93 of OpenBLAS at 256 x 4608 x 512, 0.97-1.05
     // without). The 12 x 32 AVX-512 kernel measured level with it
     // (0.98-1.02, one thread).
-    let panel_lines = (NR * kc).div_ceil(16);
-    let per_call = panel_lines.div_ceil(ip);
     for jr in 0..jp {
         let bpanel = bp[jr * NR * kc..].as_ptr();
-        let next = (jr + 1 < jp).then(|| bpanel.wrapping_add(NR * kc));
+        let next = (B_FROM_L3 && jr + 1 < jp).then(|| bpanel.wrapping_add(NR * kc));
         let ccols = NR.min(cols - jr * NR);
         for ir in 0..ip {
-            if let Some(nb) = next.filter(|_| B_FROM_L3) {
-                for l in ir * per_call..((ir + 1) * per_call).min(panel_lines) {
-                    prefetch(nb.wrapping_add(l * 16));
-                }
+            if let Some(nb) = next {
+                prefetch_share(nb, NR * kc, ir, ip);
             }
             let apanel = ap[ir * a_panel_len::<MR>(kc)..].as_ptr();
             let crows = MR.min(rows - ir * MR);
@@ -618,7 +614,7 @@ unsafe fn pack_b<const NR: usize>(b: Mat, pc: usize, kc: usize, jc: usize, nc: u
 
 /// Asks for the cache line at `p` (a hint; no effect off x86-64).
 #[inline(always)]
-pub(crate) fn prefetch(p: *const f32) {
+fn prefetch(p: *const f32) {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: a prefetch never faults, whatever the address.
     unsafe {
@@ -627,6 +623,17 @@ pub(crate) fn prefetch(p: *const f32) {
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = p;
+}
+
+/// Share `part` of `parts` of the cache lines of the `len` floats at `p`,
+/// asked for into L1: a run read soon, spread over the calls before it.
+#[inline(always)]
+pub(crate) fn prefetch_share(p: *const f32, len: usize, part: usize, parts: usize) {
+    let lines = len.div_ceil(16);
+    let per = lines.div_ceil(parts.max(1));
+    for l in part * per..((part + 1) * per).min(lines) {
+        prefetch(p.wrapping_add(l * 16));
+    }
 }
 
 /// The next K block's rows of a row-major operand, asked for a few cache
