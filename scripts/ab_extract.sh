@@ -2,8 +2,9 @@
 # Two builds of `vgg16` alternated on `vgg16 extract --layers gap`, for a
 # change's before/after on a noisy machine (only alternation in one run is
 # fair). Prints each round's rate after the first batch (kernels packed,
-# fresh pages touched), then the median ratio second / first and the rounds
-# the second won. VGG16_ISA / VGG16_CONV in the environment apply to both.
+# fresh pages touched; the whole run's rate when there is one batch), then
+# the median ratio second / first and the rounds the second won.
+# VGG16_ISA / VGG16_CONV in the environment apply to both.
 #
 # Usage: scripts/ab_extract.sh FIRST_VGG16 SECOND_VGG16 SIZE BATCH IMAGES [ROUNDS]
 # DATA defaults to data/ (the CIFAR-10 archive there).
@@ -16,7 +17,8 @@ trap 'rm -rf "$out"' EXIT
 rate() {
   "$1" extract --data "$DATA" --image-size "$S" --batch-size "$BS" --limit "$N" --layers gap \
     --out "$out/x.npz" --threads 2 2>&1 | grep '^done: ' |
-    sed -n 's/.*; \([0-9.]*\) img\/s after the first batch.*/\1/p'
+    sed -n -e 's/.*; \([0-9.]*\) img\/s after the first batch.*/\1/p' -e 't' \
+      -e 's/^done: .*(\([0-9.]*\) img\/s.*/\1/p'
 }
 ratios=()
 for r in $(seq "$R"); do

@@ -165,8 +165,8 @@ fn own_backend_blocking_edges() {
         // The 12 x 32 kernel: rows over its 384-row block (and 1 past a
         // micro-panel), K over two of its blocks with a tail of 91.
         (397, 603, 70),
-        // A packed for all K blocks (fewer rows than columns), in two
-        // row blocks on the 6 x 16 kernel: panels packed on first use.
+        // A the shared operand (fewer rows than columns: packed up front
+        // for every K block), cut into two row blocks on the 6 x 16 kernel.
         (400, 650, 900),
     ];
     for backend in [Backend::OwnAvx512, Backend::OwnAvx2, Backend::OwnGeneric] {
